@@ -1,0 +1,39 @@
+"""The ``dpr`` command: a table of subcommands, each one a module imported only when it runs.
+
+This dispatcher is the one place that names the other stages' packages; it imports them by name,
+lazily, so that ``dpr_service`` itself never depends on ``trainer``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("trainer.cli", "fine-tune a bi-encoder with the DPR loss"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = ["usage: dpr <command> [options]", "", "commands:"]
+        lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        lines += ["", "Run 'dpr <command> --help' for a command's options."]
+        print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from dpr_service import __version__
+
+        print(f"dpr-service {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"dpr: error: unknown command {name!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(argv[1:], prog=f"dpr {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Checkpoint I/O: one writer and one loader for every consumer (trainer, index builder, server).
+
+Layout of a checkpoint directory::
+
+    dpr_config.json      EncoderConfig + base_model + fingerprint (sha256 of config and weights)
+    query_encoder/       save_pretrained: config.json + model.safetensors (plain transformers loads it)
+    passage_encoder/     the same; absent when the encoder is shared (then query_encoder/ is both)
+    tokenizer/           save_pretrained of the tokenizer
+    (training_state/)    written by the trainer only, for --resume; ignored here
+
+Weights are safetensors only; nothing is pickled. A directory is written beside its final place
+and renamed into it when complete (:func:`atomic_directory`), so a kill never leaves a half-written
+checkpoint where a reader would take it for a whole one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
+from transformers.utils import logging as hf_logging
+
+from .config import FORMAT, EncoderConfig
+from .encoder import BiEncoder
+from .tokenize import TextTokenizer
+
+log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own bars show the long work
+disable_hub_progress_bars()  # "Writing model shards" on every save
+
+CONFIG_FILE = "dpr_config.json"
+QUERY_DIR, PASSAGE_DIR, TOKENIZER_DIR = "query_encoder", "passage_encoder", "tokenizer"
+
+
+class CheckpointError(Exception):
+    """A checkpoint (or base model) that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Loaded:
+    encoder: BiEncoder
+    tokenizer: TextTokenizer
+    config: EncoderConfig
+    path: Path
+    fingerprint: str
+    base_model: str
+
+
+# ----------------------------------------------------------------------------- atomic directories
+
+
+def _old_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path | str) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; when the block ends without an error,
+    replace ``target`` with it. On an error the temporary directory is removed and ``target`` kept.
+
+    The swap is two renames (target -> .target.old, tmp -> target); a kill between them leaves
+    ``.target.old``, which :func:`recover_directory` puts back.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = _old_path(target)
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_directory(target: Path | str) -> Path:
+    """Return ``target``, first restoring it from ``.target.old`` if a swap was cut short."""
+    target = Path(target)
+    old = _old_path(target)
+    if not target.exists() and old.exists():
+        os.rename(old, target)
+        log.warning("restored %s from an interrupted replacement", target)
+    return target
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def _fingerprint(root: Path, config: dict) -> str:
+    """sha256 over the encoder config and every file of the encoder directories, in a fixed order."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in config.items() if k != "fingerprint"}, sort_keys=True).encode())
+    for sub in (QUERY_DIR, PASSAGE_DIR):
+        d = root / sub
+        if not d.is_dir():
+            continue
+        for f in sorted(p for p in d.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(root)).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- write
+
+
+def write_checkpoint(directory: Path, encoder: BiEncoder, tokenizer: TextTokenizer, base_model: str = "") -> str:
+    """Write the model part of a checkpoint into ``directory`` (normally an :func:`atomic_directory`).
+
+    Returns the fingerprint.
+    """
+    directory = Path(directory)
+    encoder.query_model.save_pretrained(directory / QUERY_DIR, safe_serialization=True)
+    if not encoder.config.shared:
+        encoder.passage_model.save_pretrained(directory / PASSAGE_DIR, safe_serialization=True)
+    tokenizer.hf.save_pretrained(directory / TOKENIZER_DIR)
+    meta = {**encoder.config.to_dict(), "base_model": base_model}
+    fingerprint = _fingerprint(directory, meta)
+    (directory / CONFIG_FILE).write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2) + "\n")
+    return fingerprint
+
+
+def save_checkpoint(directory: Path | str, encoder: BiEncoder, tokenizer: TextTokenizer, base_model: str = "") -> str:
+    """Atomically write a model-only checkpoint to ``directory``; returns its fingerprint."""
+    with atomic_directory(directory) as tmp:
+        return write_checkpoint(tmp, encoder, tokenizer, base_model)
+
+
+# ----------------------------------------------------------------------------- read
+
+
+def read_config(directory: Path | str) -> tuple[EncoderConfig, dict]:
+    """Parse and check ``dpr_config.json``; returns the config and the raw dictionary."""
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {directory} is not a dpr-service checkpoint")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format is {raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r}")
+    try:
+        return EncoderConfig.from_dict(raw), raw
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", verify: bool = True) -> Loaded:
+    """Load a checkpoint for inference or further training, checking that its pieces fit.
+
+    Checks: the config parses; the encoder and tokenizer directories exist; the fingerprint
+    matches the files (``verify``); the tokenizer's vocabulary fits the embedding matrix; both
+    encoders have the same width; the max lengths fit the position embeddings.
+    """
+    directory = Path(directory)
+    config, raw = read_config(directory)
+    needed = [QUERY_DIR, TOKENIZER_DIR] + ([] if config.shared else [PASSAGE_DIR])
+    for sub in needed:
+        if not (directory / sub).is_dir():
+            raise CheckpointError(f"{directory / sub}: missing from the checkpoint")
+    if verify:
+        actual = _fingerprint(directory, raw)
+        if raw.get("fingerprint") != actual:
+            raise CheckpointError(
+                f"{directory}: weights do not match the fingerprint in {CONFIG_FILE} "
+                "(a file was changed, truncated or copied incompletely)"
+            )
+    tokenizer = _load_tokenizer(directory / TOKENIZER_DIR)
+    query_model = _load_model(directory / QUERY_DIR)
+    passage_model = None if config.shared else _load_model(directory / PASSAGE_DIR)
+    encoder = _assemble(query_model, passage_model, tokenizer, config, str(directory))
+    encoder.to(device).eval()
+    return Loaded(
+        encoder=encoder,
+        tokenizer=TextTokenizer(tokenizer, config.query_max_length, config.passage_max_length),
+        config=config,
+        path=directory,
+        fingerprint=raw.get("fingerprint", ""),
+        base_model=raw.get("base_model", ""),
+    )
+
+
+def load_base_model(name_or_path: str, config: EncoderConfig) -> tuple[BiEncoder, TextTokenizer]:
+    """Start training from a pretrained transformers model (a local directory or, where the Hub is
+    reachable, a hub id such as ``bert-base-uncased``). Separate encoders start as two copies."""
+    tokenizer = _load_tokenizer(name_or_path)
+    query_model = _load_model(name_or_path)
+    passage_model = None
+    if not config.shared:
+        passage_model = _load_model(name_or_path)
+    encoder = _assemble(query_model, passage_model, tokenizer, config, name_or_path)
+    return encoder, TextTokenizer(tokenizer, config.query_max_length, config.passage_max_length)
+
+
+def _load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad directory
+        raise CheckpointError(f"{path}: cannot load a tokenizer ({_first_line(e)})") from None
+
+
+def _load_model(path: Path | str):
+    try:
+        AutoConfig.from_pretrained(str(path))
+        return AutoModel.from_pretrained(str(path), use_safetensors=_has_safetensors(path) or None)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load a transformers model ({_first_line(e)})") from None
+
+
+def _has_safetensors(path: Path | str) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(p.glob("*.safetensors"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _assemble(query_model, passage_model, tokenizer, config: EncoderConfig, where: str) -> BiEncoder:
+    vocab = len(tokenizer)
+    for name, model in (("query", query_model), ("passage", passage_model)):
+        if model is None:
+            continue
+        rows = model.get_input_embeddings().weight.shape[0]
+        if vocab > rows:
+            raise CheckpointError(f"{where}: tokenizer has {vocab} tokens but the {name} encoder embeds only {rows}")
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        longest = max(config.query_max_length, config.passage_max_length)
+        if max_pos is not None and longest > max_pos:
+            raise CheckpointError(f"{where}: max length {longest} exceeds the {name} encoder's {max_pos} positions")
+    if passage_model is not None and passage_model.config.hidden_size != query_model.config.hidden_size:
+        raise CheckpointError(
+            f"{where}: query encoder width {query_model.config.hidden_size} != passage encoder width "
+            f"{passage_model.config.hidden_size}"
+        )
+    return BiEncoder(query_model, passage_model, config)

@@ -1,0 +1,63 @@
+"""The encoder's configuration: everything a consumer of a checkpoint must agree on.
+
+It is saved as ``dpr_config.json`` beside the weights, and the trainer, the index builder and the
+server all read it from there (never from their own settings), so that a query is embedded the
+same way at training, indexing and serving time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "dpr-service/1"
+POOLINGS = ("cls", "mean")
+SIMILARITIES = ("dot", "cosine")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How text becomes a vector and how two vectors become a score.
+
+    pooling: ``cls`` (DPR) takes the first token's hidden state; ``mean`` averages the
+        non-padding tokens (sentence-transformers' default).
+    similarity: ``dot`` (DPR) is the inner product; ``cosine`` L2-normalises both sides first.
+    temperature: scores are divided by it; 1.0 for DPR's dot product, about 0.05 for cosine.
+    query_max_length / passage_max_length: truncation lengths in tokens.
+    shared: one encoder for questions and passages instead of two.
+    """
+
+    pooling: str = "cls"
+    similarity: str = "dot"
+    temperature: float = 1.0
+    query_max_length: int = 64
+    passage_max_length: int = 256
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        for name in ("query_max_length", "passage_max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 2:
+                raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EncoderConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields - {"format", "base_model", "fingerprint"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def save(self, path: Path, **extra) -> None:
+        Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")

@@ -1,0 +1,53 @@
+"""Device and precision, chosen once at the edge of a program and passed down.
+
+CUDA: bf16 autocast by default (fp16 with a gradient scaler on request). CPU: fp32, always; on
+these CPUs bf16 matmuls are hundreds of times slower than fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # "fp32" | "bf16" | "fp16"
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self):
+        """The context every forward pass runs in: autocast on CUDA in bf16/fp16, nothing otherwise."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A scaler that is active only for fp16 (bf16 and fp32 need none)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+
+def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """Resolve ``device`` ("auto", "cpu", "cuda", "cuda:1") and ``precision`` once; logs the choice."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if dev.type == "cpu" and precision != "fp32":
+        raise ValueError(f"precision {precision} is for CUDA; on CPU use fp32 (bf16 there is far slower)")
+    log.info("device %s, precision %s", dev, precision)
+    return Runtime(dev, precision)

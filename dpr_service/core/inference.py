@@ -1,0 +1,71 @@
+"""Batched encoding and exact search, shared by the trainer's evaluation, the index builder and the server."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .device import Runtime
+from .encoder import BiEncoder
+from .formats import Passage
+from .tokenize import TextTokenizer
+
+
+@torch.no_grad()
+def encode_texts(
+    encoder: BiEncoder,
+    tokenizer: TextTokenizer,
+    items: Sequence[str] | Sequence[Passage],
+    kind: str,
+    runtime: Runtime,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Embed queries (``kind="query"``, strings) or passages (``kind="passage"``, :class:`Passage`).
+
+    Items are sorted by length so each batch pads little, encoded without dropout, and returned
+    as float32 (N, D) on the CPU in the input order.
+    """
+    if kind not in ("query", "passage"):
+        raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
+    n = len(items)
+    if n == 0:
+        return torch.empty(0, encoder.dim)
+    was_training = encoder.training
+    encoder.eval()
+    length = (lambda x: len(x)) if kind == "query" else (lambda p: len(p.title) + len(p.text))
+    order = sorted(range(n), key=lambda i: -length(items[i]))
+    out = torch.empty(n, encoder.dim)
+    bar = tqdm(total=n, desc=f"encoding {kind}s", unit=kind[0], disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        batch = [items[i] for i in idx]
+        enc = tokenizer.queries(batch) if kind == "query" else tokenizer.passages(batch)
+        enc = {k: v.to(runtime.device, non_blocking=True) for k, v in enc.items()}
+        with runtime.autocast():
+            emb = encoder.encode_queries(**enc) if kind == "query" else encoder.encode_passages(**enc)
+        out[torch.tensor(idx)] = emb.float().cpu()
+        bar.update(len(idx))
+    bar.close()
+    encoder.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def exact_search(
+    q_emb: torch.Tensor, p_emb: torch.Tensor, k: int, device: torch.device | str = "cpu", chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force inner-product top-k: (Q, D) x (N, D) -> scores (Q, k), indices (Q, k), best first."""
+    k = min(k, p_emb.shape[0])
+    p = p_emb.to(device, torch.float32)
+    all_scores, all_idx = [], []
+    for start in range(0, q_emb.shape[0], chunk):
+        s = q_emb[start : start + chunk].to(device, torch.float32) @ p.T  # (chunk, N)
+        top = s.topk(k, dim=1)
+        all_scores.append(top.values.cpu())
+        all_idx.append(top.indices.cpu())
+    if not all_scores:
+        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+    return torch.cat(all_scores), torch.cat(all_idx)

@@ -1,0 +1,68 @@
+"""The only place text becomes token ids.
+
+Passages with a title are encoded as the pair ``[CLS] title [SEP] text [SEP]``, as DPR does
+(``tokenizer(title, text)``); passages without one as ``[CLS] text [SEP]``. Batches are padded to
+their longest member (dynamic padding), and questions and passages have their own max lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from .formats import Passage
+
+
+class TextTokenizer:
+    """Wraps a Hugging Face tokenizer with the checkpoint's max lengths."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, query_max_length: int, passage_max_length: int):
+        self.hf = tokenizer
+        self.query_max_length = query_max_length
+        self.passage_max_length = passage_max_length
+
+    def queries(self, texts: Sequence[str]) -> dict:
+        """Token ids for questions: ``input_ids`` and ``attention_mask``, each (B, L)."""
+        enc = self.hf(
+            list(texts),
+            max_length=self.query_max_length,
+            truncation=True,
+            padding="longest",
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def passages(self, passages: Sequence[Passage]) -> dict:
+        """Token ids for passages (title [SEP] text when a title exists): each (N, L)."""
+        passages = list(passages)
+        titled = [i for i, p in enumerate(passages) if p.title]
+        if not titled:
+            enc = self.hf(
+                [p.text for p in passages],
+                max_length=self.passage_max_length,
+                truncation=True,
+                padding="longest",
+                return_tensors="pt",
+            )
+        else:
+            # Titled and untitled passages are tokenized as two batches (a pair and a single
+            # sequence, so an untitled passage gets no empty title segment), then padded together.
+            ids: list = [None] * len(passages)
+            untitled = [i for i, p in enumerate(passages) if not p.title]
+            pairs = self.hf(
+                [passages[i].title for i in titled],
+                [passages[i].text for i in titled],
+                max_length=self.passage_max_length,
+                truncation="longest_first",
+            )["input_ids"]
+            for i, row in zip(titled, pairs):
+                ids[i] = row
+            if untitled:
+                singles = self.hf(
+                    [passages[i].text for i in untitled], max_length=self.passage_max_length, truncation=True
+                )["input_ids"]
+                for i, row in zip(untitled, singles):
+                    ids[i] = row
+            enc = self.hf.pad({"input_ids": ids}, padding="longest", return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

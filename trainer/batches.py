@@ -1,0 +1,119 @@
+"""Training batches: B questions, each with its positive and H negatives, tokenised and padded.
+
+A batch is a pure function of (seed, epoch, step): the order of an epoch is a seeded permutation and
+each step draws its random negatives from its own seeded generator. So ``--resume`` continues with
+exactly the batches the interrupted run would have seen, and batches can be built in DataLoader
+workers without any shared random state.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from dpr_service.core.formats import Passage, TrainExample
+from dpr_service.core.tokenize import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    queries: dict  # input_ids, attention_mask: (B, Lq)
+    passages: dict  # input_ids, attention_mask: (B * (1 + H), Lp)
+    positive_idx: torch.Tensor  # (B,) column of each question's positive
+    p_ids: torch.Tensor  # (N,) passage ids as small ints; equal means the same passage
+    candidate_mask: torch.Tensor  # (B, N) False where a passage is another known positive of question i
+
+    @property
+    def size(self) -> int:
+        return int(self.positive_idx.shape[0])
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        return Batch(move(self.queries), move(self.passages), self.positive_idx.to(device),
+                     self.p_ids.to(device), self.candidate_mask.to(device))
+
+
+def pick_negatives(ex: TrainExample, h: int, rng: random.Random, corpus: list[Passage], shuffle: bool) -> list[Passage]:
+    """H negatives for one question: its hard negatives first (a random H of them when training),
+    then DPR's ``negative_ctxs``, then random corpus passages that are not known positives."""
+    hard = list(ex.hard_negatives)
+    if shuffle:
+        rng.shuffle(hard)
+    chosen = hard[:h]
+    if len(chosen) < h:
+        chosen += ex.negatives[: h - len(chosen)]
+    tries = 0
+    while len(chosen) < h and tries < 100 * h:
+        p = corpus[rng.randrange(len(corpus))]
+        tries += 1
+        if p.id not in ex.known_positive_ids and p.id != ex.positive.id:
+            chosen.append(p)
+    return chosen
+
+
+def count_short(examples: list[TrainExample], h: int) -> int:
+    """Questions with fewer than ``h`` hard negatives of their own."""
+    return sum(1 for ex in examples if len(ex.hard_negatives) < h)
+
+
+def collate(examples: list[TrainExample], negatives: list[list[Passage]], tokenizer: TextTokenizer) -> Batch:
+    passages: list[Passage] = []
+    positive_idx = []
+    for ex, negs in zip(examples, negatives):
+        positive_idx.append(len(passages))
+        passages.append(ex.positive)
+        passages.extend(negs)
+    ids: dict[str, int] = {}
+    p_ids = torch.tensor([ids.setdefault(p.id, len(ids)) for p in passages], dtype=torch.long)
+    candidate_mask = torch.ones(len(examples), len(passages), dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        for j, p in enumerate(passages):
+            if j != positive_idx[i] and p.id in ex.known_positive_ids:
+                candidate_mask[i, j] = False
+    return Batch(
+        queries=tokenizer.queries([ex.query for ex in examples]),
+        passages=tokenizer.passages(passages),
+        positive_idx=torch.tensor(positive_idx, dtype=torch.long),
+        p_ids=p_ids,
+        candidate_mask=candidate_mask,
+    )
+
+
+class EpochBatches(Dataset):
+    """Step ``i`` of epoch ``epoch`` -> :class:`Batch`. Incomplete final batches are dropped so every
+    step has the same number of in-batch negatives."""
+
+    def __init__(self, examples: list[TrainExample], corpus: list[Passage], tokenizer: TextTokenizer,
+                 batch_size: int, hard_negatives: int, seed: int, epoch: int):
+        self.examples, self.corpus, self.tokenizer = examples, corpus, tokenizer
+        self.batch_size, self.h, self.seed, self.epoch = batch_size, hard_negatives, seed, epoch
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        self.order = torch.randperm(len(examples), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return len(self.examples) // self.batch_size
+
+    def __getitem__(self, step: int) -> Batch:
+        rng = random.Random(f"{self.seed}/{self.epoch}/{step}")
+        chosen = [self.examples[i] for i in self.order[step * self.batch_size : (step + 1) * self.batch_size]]
+        negatives = [pick_negatives(ex, self.h, rng, self.corpus, shuffle=True) for ex in chosen]
+        return collate(chosen, negatives, self.tokenizer)
+
+
+def fixed_batches(examples: list[TrainExample], corpus: list[Passage], tokenizer: TextTokenizer,
+                  batch_size: int, hard_negatives: int, seed: int = 0):
+    """Batches in file order with deterministic negatives (the first H), for evaluation. The last
+    batch may be smaller."""
+    rng = random.Random(f"eval/{seed}")
+    for start in range(0, len(examples), batch_size):
+        chosen = examples[start : start + batch_size]
+        if len(chosen) < 2 and start > 0:
+            break  # a lone question has no in-batch negatives; it is scored in no batch
+        negatives = [pick_negatives(ex, hard_negatives, rng, corpus, shuffle=False) for ex in chosen]
+        yield collate(chosen, negatives, tokenizer)

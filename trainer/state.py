@@ -1,0 +1,59 @@
+"""The resumable part of a checkpoint, ``training_state/``: optimizer, scheduler, scaler, RNG and
+position. Tensors go to safetensors and everything else to JSON; nothing is pickled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_DIR = "training_state"
+
+
+def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                        progress: dict) -> None:
+    d = Path(directory) / STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    opt = optimizer.state_dict()
+    tensors = {}
+    for idx, per_param in opt["state"].items():
+        for name, value in per_param.items():
+            tensors[f"state.{idx}.{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).contiguous().cpu()
+    save_file(tensors, str(d / "optimizer.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    save_file(rng, str(d / "rng.safetensors"))
+    meta = {
+        "progress": progress,
+        "optimizer_param_groups": opt["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    (d / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler, scaler) -> dict:
+    """Restore optimizer, scheduler, scaler and RNG; return the saved progress dictionary."""
+    d = Path(directory) / STATE_DIR
+    for name in ("optimizer.safetensors", "rng.safetensors", "state.json"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name}: missing; this checkpoint cannot be resumed")
+    meta = json.loads((d / "state.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(d / "optimizer.safetensors")).items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    if meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    rng = load_file(str(d / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    return meta["progress"]

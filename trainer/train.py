@@ -1,0 +1,223 @@
+"""The training loop, top to bottom: read data, build the model, loop, evaluate, checkpoint.
+
+Output directory::
+
+    train_config.yaml    the effective configuration
+    metrics.jsonl        one JSON line per logged step and per evaluation
+    last/                the latest checkpoint, with training_state/ for --resume
+    best/                the best checkpoint by --best-metric (when --dev is given)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dpr_service.core.checkpoint import (
+    CheckpointError, atomic_directory, load_base_model, load_checkpoint, recover_directory, write_checkpoint,
+)
+from dpr_service.core.device import pick_runtime
+from dpr_service.core.formats import read_eval_data, read_train_data
+
+from .batches import EpochBatches, count_short
+from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
+from .evaluate import batch_losses, evaluate
+from .state import load_training_state, save_training_state
+
+log = logging.getLogger("trainer")
+
+LOWER_IS_BETTER = {"dev_nll"}
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving a checkpoint; ``signum`` says which."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by signal {signum} at step {step}")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a training job; returns the path of the final checkpoint."""
+    cfg.validate()
+    out = Path(cfg.output)
+    last_dir = recover_directory(out / "last")
+    if cfg.resume:
+        if not (last_dir / "training_state").is_dir():
+            raise ConfigError(f"--resume: no resumable checkpoint in {last_dir}")
+        _check_resume_config(cfg, last_dir / "train_config.yaml")
+    elif last_dir.exists():
+        raise ConfigError(f"{last_dir} exists: pass --resume to continue that run, or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.yaml").write_text(cfg.to_yaml())
+
+    # ---- device, precision and seed: chosen once, here
+    torch.manual_seed(cfg.seed)
+    runtime = pick_runtime(cfg.device, cfg.precision)
+    if cfg.precision == "fp16" and runtime.device.type != "cuda":
+        raise ConfigError("--precision fp16 needs CUDA")
+
+    # ---- data
+    data = read_train_data(cfg.train, cfg.train_split)
+    log.info("training data: %d examples, %d passages in the pool, from %s", len(data.examples), len(data.corpus), data.source)
+    if len(data.examples) < cfg.batch_size:
+        raise ConfigError(f"{data.source}: {len(data.examples)} examples, fewer than --batch-size {cfg.batch_size}")
+    short = count_short(data.examples, cfg.hard_negatives)
+    if short:
+        log.warning("%d of %d questions have fewer than %d hard negatives: filled as DPR does, from their "
+                    "negative_ctxs and then random corpus passages", short, len(data.examples), cfg.hard_negatives)
+    eval_data = nll_data = None
+    if cfg.dev:
+        eval_data = read_eval_data(cfg.dev, cfg.dev_split)
+        nll_data = read_train_data(cfg.dev, cfg.dev_split)
+        log.info("dev data: %d queries over %d passages, from %s", len(eval_data.queries), len(eval_data.corpus), eval_data.source)
+
+    # ---- model
+    if cfg.resume:
+        loaded = load_checkpoint(last_dir, runtime.device)
+        encoder, tokenizer, base_model = loaded.encoder, loaded.tokenizer, loaded.base_model
+    else:
+        encoder, tokenizer = load_base_model(cfg.model, cfg.encoder_config())
+        base_model = cfg.model
+    encoder.to(runtime.device).train()
+
+    # ---- optimiser and schedule
+    steps_per_epoch = len(data.examples) // cfg.batch_size
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    decay, no_decay = [], []
+    for name, p in encoder.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)  # no decay for biases and LayerNorm weights
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, eps=cfg.adam_eps, fused=runtime.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+    )
+    scaler = runtime.grad_scaler()
+
+    step, best = 0, None
+    if cfg.resume:
+        progress = load_training_state(last_dir, optimizer, scheduler, scaler)
+        step, best = progress["step"], progress.get("best")
+        _truncate_metrics(out / "metrics.jsonl", step)
+        log.info("resumed from %s at step %d of %d", last_dir, step, total_steps)
+
+    def save_last() -> None:
+        with atomic_directory(out / "last") as tmp:
+            write_checkpoint(tmp, encoder, tokenizer, base_model)
+            (tmp / "train_config.yaml").write_text(cfg.to_yaml())
+            save_training_state(tmp, optimizer, scheduler, scaler, {"step": step, "best": best, "total_steps": total_steps})
+
+    def run_eval() -> None:
+        nonlocal best
+        metrics = evaluate(encoder, tokenizer, eval_data, nll_data, runtime, cfg.batch_size,
+                           cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress)
+        value = metrics.get(cfg.best_metric)
+        if value is None:
+            raise ConfigError(f"--best-metric {cfg.best_metric!r} is not computed; choose one of {', '.join(sorted(metrics))}")
+        improved = best is None or (value < best if cfg.best_metric in LOWER_IS_BETTER else value > best)
+        _append(out / "metrics.jsonl", {"step": step, "eval": metrics, "best": improved})
+        log.info("step %d eval: %s%s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                 " (best so far)" if improved else "")
+        if improved:
+            best = value
+            with atomic_directory(out / "best") as tmp:
+                write_checkpoint(tmp, encoder, tokenizer, base_model)
+                (tmp / "train_config.yaml").write_text(cfg.to_yaml())
+                (tmp / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n")
+
+    # ---- stop cleanly on SIGTERM / SIGINT: finish the step, save, exit
+    stop_signal: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    started_at, window_examples, window_start = step, 0, time.perf_counter()
+    try:
+        while step < total_steps:
+            epoch, first = divmod(step, steps_per_epoch)
+            batches = EpochBatches(data.examples, data.corpus, tokenizer, cfg.batch_size, cfg.hard_negatives, cfg.seed, epoch)
+            loader = DataLoader(
+                batches, batch_size=None, sampler=range(first, len(batches)), num_workers=cfg.num_workers,
+                pin_memory=runtime.device.type == "cuda", generator=torch.Generator(),  # leaves the global RNG alone
+                persistent_workers=False,
+            )
+            for batch in loader:
+                # forward: encode B questions and B * (1 + H) passages, DPR loss over all pairs
+                # (the same function the dev evaluation and the server's /score use)
+                loss = batch_losses(encoder, batch, runtime).mean()  # scalar
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                window_examples += batch.size
+                bar.update(1)
+
+                if step % cfg.log_every == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "examples_per_s": window_examples / elapsed}
+                    _append(out / "metrics.jsonl", record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    ex_s=f"{record['examples_per_s']:.1f}")
+                    window_examples, window_start = 0, time.perf_counter()
+                if eval_data is not None and (step % cfg.eval_every == 0 or step == total_steps):
+                    run_eval()
+                stopping = bool(stop_signal) or (cfg.stop_after is not None and step - started_at >= cfg.stop_after)
+                if step % cfg.save_every == 0 or step == total_steps or stopping:
+                    save_last()
+                if stop_signal:
+                    raise Interrupted(stop_signal[0], step)
+                if stopping:
+                    log.info("stopped after %d steps (--stop-after) at step %d; continue with --resume", cfg.stop_after, step)
+                    return out / "last"
+                if step >= total_steps:
+                    break
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log.info("done: %d steps; checkpoint %s%s", step, out / "last", f", best {out / 'best'}" if eval_data else "")
+    return out / "last"
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (the killed run's tail)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _check_resume_config(cfg: TrainConfig, saved_path: Path) -> None:
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{saved_path}: cannot read the interrupted run's config ({e})") from None
+    now = yaml.safe_load(cfg.to_yaml())
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"--resume with settings that differ from the interrupted run ({diffs})")
