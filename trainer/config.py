@@ -137,6 +137,11 @@ def _coerce(name: str, value, where: str):
     elif kind.startswith("int"):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:
