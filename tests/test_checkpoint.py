@@ -109,3 +109,20 @@ def test_atomic_directory_keeps_the_old_one_on_failure(tmp_path):
             raise RuntimeError("killed mid-write")
     assert (target / "a").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["dir"]  # no temporary left behind
+
+
+def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_model):
+    encoder, tokenizer = load_base_model(str(tiny_model), CFG)
+    encoder.eval()
+    texts = [Passage(" ".join(["apple river"] * k), "t" if k % 2 else "") for k in range(1, 12)]
+    enc = tokenizer.passages(texts)
+    plain = encoder.encode_passages(**enc)
+    plain.sum().backward()
+    grads = [p.grad.clone() for p in encoder.passage_model.parameters() if p.grad is not None]
+    encoder.zero_grad()
+    encoder.length_buckets = 3
+    bucketed = encoder.encode_passages(**enc)
+    bucketed.sum().backward()
+    torch.testing.assert_close(bucketed, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, [p.grad for p in encoder.passage_model.parameters() if p.grad is not None]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

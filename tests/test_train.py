@@ -97,10 +97,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(tmp_path, tiny_model):
 def test_dev_evaluation_keeps_the_best(tmp_path, tiny_model):
     data = write_plain(tmp_path / "train.jsonl", n=32)
     dev = write_dpr(tmp_path / "dev.json", n=12, seed=1)
-    train(cfg(tmp_path, tiny_model, data, dev=str(dev), epochs=2, eval_every=4, best_metric="mrr@10"))
+    train(cfg(tmp_path, tiny_model, data, dev=str(dev), epochs=2, eval_every=4, best_metric="mrr@10", eval_before=True))
     out = tmp_path / "out"
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
-    assert [r["step"] for r in evals] == [4, 8, 12, 16]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12, 16]
     for key in ("dev_nll", "ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@20", "recall@100", "top1_accuracy", "top20_accuracy"):
         assert key in evals[0]["eval"]
     best = max(evals, key=lambda r: r["eval"]["mrr@10"])  # the first of equals is kept

@@ -52,8 +52,10 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler
     num_workers: int = 0  # DataLoader workers building and tokenising batches
+    length_buckets: int = 1  # encode a batch as N length-sorted buckets, each padded on its own
     # evaluation, checkpoints, logs
     eval_every: int = 500
+    eval_before: bool = False  # evaluate the starting model too (a baseline at step 0)
     eval_batch_size: int = 128
     best_metric: str = "ndcg@10"  # or mrr@10, recall@k, top{k}_accuracy, dev_nll (lower is better)
     save_every: int = 500
@@ -76,7 +78,7 @@ class TrainConfig:
         for name in ("model", "train", "output"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required (on the command line or in the config file)")
-        positive_ints = ["batch_size", "eval_every", "eval_batch_size", "save_every", "log_every"]
+        positive_ints = ["batch_size", "length_buckets", "eval_every", "eval_batch_size", "save_every", "log_every"]
         for name in positive_ints + ["max_steps", "stop_after"]:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -113,7 +115,7 @@ class TrainConfig:
 
 # Settings that may differ between an interrupted run and its --resume without changing the result.
 RESUME_MAY_CHANGE = {
-    "dev", "dev_split", "device", "num_workers", "eval_every", "eval_batch_size", "save_every",
+    "dev", "dev_split", "device", "num_workers", "eval_every", "eval_before", "eval_batch_size", "save_every",
     "log_every", "progress", "resume", "stop_after", "best_metric",
 }
 

@@ -88,6 +88,7 @@ def train(cfg: TrainConfig) -> Path:
         encoder, tokenizer = load_base_model(cfg.model, cfg.encoder_config())
         base_model = cfg.model
     encoder.to(runtime.device).train()
+    encoder.length_buckets = cfg.length_buckets
 
     # ---- optimiser and schedule
     steps_per_epoch = len(data.examples) // cfg.batch_size
@@ -139,6 +140,9 @@ def train(cfg: TrainConfig) -> Path:
     # ---- stop cleanly on SIGTERM / SIGINT: finish the step, save, exit
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    if eval_data is not None and cfg.eval_before and step == 0:
+        run_eval()
 
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     started_at, window_examples, window_start = step, 0, time.perf_counter()

@@ -35,13 +35,31 @@ class BiEncoder(nn.Module):
         self.passage_model = query_model if config.shared else passage_model
         if self.passage_model is None:
             raise ValueError("separate encoders need a passage model")
+        # A speed setting, not part of the model: > 1 encodes a batch as that many length-sorted
+        # buckets with their own padding. Results are the same up to float rounding.
+        self.length_buckets = 1
 
     def _encode(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
-        emb = pool(hidden, attention_mask, self.config.pooling)  # (B, D)
+        n = input_ids.shape[0]
+        if self.length_buckets > 1 and n >= 2 * self.length_buckets:
+            # Sort by length, cut into buckets and trim each bucket's padding: the same embeddings
+            # (padding is masked out of attention and pooling) for fewer padded tokens of compute.
+            lengths = attention_mask.sum(1)  # (B,)
+            order = lengths.argsort(descending=True)
+            parts = []
+            for idx in order.chunk(self.length_buckets):
+                width = int(lengths[idx].max())
+                parts.append(self._encode_padded(model, input_ids[idx, :width], attention_mask[idx, :width]))
+            emb = torch.cat(parts)[order.argsort()]  # back to input order
+        else:
+            emb = self._encode_padded(model, input_ids, attention_mask)
         if self.config.similarity == "cosine":
             emb = F.normalize(emb.float(), dim=-1)
         return emb
+
+    def _encode_padded(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
+        return pool(hidden, attention_mask, self.config.pooling)  # (B, D)
 
     def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, Lq) token ids -> q_emb (B, D)."""

