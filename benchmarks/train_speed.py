@@ -46,7 +46,7 @@ def triplets(data_dir: str, n: int, seed: int = 0) -> list[tuple[str, str, str]]
     return out
 
 
-def run_ours(rows, model_dir, steps, warmup, batch_size, max_len, q_len) -> float:
+def run_ours(rows, model_dir, steps, warmup, batch_size, max_len, q_len, buckets=1) -> float:
     from trainer.config import TrainConfig
     from trainer.train import train
 
@@ -59,7 +59,7 @@ def run_ours(rows, model_dir, steps, warmup, batch_size, max_len, q_len) -> floa
             model=model_dir, train=str(path), output=str(Path(tmp) / "out"), shared_encoder=True, pooling="mean",
             similarity="cosine", temperature=0.05, query_max_length=q_len, passage_max_length=max_len,
             batch_size=batch_size, hard_negatives=1, max_steps=steps, lr=2e-5, log_every=1,
-            save_every=10**9, progress=False,
+            save_every=10**9, progress=False, length_buckets=buckets,
         )
         train(cfg)
         logs = [json.loads(x) for x in (Path(tmp) / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--query-max-length", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1, help="alternate the two this many times")
+    ap.add_argument("--length-buckets", type=int, default=1, help="our --length-buckets setting")
     ap.add_argument("--out", default="runs/train_speed.json")
     args = ap.parse_args()
     import logging
@@ -119,7 +120,8 @@ def main() -> None:
     rows = triplets(args.data, args.batch_size * args.steps)
     ours, theirs = [], []
     for _ in range(args.rounds):
-        ours.append(run_ours(rows, model_dir, args.steps, args.warmup, args.batch_size, args.max_length, args.query_max_length))
+        ours.append(run_ours(rows, model_dir, args.steps, args.warmup, args.batch_size, args.max_length,
+                             args.query_max_length, args.length_buckets))
         theirs.append(run_sentence_transformers(rows, model_dir, args.steps, args.warmup, args.batch_size, args.max_length))
         print(f"dpr-service {ours[-1]:.2f} ex/s, sentence-transformers {theirs[-1]:.2f} ex/s", flush=True)
     import sentence_transformers
@@ -130,7 +132,7 @@ def main() -> None:
         + (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU fp32"),
         "model": "all-MiniLM-L6-v2, shared, mean pooling, cosine scale 20",
         "batch_size": args.batch_size, "hard_negatives": 1, "query_max_length": args.query_max_length,
-        "passage_max_length": args.max_length, "timed_steps": args.steps - args.warmup, "rounds": args.rounds,
+        "passage_max_length": args.max_length, "length_buckets": args.length_buckets, "timed_steps": args.steps - args.warmup, "rounds": args.rounds,
         "dpr_service_examples_per_s": ours, "sentence_transformers_examples_per_s": theirs,
         "ratio": (sum(ours) / len(ours)) / (sum(theirs) / len(theirs)),
         "versions": {"sentence_transformers": sentence_transformers.__version__, "transformers": transformers.__version__},

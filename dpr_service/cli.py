@@ -10,7 +10,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("trainer.cli", "fine-tune a bi-encoder with the DPR loss"),
+    "train": ("trainer.cli:main", "fine-tune a bi-encoder with the DPR loss"),
+    "index": ("index.cli:index_main", "build (or add to) a FAISS index artifact from a checkpoint and a corpus"),
+    "eval": ("index.cli:eval_main", "retrieval metrics of a checkpoint and its index on judged queries"),
+    "bm25": ("index.cli:bm25_main", "the BM25 baseline on the same queries"),
+    "mine": ("index.cli:mine_main", "training data with hard negatives mined by BM25 or by a checkpoint"),
 }
 
 
@@ -31,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"dpr: error: unknown command {name!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(argv[1:], prog=f"dpr {name}")
+    module, function = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), function)(argv[1:], prog=f"dpr {name}")
 
 
 if __name__ == "__main__":

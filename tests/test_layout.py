@@ -59,6 +59,9 @@ def test_dispatcher_lists_modules_that_exist():
     sys.path.insert(0, str(ROOT))
     from dpr_service.cli import COMMANDS
 
-    for module, _ in COMMANDS.values():
-        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+    for target, _ in COMMANDS.values():
+        module, function = target.split(":")
+        path = ROOT / (module.replace(".", "/") + ".py")
+        assert path.is_file(), module
+        assert f"def {function}(" in path.read_text(), target
     assert DISPATCHER.is_file()

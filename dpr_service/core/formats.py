@@ -373,3 +373,53 @@ def read_eval_data(path: Path | str, split: str = "dev") -> EvalData:
         if ex.answers:
             answers[qid] = ex.answers
     return EvalData(queries, qrels, _corpus_from_examples(examples), answers, str(path))
+
+
+# ----------------------------------------------------------------------------- corpora for indexing
+
+
+def read_dpr_tsv(path: Path) -> list[Passage]:
+    """DPR's passage file (``psgs_w100.tsv``): ``id <TAB> text <TAB> title`` with a header line."""
+    corpus, ids = [], set()
+    try:
+        fh = open(path, encoding="utf-8", newline="")
+    except OSError as e:
+        raise DataError(path, None, f"cannot open ({e.strerror})") from None
+    with fh:
+        lineno = 0
+        try:
+            for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), 1):
+                if not row:
+                    continue
+                if lineno == 1 and row[0].strip().lower() == "id":
+                    continue
+                if len(row) not in (2, 3):
+                    raise DataError(path, lineno, f"expected 'id<TAB>text<TAB>title', got {len(row)} columns")
+                pid, text, title = row[0].strip(), row[1], row[2] if len(row) == 3 else ""
+                if not pid:
+                    raise DataError(path, lineno, "empty passage id")
+                if not text.strip():
+                    raise DataError(path, lineno, f"passage {pid}: empty text")
+                if pid in ids:
+                    raise DataError(path, lineno, f"duplicate passage id {pid!r}")
+                ids.add(pid)
+                corpus.append(Passage(text=text, title=title, id=pid))
+        except UnicodeDecodeError:
+            raise DataError(path, lineno + 1, "not UTF-8 text") from None
+        except csv.Error as e:
+            raise DataError(path, lineno, f"bad TSV ({e})") from None
+    if not corpus:
+        raise DataError(path, None, "empty corpus")
+    return corpus
+
+
+def read_corpus(path: Path | str) -> list[Passage]:
+    """Passages to index: a BEIR directory (its corpus.jsonl), a corpus.jsonl, or DPR's psgs .tsv."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+    if not path.exists():
+        raise DataError(path, None, "no such file or directory")
+    if path.suffix in (".tsv", ".csv"):
+        return read_dpr_tsv(path)
+    return read_beir_corpus(path)

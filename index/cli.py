@@ -1,0 +1,141 @@
+"""``dpr index build|add``, ``dpr eval``, ``dpr bm25`` and ``dpr mine``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def _run(prog: str, fn) -> int:
+    """Run a command; bad input of any known kind is one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dpr_service.core.checkpoint import CheckpointError
+    from dpr_service.core.formats import DataError
+
+    from .artifact import ArtifactError
+
+    try:
+        return fn() or 0
+    except (DataError, CheckpointError, ArtifactError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; encoded chunks are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def index_main(argv: list[str], prog: str = "dpr index") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Build or extend a FAISS index artifact.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="encode a corpus and build an index artifact")
+    b.add_argument("--checkpoint", required=True, help="checkpoint directory (dpr train's last/ or best/)")
+    b.add_argument("--corpus", required=True, help="corpus.jsonl, a BEIR directory or DPR's psgs .tsv")
+    b.add_argument("--output", required=True, help="artifact directory to create")
+    b.add_argument("--factory", default="auto", help="FAISS factory string (Flat, HNSW32, IVF4096,PQ64) or auto (default)")
+    b.add_argument("--memory-budget", default="8GB", help="memory the index may use, for --factory auto (default 8GB)")
+    b.add_argument("--batch-size", type=int, default=0, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
+    b.add_argument("--shard", type=_shard, help="encode only slice i of n (i/n); the last shard to finish builds the index")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+    a = sub.add_parser("add", help="add passages to an artifact (a new verified artifact)")
+    a.add_argument("--index", required=True, help="artifact directory")
+    a.add_argument("--corpus", required=True, help="passages to add (corpus.jsonl or .tsv); ids must be new")
+    a.add_argument("--checkpoint", help="checkpoint (default: the one named in the manifest)")
+    a.add_argument("--output", help="write the new artifact here instead of replacing --index")
+    a.add_argument("--batch-size", type=int, default=0)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+
+    def go():
+        from .build import add, build
+
+        if args.action == "build":
+            out = build(args.checkpoint, args.corpus, args.output, args.factory, args.batch_size, args.shard,
+                        args.memory_budget, args.device, args.progress)
+            print(f"index: {out}" if out else "shard encoded; the index is built when every shard is done")
+        else:
+            print(f"index: {add(args.index, args.corpus, args.checkpoint, args.output, args.batch_size, args.device, args.progress)}")
+
+    return _run(f"{prog} {args.action}", go)
+
+
+def _eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queries", required=True, help="BEIR directory or queries.jsonl, DPR JSONL, or DPR qas .tsv/.csv")
+    parser.add_argument("--qrels", help="qrels TSV (default: the BEIR directory's --split)")
+    parser.add_argument("--split", default="test", help="qrels split of a BEIR directory (default test)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Retrieval quality of a checkpoint and its index.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--index", required=True)
+    _eval_args(parser)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    def go():
+        from .evaluate import evaluate_index, format_metrics
+
+        print(format_metrics(evaluate_index(args.checkpoint, args.index, args.queries, args.qrels, args.split,
+                                            device=args.device, progress=not args.json), args.json))
+
+    return _run(prog, go)
+
+
+def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="BM25 baseline (bm25s) on the same queries and judgements.")
+    parser.add_argument("--corpus", required=True, help="corpus.jsonl, a BEIR directory or DPR's psgs .tsv")
+    _eval_args(parser)
+    args = parser.parse_args(argv)
+
+    def go():
+        from dpr_service.core.formats import read_corpus
+
+        from .evaluate import evaluate_bm25, format_metrics
+
+        print(format_metrics(evaluate_bm25(read_corpus(args.corpus), args.queries, args.qrels, args.split), args.json))
+
+    return _run(prog, go)
+
+
+def mine_main(argv: list[str], prog: str = "dpr mine") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Write training data with mined hard negatives (plain JSONL).")
+    parser.add_argument("--queries", required=True, help="BEIR directory or queries.jsonl")
+    parser.add_argument("--qrels", help="qrels TSV (default: the BEIR directory's --split)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--output", required=True, help="train.jsonl to write")
+    parser.add_argument("--method", choices=("bm25", "model"), default="bm25")
+    parser.add_argument("--checkpoint", help="for --method model")
+    parser.add_argument("--index", help="for --method model: the checkpoint's index")
+    parser.add_argument("--num-negatives", type=int, default=8)
+    parser.add_argument("--depth", type=int, default=100, help="candidates looked at per question")
+    parser.add_argument("--skip-top", type=int, default=0, help="ranks skipped at the top (e.g. 3 for model mining)")
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="model mining: skip candidates scoring above (positive score - margin)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    def go():
+        from dpr_service.core.formats import read_corpus
+
+        from .mine import mine
+
+        stats = mine(args.queries, read_corpus(args.corpus), args.output, args.qrels, args.split, args.method,
+                     args.checkpoint, args.index, args.num_negatives, args.depth, args.skip_top, args.margin, args.device)
+        print(f"wrote {stats['examples']} examples to {args.output}")
+
+    return _run(prog, go)

@@ -1,0 +1,87 @@
+"""Search an index artifact: query embeddings -> ranked passage ids and scores; ids -> passages.
+
+This is the API the server uses; it imports no web stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from dpr_service.core.formats import Passage
+
+from .artifact import INDEX_FILE, PASSAGES_FILE, ArtifactError, Manifest, PassageStore, read_manifest, verify_files
+
+log = logging.getLogger("index")
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    row: int
+
+
+class Searcher:
+    """A loaded, verified artifact. ``search`` is safe to call from several threads."""
+
+    def __init__(self, directory: str | Path, checkpoint_fingerprint: str | None = None):
+        self.directory = Path(directory)
+        self.manifest: Manifest = read_manifest(self.directory)
+        if checkpoint_fingerprint is not None and checkpoint_fingerprint != self.manifest.checkpoint_fingerprint:
+            raise ArtifactError(
+                f"{self.directory}: the index was built with checkpoint {self.manifest.checkpoint_fingerprint[:12]}, "
+                f"not with the checkpoint in use ({checkpoint_fingerprint[:12]}); rebuild it with this checkpoint"
+            )
+        verify_files(self.directory, self.manifest)  # before faiss reads a byte
+        try:
+            self.index = faiss.read_index(str(self.directory / INDEX_FILE))
+        except RuntimeError as e:
+            raise ArtifactError(f"{self.directory / INDEX_FILE}: FAISS cannot read it ({str(e).strip().splitlines()[-1]})") from None
+        if self.index.ntotal != self.manifest.count or self.index.d != self.manifest.dim:
+            raise ArtifactError(
+                f"{self.directory / INDEX_FILE}: holds {self.index.ntotal} x {self.index.d} vectors, the manifest says "
+                f"{self.manifest.count} x {self.manifest.dim}"
+            )
+        self.store = PassageStore(self.directory / PASSAGES_FILE)
+        try:
+            stored = self.store.count()
+        except Exception as e:  # sqlite3.DatabaseError for a damaged file
+            raise ArtifactError(f"{self.directory / PASSAGES_FILE}: not a readable passage store ({e})") from None
+        if stored != self.manifest.count:
+            raise ArtifactError(f"{self.directory / PASSAGES_FILE}: {stored} passages, the manifest says {self.manifest.count}")
+        self.set_search_params(**self.manifest.extra.get("search_params", {}))
+
+    def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None) -> None:
+        if nprobe is not None:
+            ivf = faiss.try_extract_index_ivf(self.index)
+            if ivf is not None:
+                ivf.nprobe = int(nprobe)
+        if efSearch is not None and hasattr(self.index, "hnsw"):
+            self.index.hnsw.efSearch = int(efSearch)
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    def search(self, q_emb: np.ndarray, k: int) -> list[list[Hit]]:
+        """q_emb (Q, D) float32 -> one ranked list of at most k hits per query (best first)."""
+        xq = np.ascontiguousarray(q_emb, dtype=np.float32)
+        if xq.ndim != 2 or xq.shape[1] != self.manifest.dim:
+            raise ValueError(f"query embeddings must have shape (Q, {self.manifest.dim}), got {xq.shape}")
+        D, I = self.index.search(xq, min(k, self.count))  # (Q, k) scores and rows; -1 where none
+        rows = self.store.by_rows(I[I >= 0].tolist())
+        return [
+            [Hit(rows[r][0], float(s), int(r)) for s, r in zip(ds, rs) if r >= 0 and r in rows]
+            for ds, rs in zip(D, I)
+        ]
+
+    def passages(self, ids: list[str]) -> dict[str, Passage]:
+        return {pid: Passage(text=text, title=title, id=pid) for pid, (_, title, text) in self.store.by_ids(ids).items()}
+
+    def passages_by_rows(self, rows: list[int]) -> dict[int, Passage]:
+        return {r: Passage(text=text, title=title, id=pid) for r, (pid, title, text) in self.store.by_rows(rows).items()}
