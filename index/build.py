@@ -94,9 +94,13 @@ def make_index(factory: str, dim: int, xb: np.ndarray, use_gpu: bool, progress: 
         work.add(np.ascontiguousarray(xb[start : start + 65_536], dtype=np.float32))
         bar.update(min(65_536, n - start))
     bar.close()
-    if ivf is not None:
-        faiss.extract_index_ivf(work if not gpu else index).nprobe = min(ivf.nlist, 32)
-    return faiss.index_gpu_to_cpu(work) if gpu else work
+    index = faiss.index_gpu_to_cpu(work) if gpu else work
+    params = default_search_params(factory)  # the same values the manifest records for Searcher
+    if "efSearch" in params:
+        faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = params["nprobe"]
+    return index
 
 
 def default_search_params(factory: str) -> dict:
@@ -128,6 +132,28 @@ def _encode_chunks(loaded: Loaded, corpus: list[Passage], work: Path, chunks: li
         bar.update(len(part))
         bar.set_postfix(p_s=f"{len(part) / (time.perf_counter() - t0):.1f}")
     bar.close()
+
+
+def _take_lock(path: Path) -> bool:
+    """One builder: the first process to create the lock file. A lock left by a dead process
+    (killed mid-build) is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return False  # its owner is alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
 
 
 def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, factory: str = "auto",
@@ -168,10 +194,7 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     if missing:
         log.info("shard done; %d of %d chunks still missing (other shards); the last shard builds the index", len(missing), n_chunks)
         return None
-    try:  # one builder: the first process to take the lock
-        fd = os.open(work / "merge.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.close(fd)
-    except FileExistsError:
+    if not _take_lock(work / "merge.lock"):
         log.info("another process is building the index from %s", work)
         return None
     try:

@@ -70,6 +70,8 @@ class Searcher:
 
     def search(self, q_emb: np.ndarray, k: int) -> list[list[Hit]]:
         """q_emb (Q, D) float32 -> one ranked list of at most k hits per query (best first)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         xq = np.ascontiguousarray(q_emb, dtype=np.float32)
         if xq.ndim != 2 or xq.shape[1] != self.manifest.dim:
             raise ValueError(f"query embeddings must have shape (Q, {self.manifest.dim}), got {xq.shape}")

@@ -156,6 +156,7 @@ def test_config_file_errors_name_the_line(tmp_path, text, message):
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--pooling", "max"], "--pooling must be one of cls, mean"),
         (["--precision", "int8"], "--precision must be one of"),
+        (["--best-metric", "ndcg@11"], "--best-metric must be one of"),
         (["--train", "missing.jsonl"], "missing.jsonl: no such file or directory"),
     ],
 )

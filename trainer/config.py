@@ -16,6 +16,10 @@ from dpr_service.core.config import POOLINGS, SIMILARITIES, EncoderConfig
 from dpr_service.core.device import PRECISIONS
 
 
+METRICS = {"dev_nll", "ndcg@10", "mrr@10", *(f"recall@{k}" for k in (1, 5, 20, 100)),
+           *(f"top{k}_accuracy" for k in (1, 5, 20, 100))}
+
+
 class ConfigError(Exception):
     """A bad setting; the message names the file (and line) or the flag."""
 
@@ -94,6 +98,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.best_metric not in METRICS:
+            raise ConfigError(f"--best-metric must be one of {', '.join(sorted(METRICS))}, got {self.best_metric!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.similarity not in SIMILARITIES:
