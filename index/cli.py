@@ -20,6 +20,8 @@ def _shard(text: str) -> tuple[int, int]:
 def _run(prog: str, fn) -> int:
     """Run a command; bad input of any known kind is one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("faiss.loader", "bm25s"):  # which CPU build FAISS loaded; bm25s's debug lines
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from dpr_service.core.checkpoint import CheckpointError
     from dpr_service.core.formats import DataError
 

@@ -38,7 +38,7 @@ def encode_texts(
     length = (lambda x: len(x)) if kind == "query" else (lambda p: len(p.title) + len(p.text))
     order = sorted(range(n), key=lambda i: -length(items[i]))
     out = torch.empty(n, encoder.dim)
-    bar = tqdm(total=n, desc=f"encoding {kind}s", unit=kind[0], disable=not progress, leave=False)
+    bar = tqdm(total=n, desc="encoding queries" if kind == "query" else "encoding passages", unit=kind[0], disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         batch = [items[i] for i in idx]
