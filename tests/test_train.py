@@ -171,7 +171,7 @@ def test_cli_flag_errors_exit_2_without_traceback(tmp_path, tiny_model, flags, m
 def test_dpr_console_command_trains(tmp_path, tiny_model):
     data = write_plain(tmp_path / "train.jsonl", n=8)
     proc = subprocess.run(
-        ["dpr", "train", "--model", str(tiny_model), "--train", str(data), "--output", str(tmp_path / "o"),
+        [str(Path(sys.executable).parent / "dpr"), "train", "--model", str(tiny_model), "--train", str(data), "--output", str(tmp_path / "o"),
          "--batch-size", "4", "--max-steps", "2", "--query-max-length", "16", "--passage-max-length", "32"],
         capture_output=True, text=True,
     )
