@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("index.cli:eval_main", "retrieval metrics of a checkpoint and its index on judged queries"),
     "bm25": ("index.cli:bm25_main", "the BM25 baseline on the same queries"),
     "mine": ("index.cli:mine_main", "training data with hard negatives mined by BM25 or by a checkpoint"),
+    "serve": ("dpr_service.api.serve:main", "serve /search, /score and /encode over REST (uvicorn)"),
 }
 
 

@@ -15,9 +15,11 @@ index made with another checkpoint than the one it is served with.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -59,14 +61,22 @@ def insert_passages(db: sqlite3.Connection, first_row: int, passages: Iterable) 
 
 
 class PassageStore:
-    """Read-only lookups by row or by id; one connection per thread (sqlite3 objects are not shared)."""
+    """Read-only lookups by row or by id.
+
+    One connection is opened when the artifact is loaded and kept: it stays on the files that were
+    verified, even after a new artifact is renamed into the same path (hot reload), and calls from
+    several threads are serialised by a lock.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._uri = f"file:{path}?mode=ro&immutable=1"
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+    @contextlib.contextmanager
+    def _connect(self):
+        with self._lock:
+            yield self._db
 
     def count(self) -> int:
         with self._connect() as db:

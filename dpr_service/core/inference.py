@@ -13,7 +13,7 @@ from .formats import Passage
 from .tokenize import TextTokenizer
 
 
-@torch.no_grad()
+@torch.inference_mode()  # lighter than no_grad: embeddings here never take part in autograd
 def encode_texts(
     encoder: BiEncoder,
     tokenizer: TextTokenizer,

@@ -1,0 +1,36 @@
+"""Service settings from the environment (``DPR_*``), behind a cached getter tests can override."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DPR_", env_file=None)
+
+    index: Path | None = Field(None, description="index artifact directory (dpr index build's --output)")
+    checkpoint: Path | None = Field(None, description="checkpoint; default: the one named in the index manifest")
+    api_key: SecretStr | None = Field(None, description="when set, every route but /healthz and /readyz needs it")
+    device: str = "auto"
+    # limits: requests over them get a 4xx naming the field
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    max_queries: int = Field(64, ge=1)
+    max_items: int = Field(64, ge=1)
+    max_passages_per_item: int = Field(64, ge=1)
+    max_text_chars: int = Field(4000, ge=1)
+    max_top_k: int = Field(100, ge=1)
+    # dynamic batching of query encoding
+    batching: bool = True
+    batch_max_size: int = Field(64, ge=1)
+    batch_max_wait_ms: float = Field(5.0, ge=0)
+    queue_max: int = Field(512, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,288 @@
+"""The service: each endpoint against the core as oracle, /score against the trainer's evaluation
+loss, every limit, auth on every route, overload, hot reload, and a real uvicorn process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import write_beir
+from fastapi.testclient import TestClient
+
+from dpr_service.api.app import OPEN_ROUTES, create_app
+from dpr_service.api.settings import Settings
+from dpr_service.core.checkpoint import load_base_model, load_checkpoint, save_checkpoint
+from dpr_service.core.config import EncoderConfig
+from dpr_service.core.device import pick_runtime
+from dpr_service.core.formats import Passage, read_corpus, read_train_data
+from dpr_service.core.inference import encode_texts
+from dpr_service.core.loss import candidate_log_probs
+from index.build import add, build
+from index.search import Searcher
+from trainer.evaluate import dev_nll
+
+CPU = pick_runtime("cpu", "fp32")
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("api")
+    cfg = EncoderConfig(pooling="mean", similarity="dot", query_max_length=16, passage_max_length=32)
+    encoder, tokenizer = load_base_model(str(tiny_model), cfg)
+    save_checkpoint(root / "ckpt", encoder, tokenizer)
+    beir = write_beir(root / "beir", n=30)
+    build(root / "ckpt", beir, root / "index", factory="Flat", progress=False)
+    return root
+
+
+def client(artifact, **overrides) -> TestClient:
+    settings = Settings(index=artifact / "index", device="cpu", batch_max_wait_ms=1, **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def api(artifact):
+    with client(artifact) as c:
+        yield c
+
+
+def test_search_equals_the_searcher(api, artifact):
+    queries = ["what is the apple near the river", "comet walnut"]
+    r = api.post("/search", json={"queries": queries, "top_k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    loaded = load_checkpoint(artifact / "ckpt")
+    expected = Searcher(artifact / "index").search(encode_texts(loaded.encoder, loaded.tokenizer, queries, "query", CPU).numpy(), 5)
+    assert [[h["id"] for h in hs] for hs in body["results"]] == [[h.id for h in hs] for hs in expected]
+    for got, exp in zip(body["results"], expected):
+        assert [h["score"] for h in got] == pytest.approx([h.score for h in exp], abs=1e-4)
+    corpus = {p.id: p for p in read_corpus(artifact / "beir")}
+    first = body["results"][0][0]
+    assert first["text"] == corpus[first["id"]].text and first["title"] == corpus[first["id"]].title
+    single = api.post("/search", json={"query": queries[1], "top_k": 5, "with_text": False}).json()
+    assert single["results"][0] == [{"id": h["id"], "score": pytest.approx(h["score"], abs=1e-4), "title": None, "text": None}
+                                    for h in body["results"][1]]
+
+
+def test_score_equals_the_trainers_evaluation_loss(api, artifact, tmp_path):
+    """/score with in_batch=true is the trainer's dev loss on the same batch, to 1e-5 in fp32."""
+    items = [
+        {"question": "what is the apple near the river", "positive": {"title": "apple", "text": "the apple is near the river fact"},
+         "negatives": [{"title": "comet", "text": "the comet and the walnut story"}, "a lantern in winter"]},
+        {"question": "what is the zebra near the guitar", "positive": "the zebra is near the guitar fact",
+         "negatives": ["the comet and the walnut story", "the helmet and the island story"]},
+        # the same passage as item 2's positive: a duplicate the loss must mask, in both paths
+        {"question": "which falcon is near the meadow", "positive": "the falcon is near the meadow",
+         "negatives": ["the zebra is near the guitar fact", "the candle of the castle"]},
+    ]
+    path = tmp_path / "batch.jsonl"
+    with open(path, "w") as fh:
+        for it in items:
+            fh.write(json.dumps({"query": it["question"], "positive": it["positive"], "negatives": it["negatives"]}) + "\n")
+    loaded = load_checkpoint(artifact / "ckpt")
+    data = read_train_data(path)
+    # the trainer's evaluation batch: file order, the first H = 2 hard negatives (every item has exactly 2)
+    expected = dev_nll(loaded.encoder, loaded.tokenizer, data, CPU, batch_size=3, hard_negatives=2)
+    r = api.post("/score", json={"items": items, "in_batch": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["mean_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_score_per_item_by_hand(api, artifact):
+    q = "what is the apple near the river"
+    pos, negs = Passage("the apple is near the river fact", "apple"), [Passage("the comet story"), Passage("a walnut")]
+    r = api.post("/score", json={"items": [{"question": q, "positive": {"title": pos.title, "text": pos.text},
+                                            "negatives": [n.text for n in negs]}]}).json()
+    loaded = load_checkpoint(artifact / "ckpt")
+    q_emb = encode_texts(loaded.encoder, loaded.tokenizer, [q], "query", CPU)
+    p_emb = encode_texts(loaded.encoder, loaded.tokenizer, [pos, *negs], "passage", CPU)
+    s = (q_emb @ p_emb.T)[0]
+    probs = torch.softmax(s, 0)
+    res = r["results"][0]
+    assert res["probabilities"] == pytest.approx(probs.tolist(), abs=1e-5)
+    assert res["loss"] == pytest.approx(float(-torch.log(probs[0])), abs=1e-5)
+    assert res["rank"] == 1 + int((s[1:] > s[0]).sum())
+    # and the loss function says the same
+    lp = candidate_log_probs(q_emb, p_emb, torch.tensor([0]))
+    assert res["loss"] == pytest.approx(float(-lp[0, 0]), abs=1e-5)
+
+
+def test_encode_equals_the_core(api, artifact):
+    loaded = load_checkpoint(artifact / "ckpt")
+    r = api.post("/encode", json={"texts": ["apple river"], "kind": "query"}).json()
+    expected = encode_texts(loaded.encoder, loaded.tokenizer, ["apple river"], "query", CPU)
+    assert r["dim"] == 32 and r["similarity"] == "dot"
+    assert r["embeddings"][0] == pytest.approx(expected[0].tolist(), abs=1e-5)
+    r = api.post("/encode", json={"texts": [{"title": "apple", "text": "the river"}], "kind": "passage"}).json()
+    expected = encode_texts(loaded.encoder, loaded.tokenizer, [Passage("the river", "apple")], "passage", CPU)
+    assert r["embeddings"][0] == pytest.approx(expected[0].tolist(), abs=1e-5)
+
+
+def test_health_ready_info_metrics(api, artifact):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").json() == {"status": "ready"}
+    info = api.get("/info").json()
+    assert info["index"]["count"] == 30 and info["checkpoint"]["fingerprint"] == load_checkpoint(artifact / "ckpt").fingerprint
+    api.post("/search", json={"query": "apple"})
+    text = api.get("/metrics").text
+    assert 'dpr_requests_total{route="/search",status="200"}' in text
+    assert "dpr_batch_size_count" in text and "dpr_index_passages 30.0" in text and "dpr_queue_depth" in text
+
+
+def test_not_ready_without_a_valid_index(tmp_path):
+    with TestClient(create_app(Settings(index=tmp_path / "missing", device="cpu"))) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "no such index directory" in r.json()["reason"]
+        r = c.post("/search", json={"query": "x"})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+
+
+LIMITED = dict(max_queries=2, max_top_k=5, max_text_chars=50, max_items=2, max_passages_per_item=2, max_body_bytes=2000)
+
+
+@pytest.mark.parametrize(
+    "path, body, status, field",
+    [
+        ("/search", {"queries": ["a", "b", "c"]}, 422, "queries: at most 2"),
+        ("/search", {"query": "a", "top_k": 6}, 422, "top_k: at most 5"),
+        ("/search", {"query": "a", "top_k": 0}, 422, "top_k"),
+        ("/search", {"query": "x" * 51, "top_k": 5}, 422, "queries[0]: longer than 50"),
+        ("/search", {"query": "   "}, 422, "query: Value error, must not be empty"),
+        ("/search", {"queries": []}, 422, "queries"),
+        ("/search", {"query": "a", "queries": ["b"]}, 422, "exactly one of"),
+        ("/search", {}, 422, "exactly one of"),
+        ("/search", {"query": 5}, 422, "query"),
+        ("/search", {"query": "a", "unknown": 1}, 422, "unknown"),
+        ("/search", {"queries": ["x" * 40] * 60}, 413, "over 2000 bytes"),
+        ("/score", {"items": []}, 422, "items"),
+        ("/score", {"items": [{"question": "q", "positive": "p"}] * 3}, 422, "items: at most 2"),
+        ("/score", {"items": [{"question": "q", "positive": "p", "negatives": ["a", "b", "c"]}]}, 422, "items[0].negatives: at most 2"),
+        ("/score", {"items": [{"question": "q", "positive": {"title": "t"}}]}, 422, "positive"),
+        ("/score", {"items": [{"question": "q", "positive": ""}]}, 422, "positive"),
+        ("/score", {"items": [{"question": "q", "positive": "p", "negatives": ["y" * 51]}]}, 422, "items[0].negatives[0]: longer than 50"),
+        ("/encode", {"texts": ["a"], "kind": "image"}, 422, "kind"),
+        ("/encode", {"texts": [{"text": "a"}], "kind": "query"}, 422, "queries are strings"),
+    ],
+)
+def test_limits_and_bad_input_get_4xx_naming_the_field(artifact, path, body, status, field):
+    with client(artifact, **LIMITED) as c:
+        r = c.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert field in r.json()["detail"]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[" * 500 + b"]" * 500, b"null"])
+def test_malformed_bodies_are_4xx(api, content):
+    r = api.post("/search", content=content, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+
+
+def test_oversized_body_is_refused_from_its_header(artifact):
+    with client(artifact, max_body_bytes=100) as c:
+        r = c.post("/search", content=b"x" * 10, headers={"content-length": "10000000", "content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_full_queue_gets_503_with_retry_after(artifact):
+    with client(artifact, queue_max=1) as c:
+        r = c.post("/search", json={"queries": ["apple", "river"]})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+
+
+def test_auth_on_every_route(artifact):
+    with client(artifact, api_key=KEY) as c:
+        routes = [(r.path, sorted(r.methods)[0]) for r in c.app.routes
+                  if hasattr(r, "methods") and not r.path.startswith(("/docs", "/redoc", "/openapi"))]
+        assert len(routes) >= 8
+        bodies = {"/search": {"query": "apple"}, "/score": {"items": [{"question": "q", "positive": "p"}]},
+                  "/encode": {"texts": ["a"]}}
+        for path, method in routes:
+            kw = {"json": bodies.get(path, {})} if method == "POST" else {}
+            if path in OPEN_ROUTES:
+                assert c.request(method, path, **kw).status_code == 200, path
+                continue
+            assert c.request(method, path, **kw).status_code == 401, path
+            assert c.request(method, path, headers={"X-API-Key": "wrong"}, **kw).status_code == 401, path
+            assert c.request(method, path, headers={"X-API-Key": KEY}, **kw).status_code == 200, path
+            assert c.request(method, path, headers={"Authorization": f"Bearer {KEY}"}, **kw).status_code == 200, path
+
+
+def test_reload_swaps_in_a_new_artifact_and_a_failed_one_keeps_serving(artifact, tmp_path):
+    import shutil
+
+    shutil.copytree(artifact / "index", tmp_path / "index")
+    with TestClient(create_app(Settings(index=tmp_path / "index", checkpoint=artifact / "ckpt", device="cpu"))) as c:
+        assert c.get("/info").json()["index"]["count"] == 30
+        new = tmp_path / "new.jsonl"
+        new.write_text(json.dumps({"_id": "x1", "title": "zebra", "text": "the zebra and the guitar"}) + "\n")
+        add(tmp_path / "index", new, checkpoint=artifact / "ckpt")
+        r = c.post("/admin/reload")
+        assert r.status_code == 200 and r.json()["passages"] == 31
+        assert c.get("/info").json()["index"]["count"] == 31
+        broken = tmp_path / "broken.sqlite"
+        broken.write_bytes(b"broken")
+        os.replace(broken, tmp_path / "index" / "passages.sqlite")  # a new file in place, as a deploy would
+        r = c.post("/admin/reload")
+        assert r.status_code == 409 and "checksum does not match" in r.json()["detail"]
+        assert c.post("/search", json={"query": "zebra guitar", "top_k": 31}).status_code == 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_uvicorn_process_with_reload_under_load(artifact, tmp_path):
+    """`dpr serve` on loopback: search works, and a reload during concurrent requests fails none."""
+    import shutil
+
+    shutil.copytree(artifact / "index", tmp_path / "index")
+    port = _free_port()
+    env = {**os.environ, "DPR_API_KEY": KEY, "DPR_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dpr"), "serve", "--index", str(tmp_path / "index"),
+                             "--checkpoint", str(artifact / "ckpt"), "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    headers = {"X-API-Key": KEY}
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("server never became ready: " + proc.stdout.read1().decode(errors="replace"))
+        statuses, stop = [], threading.Event()
+
+        def hammer():
+            with httpx.Client(base_url=base, headers=headers, timeout=30) as h:
+                while not stop.is_set() and len(statuses) < 2000:
+                    statuses.append(h.post("/search", json={"query": "apple river", "top_k": 3}).status_code)
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        for _ in range(3):
+            assert httpx.post(f"{base}/admin/reload", headers=headers, timeout=60).status_code == 200
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
