@@ -169,6 +169,8 @@ LIMITED = dict(max_queries=2, max_top_k=5, max_text_chars=50, max_items=2, max_p
         ("/score", {"items": [{"question": "q", "positive": {"title": "t"}}]}, 422, "positive"),
         ("/score", {"items": [{"question": "q", "positive": ""}]}, 422, "positive"),
         ("/score", {"items": [{"question": "q", "positive": "p", "negatives": ["y" * 51]}]}, 422, "items[0].negatives[0]: longer than 50"),
+        ("/score", {"items": [{"question": "q", "positive": "p", "negatives": ["  "]}]}, 422, "negatives: Value error, must not be empty"),
+        ("/encode", {"texts": ["ok", ""]}, 422, "texts: Value error, must not be empty"),
         ("/encode", {"texts": ["a"], "kind": "image"}, 422, "kind"),
         ("/encode", {"texts": [{"text": "a"}], "kind": "query"}, 422, "queries are strings"),
     ],

@@ -13,6 +13,13 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _strings_not_blank(values: list) -> list:
+    for v in values:
+        if isinstance(v, str):
+            _not_blank(v)
+    return values
+
+
 class PassageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     title: str = ""
@@ -71,13 +78,7 @@ class ScoreItemIn(BaseModel):
     def _positive(cls, value):
         return _not_blank(value) if isinstance(value, str) else value
 
-    @field_validator("negatives")
-    @classmethod
-    def _negatives(cls, value):
-        for v in value:
-            if isinstance(v, str):
-                _not_blank(v)
-        return value
+    _negatives = field_validator("negatives")(_strings_not_blank)
 
 
 class ScoreRequest(BaseModel):
@@ -106,13 +107,7 @@ class EncodeRequest(BaseModel):
     texts: list[str | PassageIn] = Field(..., min_length=1)
     kind: Literal["query", "passage"] = "query"
 
-    @field_validator("texts")
-    @classmethod
-    def _texts(cls, value):
-        for v in value:
-            if isinstance(v, str):
-                _not_blank(v)
-        return value
+    _texts = field_validator("texts")(_strings_not_blank)
 
 
 class EncodeResponse(BaseModel):
