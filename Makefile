@@ -1,11 +1,12 @@
 # Two entry points a newcomer needs; each sets up everything it uses.
 #   make demo   - create .venv, install, fine-tune the offline MiniLM on the embedded demo data,
-#                 index the demo corpus and compare it with BM25
+#                 index the demo corpus, compare it with BM25, then serve it on 127.0.0.1:8000
 #   make test   - create .venv, install, run the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo
+PORT   ?= 8000
 
 .PHONY: setup test demo bench clean
 
@@ -33,6 +34,11 @@ demo: setup
 	$(BIN)/dpr eval --checkpoint $(DEMO)/best --index $(DEMO)/index --queries dpr_service/demo_data --split dev
 	@echo "== BM25, dev split (dpr bm25) =="
 	$(BIN)/dpr bm25 --corpus dpr_service/demo_data --queries dpr_service/demo_data --split dev
+	@echo ""
+	@echo "== serving the demo at http://127.0.0.1:$(PORT)  (API docs: http://127.0.0.1:$(PORT)/docs; Ctrl-C stops) =="
+	@echo "curl -s localhost:$(PORT)/search -H 'content-type: application/json' -d '{\"query\": \"which lighthouse has a red flash?\", \"top_k\": 3}'"
+	@echo "curl -s localhost:$(PORT)/score -H 'content-type: application/json' -d '{\"items\": [{\"question\": \"which lighthouse has a red flash?\", \"positive\": \"The Ember Light flashes red.\", \"negatives\": [\"The Saltwatch tower is painted red and shows a green light.\"]}]}'"
+	$(BIN)/dpr serve --index $(DEMO)/index --port $(PORT)
 
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'
