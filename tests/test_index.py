@@ -239,3 +239,21 @@ def test_stale_merge_lock_of_a_dead_process_is_taken_over(tmp_path, checkpoint, 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
     (partial / "merge.lock").write_text(dead.strip())
     assert build(checkpoint, beir, tmp_path / "idx", factory="Flat", progress=False) == tmp_path / "idx"
+
+
+def test_readme_cli_commands_for_eval_bm25_and_mine(tmp_path, checkpoint, beir):
+    """`dpr eval`, `dpr bm25` and both `dpr mine` forms, as the README shows them."""
+    dpr = [sys.executable, "-m", "dpr_service.cli"]
+    run = lambda *a: subprocess.run([*dpr, *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    r = run("index", "build", "--checkpoint", str(checkpoint), "--corpus", str(beir), "--output", str(tmp_path / "idx"), "--no-progress")
+    assert r.returncode == 0 and f"index: {tmp_path / 'idx'}" in r.stdout, r.stderr
+    r = run("eval", "--checkpoint", str(checkpoint), "--index", str(tmp_path / "idx"), "--queries", str(beir), "--split", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["queries"] == 20
+    r = run("bm25", "--corpus", str(beir), "--queries", str(beir), "--split", "test")
+    assert r.returncode == 0 and "ndcg@10" in r.stdout, r.stderr
+    r = run("mine", "--queries", str(beir), "--split", "train", "--corpus", str(beir), "--output", str(tmp_path / "bm25.jsonl"))
+    assert r.returncode == 0 and "wrote 40 examples" in r.stdout, r.stderr
+    r = run("mine", "--method", "model", "--checkpoint", str(checkpoint), "--index", str(tmp_path / "idx"), "--skip-top", "3",
+            "--margin", "0.05", "--queries", str(beir), "--split", "train", "--corpus", str(beir), "--output", str(tmp_path / "m.jsonl"))
+    assert r.returncode == 0 and "wrote 40 examples" in r.stdout, r.stderr
