@@ -115,15 +115,15 @@ def gpu_faiss_available() -> bool:
 
 
 def _encode_chunks(loaded: Loaded, corpus: list[Passage], work: Path, chunks: list[int], runtime: Runtime,
-                   batch_size: int, progress: bool) -> None:
+                   batch_size: int, progress: bool, chunk: int = CHUNK) -> None:
     todo = [c for c in chunks if not (work / f"emb-{c:06d}.npy").exists()]
-    done_passages = sum(min(CHUNK, len(corpus) - c * CHUNK) for c in chunks if c not in todo)
+    done_passages = sum(min(chunk, len(corpus) - c * chunk) for c in chunks if c not in todo)
     if done_passages:
         log.info("resuming: %d passages already encoded in %s", done_passages, work)
-    bar = tqdm(total=sum(min(CHUNK, len(corpus) - c * CHUNK) for c in chunks), initial=done_passages,
+    bar = tqdm(total=sum(min(chunk, len(corpus) - c * chunk) for c in chunks), initial=done_passages,
                desc="encoding passages", unit="p", disable=not progress, dynamic_ncols=True)
     for c in todo:
-        part = corpus[c * CHUNK : (c + 1) * CHUNK]
+        part = corpus[c * chunk : (c + 1) * chunk]
         t0 = time.perf_counter()
         emb = encode_texts(loaded.encoder, loaded.tokenizer, part, "passage", runtime, batch_size).numpy()  # (n, D)
         tmp = work / f".emb-{c:06d}.{os.getpid()}.npy"
@@ -158,11 +158,14 @@ def _take_lock(path: Path) -> bool:
 
 def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, factory: str = "auto",
           batch_size: int = 0, shard: tuple[int, int] | None = None, memory_budget: str = "8GB",
-          device: str = "auto", progress: bool = True) -> Path | None:
+          device: str = "auto", progress: bool = True, chunk: int = 0) -> Path | None:
     """Encode (this shard of) the corpus and, when every shard is encoded, build the artifact.
 
-    Returns the artifact path, or None when other shards are still missing.
+    ``chunk`` passages (default ``CHUNK``) go to each resumable embeddings file; shard i of n
+    encodes the chunks c with c % n == i. Returns the artifact path, or None when other shards are
+    still missing.
     """
+    chunk = chunk or CHUNK
     output = recover_directory(Path(output))
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
@@ -177,19 +180,21 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     work = output.with_name(f".{output.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
     job = {"checkpoint_fingerprint": loaded.fingerprint, "corpus": str(Path(corpus_path).resolve()), "count": n,
-           "first_id": corpus[0].id, "last_id": corpus[-1].id, "chunk": CHUNK, "dim": dim}
+           "first_id": corpus[0].id, "last_id": corpus[-1].id, "chunk": chunk, "dim": dim}
     job_file = work / "build.json"
     if job_file.exists():
         previous = json.loads(job_file.read_text())
         if previous != job:
             changed = ", ".join(k for k in job if previous.get(k) != job[k])
             raise ArtifactError(f"{work}: a build of another checkpoint or corpus was interrupted here ({changed} differ); remove {work} to start over")
-    else:
-        job_file.write_text(json.dumps(job, indent=2) + "\n")
+    else:  # atomically: shards started together (torchrun) may read it while another writes it
+        tmp = work / f".build.json.{os.getpid()}"
+        tmp.write_text(json.dumps(job, indent=2) + "\n")
+        os.replace(tmp, job_file)
 
-    n_chunks = math.ceil(n / CHUNK)
+    n_chunks = math.ceil(n / chunk)
     mine = [c for c in range(n_chunks) if shard is None or c % shard[1] == shard[0]]
-    _encode_chunks(loaded, corpus, work, mine, runtime, batch_size, progress)
+    _encode_chunks(loaded, corpus, work, mine, runtime, batch_size, progress, chunk)
     missing = [c for c in range(n_chunks) if not (work / f"emb-{c:06d}.npy").exists()]
     if missing:
         log.info("shard done; %d of %d chunks still missing (other shards); the last shard builds the index", len(missing), n_chunks)

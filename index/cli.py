@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -47,7 +48,9 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     b.add_argument("--factory", default="auto", help="FAISS factory string (Flat, HNSW32, IVF4096,PQ64) or auto (default)")
     b.add_argument("--memory-budget", default="8GB", help="memory the index may use, for --factory auto (default 8GB)")
     b.add_argument("--batch-size", type=int, default=0, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
-    b.add_argument("--shard", type=_shard, help="encode only slice i of n (i/n); the last shard to finish builds the index")
+    b.add_argument("--shard", type=_shard, help="encode only slice i of n (i/n); the last shard to finish builds the index "
+                   "(under torchrun: RANK/WORLD_SIZE, one GPU per rank)")
+    b.add_argument("--chunk", type=int, default=0, help="passages per resumable embeddings file (default 8192)")
     b.add_argument("--device", default="auto")
     b.add_argument("--no-progress", dest="progress", action="store_false")
     a = sub.add_parser("add", help="add passages to an artifact (a new verified artifact)")
@@ -61,11 +64,21 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     args = parser.parse_args(argv)
 
     def go():
+        import torch
+
         from .build import add, build
 
         if args.action == "build":
-            out = build(args.checkpoint, args.corpus, args.output, args.factory, args.batch_size, args.shard,
-                        args.memory_budget, args.device, args.progress)
+            shard, device = args.shard, args.device
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            if world > 1 and shard is None:  # under torchrun: one shard per rank, each on its own GPU
+                shard = (int(os.environ["RANK"]), world)
+                if device == "auto" and torch.cuda.is_available():
+                    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            if args.chunk < 0:
+                raise ValueError(f"--chunk must be positive, got {args.chunk}")
+            out = build(args.checkpoint, args.corpus, args.output, args.factory, args.batch_size, shard,
+                        args.memory_budget, device, args.progress, args.chunk)
             print(f"index: {out}" if out else "shard encoded; the index is built when every shard is done")
         else:
             print(f"index: {add(args.index, args.corpus, args.checkpoint, args.output, args.batch_size, args.device, args.progress)}")

@@ -22,7 +22,7 @@ WORDS = [
 FILLER = ["the", "a", "of", "is", "in", "and", "what", "which", "near", "about", "story", "fact"]
 
 
-def make_tiny_model(directory: Path, seed: int = 0) -> Path:
+def make_tiny_model(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     """A 2-layer, 32-wide random BERT with a word-level vocabulary, saved like a hub model."""
     import torch
     import transformers
@@ -40,6 +40,7 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     BertModel(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)

@@ -8,6 +8,7 @@ workers without any shared random state.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -26,8 +27,15 @@ class Batch:
     queries: dict  # input_ids, attention_mask: (B, Lq)
     passages: dict  # input_ids, attention_mask: (B * (1 + H), Lp)
     positive_idx: torch.Tensor  # (B,) column of each question's positive
-    p_ids: torch.Tensor  # (N,) passage ids as small ints; equal means the same passage
-    candidate_mask: torch.Tensor  # (B, N) False where a passage is another known positive of question i
+    p_ids: torch.Tensor  # (N,) int64 hashes of the passage ids; equal means the same passage
+    known_ids: torch.Tensor  # (B, K) hashes of each question's known positives, padded with -1
+
+    def candidate_mask(self, p_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) False where passage j is a known positive of question i (other than the passage at
+        its positive column, which the loss always keeps). ``p_ids`` defaults to this batch's
+        passages; under torch.distributed it is every rank's passages, so cross-rank false
+        negatives are masked too."""
+        return known_positive_mask(self.p_ids if p_ids is None else p_ids, self.known_ids)
 
     @property
     def size(self) -> int:
@@ -36,7 +44,19 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
         return Batch(move(self.queries), move(self.passages), self.positive_idx.to(device),
-                     self.p_ids.to(device), self.candidate_mask.to(device))
+                     self.p_ids.to(device), self.known_ids.to(device))
+
+
+def known_positive_mask(p_ids: torch.Tensor, known_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) passage hashes and (B, K) known-positive hashes -> (B, N), False where p_j is known to
+    answer question i (the loss keeps each question's own positive column regardless)."""
+    return ~(p_ids[None, :, None] == known_ids[:, None, :]).any(-1)
+
+
+def id_hash(passage_id: str) -> int:
+    """A passage id as a non-negative int64 (blake2b): equal across processes and machines, so
+    batches built on different ranks agree on which passages are the same."""
+    return int.from_bytes(hashlib.blake2b(passage_id.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
 def pick_negatives(ex: TrainExample, h: int, rng: random.Random, corpus: list[Passage], shuffle: bool) -> list[Passage]:
@@ -69,30 +89,36 @@ def collate(examples: list[TrainExample], negatives: list[list[Passage]], tokeni
         positive_idx.append(len(passages))
         passages.append(ex.positive)
         passages.extend(negs)
-    ids: dict[str, int] = {}
-    p_ids = torch.tensor([ids.setdefault(p.id, len(ids)) for p in passages], dtype=torch.long)
-    candidate_mask = torch.ones(len(examples), len(passages), dtype=torch.bool)
-    for i, ex in enumerate(examples):
-        for j, p in enumerate(passages):
-            if j != positive_idx[i] and p.id in ex.known_positive_ids:
-                candidate_mask[i, j] = False
+    p_ids = torch.tensor([id_hash(p.id) for p in passages], dtype=torch.long)
+    known = [sorted(id_hash(i) for i in ex.known_positive_ids | {ex.positive.id}) for ex in examples]
+    known_ids = torch.full((len(examples), max(map(len, known))), -1, dtype=torch.long)
+    for i, row in enumerate(known):
+        known_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return Batch(
         queries=tokenizer.queries([ex.query for ex in examples]),
         passages=tokenizer.passages(passages),
         positive_idx=torch.tensor(positive_idx, dtype=torch.long),
         p_ids=p_ids,
-        candidate_mask=candidate_mask,
+        known_ids=known_ids,
     )
 
 
 class EpochBatches(Dataset):
     """Step ``i`` of epoch ``epoch`` -> :class:`Batch`. Incomplete final batches are dropped so every
-    step has the same number of in-batch negatives."""
+    step has the same number of in-batch negatives.
+
+    ``batch_size`` is the global batch. Under torch.distributed each of ``world`` ranks builds the
+    same global batch (order and negatives) and keeps its contiguous slice of ``batch_size / world``
+    questions, so the ranks' slices put together are exactly the single-process batch.
+    """
 
     def __init__(self, examples: list[TrainExample], corpus: list[Passage], tokenizer: TextTokenizer,
-                 batch_size: int, hard_negatives: int, seed: int, epoch: int):
+                 batch_size: int, hard_negatives: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world}")
         self.examples, self.corpus, self.tokenizer = examples, corpus, tokenizer
         self.batch_size, self.h, self.seed, self.epoch = batch_size, hard_negatives, seed, epoch
+        self.rank, self.local = rank, batch_size // world
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         self.order = torch.randperm(len(examples), generator=g).tolist()
 
@@ -103,7 +129,8 @@ class EpochBatches(Dataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{step}")
         chosen = [self.examples[i] for i in self.order[step * self.batch_size : (step + 1) * self.batch_size]]
         negatives = [pick_negatives(ex, self.h, rng, self.corpus, shuffle=True) for ex in chosen]
-        return collate(chosen, negatives, self.tokenizer)
+        mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        return collate(chosen[mine], negatives[mine], self.tokenizer)
 
 
 def fixed_batches(examples: list[TrainExample], corpus: list[Passage], tokenizer: TextTokenizer,

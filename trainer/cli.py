@@ -23,6 +23,8 @@ HELP = {
     "temperature": "scores are divided by it (1.0 for dot; ~0.05 for cosine)",
     "batch_size": "questions per batch; every passage in the batch is a negative for the other questions",
     "hard_negatives": "hard negatives per question (missing ones are filled with random corpus passages)",
+    "chunk_size": "gradient caching (GradCache): encode each batch in chunks of N questions and N passages, so "
+                  "memory depends on N, not on --batch-size; same gradients, about one extra forward pass of time",
     "max_steps": "optimiser steps (wins over --epochs)",
     "epochs": "passes over the training data (fractions allowed)",
     "warmup_ratio": "share of steps with linear warm-up (then linear decay to 0)",

@@ -43,6 +43,7 @@ class TrainConfig:
     # the optimisation (DPR's defaults where DPR has one)
     batch_size: int = 32
     hard_negatives: int = 1
+    chunk_size: int | None = None  # gradient caching: encode the batch in chunks of this many texts
     max_steps: int | None = None  # wins over epochs when given
     epochs: float = 1.0
     lr: float = 2e-5
@@ -83,7 +84,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required (on the command line or in the config file)")
         positive_ints = ["batch_size", "length_buckets", "eval_every", "eval_batch_size", "save_every", "log_every"]
-        for name in positive_ints + ["max_steps", "stop_after"]:
+        for name in positive_ints + ["max_steps", "stop_after", "chunk_size"]:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")

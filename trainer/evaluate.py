@@ -28,7 +28,7 @@ def batch_losses(encoder: BiEncoder, batch: Batch, runtime: Runtime) -> torch.Te
     return in_batch_nll(
         q_emb, p_emb, batch.positive_idx,
         similarity=cfg.similarity, temperature=cfg.temperature,
-        p_ids=batch.p_ids, candidate_mask=batch.candidate_mask, reduction="none",
+        p_ids=batch.p_ids, candidate_mask=batch.candidate_mask(), reduction="none",
     )
 
 

@@ -6,6 +6,9 @@ Output directory::
     metrics.jsonl        one JSON line per logged step and per evaluation
     last/                the latest checkpoint, with training_state/ for --resume
     best/                the best checkpoint by --best-metric (when --dev is given)
+
+Under torchrun every rank runs this same loop on its slice of each global batch (see step.py);
+rank 0 alone evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from dpr_service.core.checkpoint import (
 from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import read_eval_data, read_train_data
 
+from . import distributed
 from .batches import EpochBatches, count_short
 from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
-from .evaluate import batch_losses, evaluate
+from .evaluate import evaluate
 from .state import load_training_state, save_training_state
+from .step import forward_backward, prepare_models
 
 log = logging.getLogger("trainer")
 
@@ -48,22 +53,46 @@ class Interrupted(Exception):
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training job; returns the path of the final checkpoint."""
     cfg.validate()
+    d = distributed.from_env()
+    try:
+        return _train(cfg, d)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {d.world} processes")
+    if not d.main:
+        log.setLevel(logging.WARNING)
+
+    # ---- device, precision and process group: chosen once, here
+    device = cfg.device
+    if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{d.local_rank}"
+    runtime = pick_runtime(device, cfg.precision)
+    if cfg.precision == "fp16" and runtime.device.type != "cuda":
+        raise ConfigError("--precision fp16 needs CUDA")
+    if runtime.device.type == "cuda":
+        torch.cuda.set_device(runtime.device)
+    distributed.setup(d, runtime.device)
+
     out = Path(cfg.output)
-    last_dir = recover_directory(out / "last")
+    last_dir = out / "last"
+    if d.main:
+        recover_directory(last_dir)
+    distributed.barrier(d)
     if cfg.resume:
         if not (last_dir / "training_state").is_dir():
             raise ConfigError(f"--resume: no resumable checkpoint in {last_dir}")
         _check_resume_config(cfg, last_dir / "train_config.yaml")
     elif last_dir.exists():
         raise ConfigError(f"{last_dir} exists: pass --resume to continue that run, or choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.yaml").write_text(cfg.to_yaml())
-
-    # ---- device, precision and seed: chosen once, here
+    distributed.barrier(d)  # every rank has checked last/ before rank 0 writes anything
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(cfg.to_yaml())
     torch.manual_seed(cfg.seed)
-    runtime = pick_runtime(cfg.device, cfg.precision)
-    if cfg.precision == "fp16" and runtime.device.type != "cuda":
-        raise ConfigError("--precision fp16 needs CUDA")
 
     # ---- data
     data = read_train_data(cfg.train, cfg.train_split)
@@ -89,6 +118,7 @@ def train(cfg: TrainConfig) -> Path:
         base_model = cfg.model
     encoder.to(runtime.device).train()
     encoder.length_buckets = cfg.length_buckets
+    models = prepare_models(encoder, d, runtime.device)  # DDP wrappers under torchrun
 
     # ---- optimiser and schedule
     steps_per_epoch = len(data.examples) // cfg.batch_size
@@ -110,17 +140,26 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume:
         progress = load_training_state(last_dir, optimizer, scheduler, scaler)
         step, best = progress["step"], progress.get("best")
-        _truncate_metrics(out / "metrics.jsonl", step)
+        if progress.get("world_size", 1) != d.world:
+            log.warning("resuming a run of %d processes with %d: the same global batches, but dropout "
+                        "masks differ from the interrupted run's", progress.get("world_size", 1), d.world)
+        if d.main:
+            _truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d of %d", last_dir, step, total_steps)
 
     def save_last() -> None:
+        if not d.main:
+            return
         with atomic_directory(out / "last") as tmp:
             write_checkpoint(tmp, encoder, tokenizer, base_model)
             (tmp / "train_config.yaml").write_text(cfg.to_yaml())
-            save_training_state(tmp, optimizer, scheduler, scaler, {"step": step, "best": best, "total_steps": total_steps})
+            save_training_state(tmp, optimizer, scheduler, scaler,
+                                {"step": step, "best": best, "total_steps": total_steps, "world_size": d.world})
 
     def run_eval() -> None:
         nonlocal best
+        if not d.main:
+            return  # the other ranks wait for rank 0 in the next step's gather
         metrics = evaluate(encoder, tokenizer, eval_data, nll_data, runtime, cfg.batch_size,
                            cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress)
         value = metrics.get(cfg.best_metric)
@@ -144,22 +183,24 @@ def train(cfg: TrainConfig) -> Path:
     if eval_data is not None and cfg.eval_before and step == 0:
         run_eval()
 
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     started_at, window_examples, window_start = step, 0, time.perf_counter()
     try:
         while step < total_steps:
             epoch, first = divmod(step, steps_per_epoch)
-            batches = EpochBatches(data.examples, data.corpus, tokenizer, cfg.batch_size, cfg.hard_negatives, cfg.seed, epoch)
+            batches = EpochBatches(data.examples, data.corpus, tokenizer, cfg.batch_size, cfg.hard_negatives,
+                                   cfg.seed, epoch, d.rank, d.world)
             loader = DataLoader(
                 batches, batch_size=None, sampler=range(first, len(batches)), num_workers=cfg.num_workers,
                 pin_memory=runtime.device.type == "cuda", generator=torch.Generator(),  # leaves the global RNG alone
                 persistent_workers=False,
             )
             for batch in loader:
-                # forward: encode B questions and B * (1 + H) passages, DPR loss over all pairs
-                # (the same function the dev evaluation and the server's /score use)
-                loss = batch_losses(encoder, batch, runtime).mean()  # scalar
-                scaler.scale(loss).backward()
+                # dropout's RNG from (seed, step, rank): a resumed run replays the same masks
+                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + d.rank)
+                # forward and backward: B questions and B * (1 + H) passages (over all ranks), DPR
+                # loss over all pairs (the function the dev evaluation and the server's /score use)
+                loss = forward_backward(encoder, models, batch, runtime, d, scaler, cfg.chunk_size)  # scalar
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
                 scaler.step(optimizer)
@@ -167,10 +208,10 @@ def train(cfg: TrainConfig) -> Path:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                window_examples += batch.size
+                window_examples += batch.size * d.world
                 bar.update(1)
 
-                if step % cfg.log_every == 0 or step == total_steps:
+                if d.main and (step % cfg.log_every == 0 or step == total_steps):
                     elapsed = time.perf_counter() - window_start
                     record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                               "grad_norm": float(grad_norm), "examples_per_s": window_examples / elapsed}
@@ -180,13 +221,15 @@ def train(cfg: TrainConfig) -> Path:
                     window_examples, window_start = 0, time.perf_counter()
                 if eval_data is not None and (step % cfg.eval_every == 0 or step == total_steps):
                     run_eval()
-                stopping = bool(stop_signal) or (cfg.stop_after is not None and step - started_at >= cfg.stop_after)
+                signalled = distributed.any_rank(bool(stop_signal), d, runtime.device)  # all ranks stop together
+                stopping = signalled or (cfg.stop_after is not None and step - started_at >= cfg.stop_after)
                 if step % cfg.save_every == 0 or step == total_steps or stopping:
                     save_last()
-                if stop_signal:
-                    raise Interrupted(stop_signal[0], step)
+                if signalled:
+                    raise Interrupted(stop_signal[0] if stop_signal else signal.SIGTERM, step)
                 if stopping:
                     log.info("stopped after %d steps (--stop-after) at step %d; continue with --resume", cfg.stop_after, step)
+                    distributed.barrier(d)  # rank 0 has written last/
                     return out / "last"
                 if step >= total_steps:
                     break
@@ -194,6 +237,7 @@ def train(cfg: TrainConfig) -> Path:
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    distributed.barrier(d)  # rank 0 has evaluated and written last/
     log.info("done: %d steps; checkpoint %s%s", step, out / "last", f", best {out / 'best'}" if eval_data else "")
     return out / "last"
 

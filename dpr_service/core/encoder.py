@@ -39,7 +39,9 @@ class BiEncoder(nn.Module):
         # buckets with their own padding. Results are the same up to float rounding.
         self.length_buckets = 1
 
-    def _encode(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode_with(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D) embeddings by ``model``: this encoder's query or passage model,
+        or a wrapper of it (the trainer passes DistributedDataParallel ones)."""
         n = input_ids.shape[0]
         if self.length_buckets > 1 and n >= 2 * self.length_buckets:
             # Sort by length, cut into buckets and trim each bucket's padding: the same embeddings
@@ -57,17 +59,17 @@ class BiEncoder(nn.Module):
             emb = F.normalize(emb.float(), dim=-1)
         return emb
 
-    def _encode_padded(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _encode_padded(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
         return pool(hidden, attention_mask, self.config.pooling)  # (B, D)
 
     def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, Lq) token ids -> q_emb (B, D)."""
-        return self._encode(self.query_model, input_ids, attention_mask)
+        return self.encode_with(self.query_model, input_ids, attention_mask)
 
     def encode_passages(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, Lp) token ids -> p_emb (N, D)."""
-        return self._encode(self.passage_model, input_ids, attention_mask)
+        return self.encode_with(self.passage_model, input_ids, attention_mask)
 
     @property
     def dim(self) -> int:

@@ -1,0 +1,65 @@
+"""Gradients of one training step, run by test_scale.py: under torchrun on each rank's slice (DDP,
+gloo), or in one process on the whole batch. Not a test module itself.
+
+    torchrun --standalone --nproc-per-node 2 tests/ddp_worker.py MODEL_DIR DATA.jsonl OUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dpr_service.core.checkpoint import load_base_model
+from dpr_service.core.config import EncoderConfig
+from dpr_service.core.device import Runtime
+from dpr_service.core.formats import read_train_data
+from trainer import distributed
+from trainer.batches import collate
+from trainer.step import forward_backward, prepare_models
+
+BATCH = 8  # questions in the global batch
+CHUNKS = (None, 3)  # uncached, and cached with chunks that do not divide the batch
+
+
+def batch_for(data_path: str, tokenizer, rank: int = 0, world: int = 1):
+    """This rank's contiguous slice of an 8-question batch. The questions have 0 to 2 hard
+    negatives, so the ranks hold different numbers of passages, and question 5's hard negative is
+    question 1's positive: a false negative that sits on another rank."""
+    data = read_train_data(data_path)
+    examples = data.examples[:BATCH]
+    negatives = [list(ex.hard_negatives)[: i % 3] for i, ex in enumerate(examples)]
+    negatives[5] = [examples[1].positive]
+    per = BATCH // world
+    mine = slice(rank * per, (rank + 1) * per)
+    return collate(examples[mine], negatives[mine], tokenizer)
+
+
+def step_grads(model_dir: str, data_path: str, d: distributed.Dist, chunk_size: int | None,
+               shared: bool = False) -> dict[str, torch.Tensor]:
+    cpu = Runtime(torch.device("cpu"), "fp32")
+    encoder, tokenizer = load_base_model(model_dir, EncoderConfig(pooling="mean", query_max_length=16,
+                                                                  passage_max_length=32, shared=shared))
+    encoder.eval()  # no dropout: ranks and the single process must compute the same function
+    models = prepare_models(encoder, d, cpu.device)
+    scaler = cpu.grad_scaler()
+    loss = forward_backward(encoder, models, batch_for(data_path, tokenizer, d.rank, d.world), cpu, d, scaler, chunk_size)
+    grads = {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+    grads["loss"] = loss.reshape(1)
+    return grads
+
+
+def main(model_dir: str, data_path: str, out_dir: str) -> None:
+    d = distributed.from_env()
+    distributed.setup(d, torch.device("cpu"))
+    for chunk in CHUNKS:
+        for shared in (False, True):
+            grads = step_grads(model_dir, data_path, d, chunk, shared)
+            save_file(grads, str(Path(out_dir) / f"rank{d.rank}-chunk{chunk}-shared{int(shared)}.safetensors"))
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
