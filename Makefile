@@ -38,7 +38,7 @@ demo-build: setup
 
 demo: demo-build
 	@echo ""
-	@echo "== serving the demo at http://127.0.0.1:$(PORT)  (API docs: http://127.0.0.1:$(PORT)/docs; Ctrl-C stops) =="
+	@echo "== serving the demo at http://127.0.0.1:$(PORT)  (web page: open it in a browser; API docs: /docs; Ctrl-C stops) =="
 	@echo "curl -s localhost:$(PORT)/search -H 'content-type: application/json' -d '{\"query\": \"which lighthouse has a red flash?\", \"top_k\": 3}'"
 	@echo "curl -s localhost:$(PORT)/score -H 'content-type: application/json' -d '{\"items\": [{\"question\": \"which lighthouse has a red flash?\", \"positive\": \"The Ember Light flashes red.\", \"negatives\": [\"The Saltwatch tower is painted red and shows a green light.\"]}]}'"
 	$(BIN)/dpr serve --index $(DEMO)/index --port $(PORT)
