@@ -18,11 +18,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+log = logging.getLogger("index")
 
 FORMAT = "dpr-index/1"
 MANIFEST, INDEX_FILE, PASSAGES_FILE = "manifest.json", "index.faiss", "passages.sqlite"
@@ -68,9 +72,9 @@ class PassageStore:
     several threads are serialised by a lock.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    def __init__(self, path: Path, open_as: str | None = None):
+        self.path = path  # for messages; ``open_as`` (a descriptor path of the verified file) is what is opened
+        self._db = sqlite3.connect(f"file:{open_as or path}?mode=ro", uri=True, check_same_thread=False)
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -137,22 +141,47 @@ def write_manifest(directory: Path, **fields) -> Manifest:
     return manifest
 
 
-def read_manifest(directory: Path) -> Manifest:
+def resolve_artifact(directory: Path | str) -> Path:
+    """The artifact to read at ``directory``. A replacement (``atomic_directory``) renames the old
+    artifact to ``.<name>.old`` and then the new one into place; when it was killed between the two
+    renames, ``directory`` is missing and ``.<name>.old`` is the complete previous artifact: that
+    one is read, in place (a server may have the artifacts read-only; the next build or add moves
+    it back)."""
+    directory = Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    if not directory.exists() and old.is_dir():
+        log.warning("%s is missing after an interrupted replacement; reading the previous artifact %s", directory, old)
+        return old
+    return directory
+
+
+def read_manifest(directory: Path | str) -> Manifest:
+    directory = resolve_artifact(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: no such index directory")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {directory} is not a dpr-service index")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return parse_manifest(path.read_bytes(), path)
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+SEARCH_PARAMS = ("nprobe", "efSearch")
+
+
+def parse_manifest(data: bytes, path: Path) -> Manifest:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         got = raw.get("format") if isinstance(raw, dict) else None
         raise ArtifactError(f"{path}: format is {got!r}, expected {FORMAT!r}")
     known = {"format", "checkpoint_fingerprint", "dim", "similarity", "metric", "count", "factory", "created", "files"}
     try:
-        return Manifest(
+        manifest = Manifest(
             checkpoint_fingerprint=str(raw["checkpoint_fingerprint"]), dim=int(raw["dim"]),
             similarity=str(raw["similarity"]), count=int(raw["count"]), factory=str(raw["factory"]),
             created=str(raw["created"]), files=dict(raw["files"]),
@@ -160,18 +189,115 @@ def read_manifest(directory: Path) -> Manifest:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{path}: missing or bad field ({e})") from None
+    params = manifest.extra.get("search_params", {})
+    if not isinstance(params, dict) or any(k not in SEARCH_PARAMS or type(v) is not int or v < 1 for k, v in params.items()):
+        raise ArtifactError(f"{path}: bad search_params {params!r} (expected positive integers for {', '.join(SEARCH_PARAMS)})")
+    for name, expected in manifest.files.items():
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or not isinstance(expected, str):
+            raise ArtifactError(f"{path}: bad file entry {name!r}: {expected!r}")
+    for name in (INDEX_FILE, PASSAGES_FILE):
+        if name not in manifest.files:
+            raise ArtifactError(f"{path}: no checksum for {name}")
+    return manifest
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every file the manifest names exists and has its checksum."""
-    for name in (INDEX_FILE, PASSAGES_FILE):
-        if name not in manifest.files:
-            raise ArtifactError(f"{directory / MANIFEST}: no checksum for {name}")
-    for name, expected in manifest.files.items():
-        path = directory / name
-        if Path(name).name != name:
-            raise ArtifactError(f"{directory / MANIFEST}: bad file name {name!r}")
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing from the index")
-        if sha256_file(path) != expected:
-            raise ArtifactError(f"{path}: checksum does not match the manifest (the file was changed or truncated)")
+    with PinnedDirectory(directory) as pinned:
+        pinned.verify(manifest)
+
+
+class PinnedDirectory:
+    """An artifact directory opened once, with every file read through that one handle.
+
+    A new artifact renamed into the same path while this one is being read (a rebuild during
+    ``/admin/reload``) cannot mix into it: the files checked against the manifest are the files
+    handed to FAISS and SQLite, by descriptor (``fd_path``), never looked up by name again.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._fds: dict[str, int] = {}
+        self._dir_fd = None
+        try:
+            if os.open in os.supports_dir_fd:  # else (Windows) files are opened by name, once each
+                self._dir_fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            elif not self.directory.is_dir():
+                raise FileNotFoundError(self.directory)
+        except FileNotFoundError:
+            raise ArtifactError(f"{self.directory}: no such index directory") from None
+        except OSError as e:
+            raise ArtifactError(f"{self.directory}: cannot be opened ({e.strerror or e})") from None
+
+    def __enter__(self) -> "PinnedDirectory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def inode(self) -> tuple[int, int]:
+        st = os.fstat(self._dir_fd) if self._dir_fd is not None else os.stat(self.directory)
+        return st.st_dev, st.st_ino
+
+    def open(self, name: str) -> int:
+        """A read-only descriptor of ``name`` in this directory (kept open until ``close``)."""
+        if name not in self._fds:
+            try:
+                if self._dir_fd is None:
+                    self._fds[name] = os.open(self.directory / name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                else:
+                    self._fds[name] = os.open(name, os.O_RDONLY, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                raise ArtifactError(f"{self.directory / name}: missing from the index") from None
+            except OSError as e:
+                raise ArtifactError(f"{self.directory / name}: cannot be opened ({e.strerror or e})") from None
+        return self._fds[name]
+
+    def read(self, name: str) -> bytes:
+        fd = self.open(name)
+        chunks = []
+        os.lseek(fd, 0, os.SEEK_SET)
+        while block := os.read(fd, 1 << 20):
+            chunks.append(block)
+        return b"".join(chunks)
+
+    def sha256(self, name: str) -> str:
+        fd = self.open(name)
+        h = hashlib.sha256()
+        os.lseek(fd, 0, os.SEEK_SET)
+        while block := os.read(fd, 1 << 20):
+            h.update(block)
+        return h.hexdigest()
+
+    def fd_path(self, name: str) -> str:
+        """A path that opens the very file behind the descriptor (Linux /proc, else /dev/fd)."""
+        fd = self.open(name)
+        for base in ("/proc/self/fd", "/dev/fd"):
+            if os.path.isdir(base):
+                return f"{base}/{fd}"
+        return str(self.directory / name)  # no descriptor paths: fall back to the name
+
+    def manifest(self) -> Manifest:
+        path = self.directory / MANIFEST
+        try:
+            data = self.read(MANIFEST)
+        except ArtifactError:
+            if not os.path.exists(path):
+                raise ArtifactError(f"{path}: missing; {self.directory} is not a dpr-service index") from None
+            raise
+        return parse_manifest(data, path)
+
+    def verify(self, manifest: Manifest) -> None:
+        """Every file the manifest names is here and has its checksum (read through this handle)."""
+        for name, expected in manifest.files.items():
+            if self.sha256(name) != expected:
+                raise ArtifactError(f"{self.directory / name}: checksum does not match {MANIFEST} (the file, or the manifest, "
+                                    "was changed or truncated)")

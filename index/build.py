@@ -135,25 +135,30 @@ def _encode_chunks(loaded: Loaded, corpus: list[Passage], work: Path, chunks: li
 
 
 def _take_lock(path: Path) -> bool:
-    """One builder: the first process to create the lock file. A lock left by a dead process
-    (killed mid-build) is taken over."""
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+    """One builder: the first process to create the lock file. The file appears with its owner's
+    pid already in it (written beside it, then hard-linked into place), so an empty or unreadable
+    lock, or one whose process is gone (killed mid-build), is stale and taken over."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
             try:
-                pid = int(path.read_text() or 0)
-                os.kill(pid, 0)
-                return False  # its owner is alive
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                path.unlink(missing_ok=True)
-                continue
-            except PermissionError:
-                return False
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return True
-    return False
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                try:
+                    pid = int(path.read_text())
+                    if pid <= 0 or pid == os.getpid():
+                        raise ValueError(pid)
+                    os.kill(pid, 0)
+                    return False  # its owner is alive
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    path.unlink(missing_ok=True)
+                except PermissionError:
+                    return False  # a live process of another user
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, factory: str = "auto",
@@ -178,6 +183,10 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
         log.info("--factory auto chose %s: %s", factory, why)
 
     work = output.with_name(f".{output.name}.partial")
+    for stale in work.parent.glob(f"{work.name}.done-*"):  # a finished build's removal, killed
+        shutil.rmtree(stale, ignore_errors=True)
+    if work.exists() and not (work / "build.json").exists():
+        shutil.rmtree(work)  # chunks without the job that made them (a kill mid-cleanup): unusable
     work.mkdir(parents=True, exist_ok=True)
     job = {"checkpoint_fingerprint": loaded.fingerprint, "corpus": str(Path(corpus_path).resolve()), "count": n,
            "first_id": corpus[0].id, "last_id": corpus[-1].id, "chunk": chunk, "dim": dim}
@@ -225,7 +234,9 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     except BaseException:
         os.unlink(work / "merge.lock")
         raise
-    shutil.rmtree(work)
+    done = work.with_name(f"{work.name}.done-{os.getpid()}")
+    os.rename(work, done)  # no longer a resumable build, even if the removal is killed half-way
+    shutil.rmtree(done)
     return output
 
 

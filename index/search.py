@@ -6,6 +6,7 @@ This is the API the server uses; it imports no web stack.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from dpr_service.core.formats import Passage
 
-from .artifact import INDEX_FILE, PASSAGES_FILE, ArtifactError, Manifest, PassageStore, read_manifest, verify_files
+from .artifact import INDEX_FILE, MANIFEST, PASSAGES_FILE, ArtifactError, Manifest, PassageStore, PinnedDirectory, resolve_artifact
 
 log = logging.getLogger("index")
 
@@ -27,34 +28,55 @@ class Hit:
 
 
 class Searcher:
-    """A loaded, verified artifact. ``search`` is safe to call from several threads."""
+    """A loaded, verified artifact. ``search`` is safe to call from several threads.
+
+    The directory is opened once and every file is read through that handle: the manifest, the
+    checksums of the files, then FAISS and SQLite on those same (verified) files. When a new artifact
+    is renamed into the path meanwhile (and the old one removed), loading starts again on the new one.
+    """
 
     def __init__(self, directory: str | Path, checkpoint_fingerprint: str | None = None):
-        self.directory = Path(directory)
-        self.manifest: Manifest = read_manifest(self.directory)
-        if checkpoint_fingerprint is not None and checkpoint_fingerprint != self.manifest.checkpoint_fingerprint:
-            raise ArtifactError(
-                f"{self.directory}: the index was built with checkpoint {self.manifest.checkpoint_fingerprint[:12]}, "
-                f"not with the checkpoint in use ({checkpoint_fingerprint[:12]}); rebuild it with this checkpoint"
-            )
-        verify_files(self.directory, self.manifest)  # before faiss reads a byte
-        try:
-            self.index = faiss.read_index(str(self.directory / INDEX_FILE))
-        except RuntimeError as e:
-            raise ArtifactError(f"{self.directory / INDEX_FILE}: FAISS cannot read it ({str(e).strip().splitlines()[-1]})") from None
-        if self.index.ntotal != self.manifest.count or self.index.d != self.manifest.dim:
-            raise ArtifactError(
-                f"{self.directory / INDEX_FILE}: holds {self.index.ntotal} x {self.index.d} vectors, the manifest says "
-                f"{self.manifest.count} x {self.manifest.dim}"
-            )
-        self.store = PassageStore(self.directory / PASSAGES_FILE)
-        try:
-            stored = self.store.count()
-        except Exception as e:  # sqlite3.DatabaseError for a damaged file
-            raise ArtifactError(f"{self.directory / PASSAGES_FILE}: not a readable passage store ({e})") from None
+        requested = Path(directory)
+        for attempt in range(3):
+            self.directory = resolve_artifact(requested)
+            try:
+                self._load(checkpoint_fingerprint)
+                break
+            except ArtifactError:
+                if attempt == 2 or not _replaced(requested, self.directory, self._pinned_inode):
+                    raise
+                log.info("%s was replaced while loading; loading the new artifact", requested)
+        self.set_search_params(**self.manifest.extra.get("search_params", {}))
+
+    def _load(self, checkpoint_fingerprint: str | None) -> None:
+        self._pinned_inode = None
+        with PinnedDirectory(self.directory) as pinned:
+            self._pinned_inode = pinned.inode()
+            self.manifest: Manifest = pinned.manifest()
+            if checkpoint_fingerprint is not None and checkpoint_fingerprint != self.manifest.checkpoint_fingerprint:
+                built, used = self.manifest.checkpoint_fingerprint, checkpoint_fingerprint
+                shown = next((i for i, (a, b) in enumerate(zip(built, used)) if a != b), 0) + 12  # enough to differ
+                raise ArtifactError(
+                    f"{self.directory / MANIFEST}: the index was built with checkpoint {built[:shown]}, not with the "
+                    f"checkpoint in use ({used[:shown]}); rebuild it with this checkpoint"
+                )
+            pinned.verify(self.manifest)  # before faiss reads a byte; faiss and SQLite then open these very files
+            try:
+                self.index = faiss.read_index(pinned.fd_path(INDEX_FILE))
+            except RuntimeError as e:
+                raise ArtifactError(f"{self.directory / INDEX_FILE}: FAISS cannot read it ({str(e).strip().splitlines()[-1]})") from None
+            if self.index.ntotal != self.manifest.count or self.index.d != self.manifest.dim:
+                raise ArtifactError(
+                    f"{self.directory / INDEX_FILE}: holds {self.index.ntotal} x {self.index.d} vectors, the manifest says "
+                    f"{self.manifest.count} x {self.manifest.dim}"
+                )
+            try:
+                self.store = PassageStore(self.directory / PASSAGES_FILE, open_as=pinned.fd_path(PASSAGES_FILE))
+                stored = self.store.count()  # SQLite has its own descriptor from here on
+            except Exception as e:  # sqlite3.DatabaseError for a damaged file
+                raise ArtifactError(f"{self.directory / PASSAGES_FILE}: not a readable passage store ({e})") from None
         if stored != self.manifest.count:
             raise ArtifactError(f"{self.directory / PASSAGES_FILE}: {stored} passages, the manifest says {self.manifest.count}")
-        self.set_search_params(**self.manifest.extra.get("search_params", {}))
 
     def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None) -> None:
         if nprobe is not None:
@@ -87,3 +109,12 @@ class Searcher:
 
     def passages_by_rows(self, rows: list[int]) -> dict[int, Passage]:
         return {r: Passage(text=text, title=title, id=pid) for r, (pid, title, text) in self.store.by_rows(rows).items()}
+
+
+def _replaced(requested: Path, loaded: Path, inode: tuple[int, int] | None) -> bool:
+    """Whether the artifact at ``requested`` is now another directory than the one that was read."""
+    try:
+        st = os.stat(resolve_artifact(requested))
+    except OSError:
+        return False
+    return inode is not None and (st.st_dev, st.st_ino) != inode

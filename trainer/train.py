@@ -92,6 +92,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(cfg.to_yaml())
+        if not cfg.resume:  # a run killed before its first checkpoint left lines nobody resumes
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
 
     # ---- data

@@ -7,7 +7,6 @@ then call the core (``score_items``, ``encode_texts``) and the index's ``Searche
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -17,7 +16,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from dpr_service.core.checkpoint import CheckpointError, Loaded, load_checkpoint
@@ -29,12 +28,15 @@ from index.artifact import ArtifactError
 from index.search import Searcher
 
 from .batching import Overloaded, QueryBatcher
-from .schemas import (EncodeRequest, EncodeResponse, Hit, PassageIn, ScoreRequest, ScoreResponse, ScoreResult,
-                      SearchRequest, SearchResponse)
+from .guard import AUTH_FAILED, Guard, check_key
+from .openapi import install_openapi
+from .schemas import (ERROR_RESPONSES, EncodeRequest, EncodeResponse, ErrorResponse, Hit, PassageIn, ScoreRequest,
+                      ScoreResponse, ScoreResult, SearchRequest, SearchResponse)
 from .settings import Settings, get_settings
+from .web import index_page
 
 log = logging.getLogger("dpr_service.api")
-OPEN_ROUTES = {"/healthz", "/readyz"}
+OPEN_ROUTES = {"/healthz", "/readyz", "/"}  # "/": the static web page; it sends the key with its API calls
 
 
 @dataclass
@@ -91,19 +93,17 @@ def start_batcher(res: Resources, settings: Settings, metrics: Metrics) -> None:
 # ---- dependencies (module level, so FastAPI can resolve the annotations)
 
 
-def require_key(request: Request) -> None:
-    """X-API-Key or Authorization: Bearer, compared in constant time; no-op without DPR_API_KEY."""
+def key_ok(request: Request) -> bool:
+    """X-API-Key or Authorization: Bearer against DPR_API_KEY, in constant time (see guard.check_key)."""
     api_key = request.app.state.settings.api_key
-    if api_key is None:
-        return
-    expected = api_key.get_secret_value().encode()
-    given = request.headers.get("x-api-key") or ""
-    auth = request.headers.get("authorization") or ""
-    if not given and auth.lower().startswith("bearer "):
-        given = auth[7:]
-    if not hmac.compare_digest(given.encode(), expected):
-        raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)",
-                            headers={"WWW-Authenticate": "Bearer"})
+    return check_key(api_key.get_secret_value() if api_key is not None else None,
+                     request.headers.get("x-api-key") or "", request.headers.get("authorization") or "")
+
+
+def require_key(request: Request) -> None:
+    """The same check as a route dependency (the Guard middleware runs it first, before the body is read)."""
+    if not key_ok(request):
+        raise HTTPException(401, AUTH_FAILED, headers={"WWW-Authenticate": "Bearer"})
 
 
 def current_resources(request: Request) -> Resources:
@@ -137,42 +137,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.state.resources and app.state.resources.batcher:
             await app.state.resources.batcher.stop()
 
-    app = FastAPI(title="dpr-service", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="dpr-service", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Dense passage retrieval and the DPR in-batch negative loss over REST.")
+    install_openapi(app, settings, OPEN_ROUTES)  # the schema carries the DPR_MAX_* limits and the key scheme
     app.state.settings = settings
     app.state.metrics = metrics
 
-    # ---- body size: refuse before reading more than the limit
-    @app.middleware("http")
-    async def limit_body_and_count(request: Request, call_next):
-        t0 = time.perf_counter()
-        route = request.url.path
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            response = JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes"}, status_code=413)
-        elif length is None and request.method in ("POST", "PUT", "PATCH"):
-            body, size = [], 0
-            async for chunk in request.stream():  # chunked upload: count as it arrives
-                size += len(chunk)
-                if size > settings.max_body_bytes:
-                    break
-                body.append(chunk)
-            if size > settings.max_body_bytes:
-                response = JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes"}, status_code=413)
-            else:
-                request._body = b"".join(body)
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        known = route in {r.path for r in app.routes}
-        label = route if known else "other"
-        metrics.requests.labels(label, str(response.status_code)).inc()
-        metrics.latency.labels(label).observe(time.perf_counter() - t0)
-        return response
+    # ---- the API key, admission, then the body size, all before a byte of the body is read (guard.py)
+    def observe(route: str, status: int, seconds: float) -> None:
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(seconds)
+
+    app.add_middleware(Guard, settings=settings, open_routes=OPEN_ROUTES, observe=observe,
+                       known_paths=lambda: {r.path for r in app.routes})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        errors = [{"field": ".".join(str(p) for p in e["loc"][1:]) or "body", "message": e["msg"]} for e in exc.errors()]
+        errors = [{"field": _printable(".".join(str(p) for p in e["loc"][1:]) or "body"), "message": _printable(e["msg"])}
+                  for e in exc.errors()]
         first = errors[0] if errors else {"field": "body", "message": "invalid request"}
         return JSONResponse({"detail": f"{first['field']}: {first['message']}", "errors": errors}, status_code=422)
 
@@ -249,6 +231,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             None, lambda: encode_texts(res.loaded.encoder, res.loaded.tokenizer, items, body.kind, res.runtime))
         return EncodeResponse(embeddings=emb.tolist(), dim=int(emb.shape[1]), similarity=res.loaded.config.similarity)
 
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> HTMLResponse:
+        """The web page: search and score in the browser (static, no data in it, so no key)."""
+        return index_page()
+
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict:
         """The process is alive (cheap; no auth)."""
@@ -258,7 +245,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def readyz(request: Request):
         """200 once model and index are loaded and a warm-up query succeeded; 503 before (no auth)."""
         if request.app.state.resources is None:
-            return JSONResponse({"status": "not ready", "reason": request.app.state.load_error or "loading"},
+            reason = request.app.state.load_error or "loading"
+            return JSONResponse({"status": "not ready", "reason": reason, "detail": f"not ready: {reason}"},
                                 status_code=503, headers={"Retry-After": "5"})
         return {"status": "ready"}
 
@@ -270,12 +258,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "index": {"path": str(res.searcher.directory), **res.searcher.manifest.to_dict()},
                 "device": str(res.runtime.device)}
 
-    @app.get("/metrics", dependencies=[Auth], tags=["operations"])
+    @app.get("/metrics", dependencies=[Auth], tags=["operations"], response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         """Prometheus metrics: requests, latencies, batch sizes, queue depth, index size."""
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload", dependencies=[Auth], tags=["operations"])
+    @app.post("/admin/reload", dependencies=[Auth], tags=["operations"],
+              responses={409: {"model": ErrorResponse, "description": "the new artifact failed its checks; the old one still serves"}})
     async def reload(request: Request) -> dict:
         """Load the artifact named by the settings, verify it and swap it in atomically. Requests in
         flight finish on the old one; a failed load keeps the old one serving and says why."""
@@ -292,6 +281,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "reloaded", "index": str(fresh.index), "passages": res.searcher.count}
 
     return app
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8: a lone surrogate from the request (a field name, say) is escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 async def _retire(batcher: QueryBatcher, grace_s: float = 5.0) -> None:

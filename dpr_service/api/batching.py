@@ -3,7 +3,8 @@
 Requests put their texts on a bounded queue and await a future; one worker takes up to
 ``max_size`` texts (waiting at most ``max_wait_ms`` for more once it has one), encodes them in a
 worker thread so the event loop never blocks, and resolves the futures. A full queue raises
-:class:`Overloaded`, which the app turns into 503 with Retry-After.
+:class:`Overloaded`, which the app turns into 503 with Retry-After. When a batch fails, its texts
+are encoded one by one, so that only the request whose text fails gets the error.
 """
 
 from __future__ import annotations
@@ -71,10 +72,21 @@ class QueryBatcher:
             self.observe(len(live))
             try:
                 emb = await loop.run_in_executor(None, self.encode, [t for t, _ in live])
-            except Exception as e:  # hand the error to every waiting request
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(e)
+            except Exception as e:
+                if len(live) == 1:
+                    if not live[0][1].done():
+                        live[0][1].set_exception(e)
+                    continue
+                # one bad text must not fail the other requests of its batch: encode each alone
+                for text, f in live:
+                    try:
+                        row = (await loop.run_in_executor(None, self.encode, [text]))[0]
+                    except Exception as e1:
+                        if not f.done():
+                            f.set_exception(e1)
+                    else:
+                        if not f.done():
+                            f.set_result(row)
                 continue
             for (_, f), row in zip(live, emb):
                 if not f.done():

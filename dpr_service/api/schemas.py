@@ -1,16 +1,38 @@
-"""Request and response bodies (OpenAPI documented, with examples)."""
+"""Request and response bodies (OpenAPI documented, with examples).
+
+Request models are strict (no coercion: ``"5"`` is not an integer, ``"yes"`` not a boolean) and
+forbid unknown fields, so the published schema says exactly what is accepted. The limits that come
+from the settings (``DPR_MAX_*``) are written into the published schema by :func:`document_limits`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
+
+# Python's whitespace (str.isspace, what str.strip removes), written out so that the JSON Schema
+# pattern and this check agree in every regex dialect: a text must hold one character outside it.
+_SPACE = "".join(f"\\u{c:04x}" for c in range(0x3001) if chr(c).isspace())
+NON_BLANK = f"[^{_SPACE}]"
+_NON_BLANK = re.compile(NON_BLANK)
+
+
+def _valid_text(value: str) -> str:
+    """Text the tokenizer can take: a lone surrogate (JSON ``"\\ud800"``) is not Unicode text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate such as \\ud800)") from None
+    return value
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if not _NON_BLANK.search(value):
         raise ValueError("must not be empty")
-    return value
+    return _valid_text(value)
 
 
 def _strings_not_blank(values: list) -> list:
@@ -20,20 +42,38 @@ def _strings_not_blank(values: list) -> list:
     return values
 
 
+def _not_null(value):
+    if value is None:
+        raise ValueError("must not be null (leave the field out instead)")
+    return value
+
+
+def _integral(value):
+    """JSON Schema counts 5.0 as an integer; strict pydantic would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+STRICT = ConfigDict(extra="forbid", strict=True)
+Integer = Annotated[int, BeforeValidator(_integral)]
+
+
 class PassageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     title: str = ""
     text: str
 
     _text = field_validator("text")(_not_blank)
+    _title = field_validator("title")(_valid_text)
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"queries": ["who built the Ember Light?"], "top_k": 5}]})
-    queries: list[str] | None = Field(None, description="questions, one ranked list each")
-    query: str | None = Field(None, description="a single question (instead of queries)")
-    top_k: int = Field(10, ge=1)
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{"queries": ["who built the Ember Light?"], "top_k": 5}]})
+    queries: list[str] | SkipJsonSchema[None] = Field(None, description="questions, one ranked list each")
+    query: str | SkipJsonSchema[None] = Field(None, description="a single question (instead of queries)")
+    top_k: Integer = Field(10, ge=1)
     with_text: bool = True
+
+    _present = field_validator("queries", "query", mode="before")(_not_null)
 
     @field_validator("queries")
     @classmethod
@@ -66,7 +106,7 @@ class SearchResponse(BaseModel):
 
 
 class ScoreItemIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     question: str
     positive: str | PassageIn
     negatives: list[str | PassageIn] = []
@@ -82,7 +122,7 @@ class ScoreItemIn(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
         "items": [{"question": "when was Greywatch lit?", "positive": {"title": "Greywatch Light", "text": "Lit in 1712 ..."},
                    "negatives": ["The Ember Light flashes red ..."]}],
         "in_batch": False}]})
@@ -103,7 +143,7 @@ class ScoreResponse(BaseModel):
 
 
 class EncodeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": ["who built the Ember Light?"], "kind": "query"}]})
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{"texts": ["who built the Ember Light?"], "kind": "query"}]})
     texts: list[str | PassageIn] = Field(..., min_length=1)
     kind: Literal["query", "passage"] = "query"
 
@@ -114,3 +154,54 @@ class EncodeResponse(BaseModel):
     embeddings: list[list[float]]
     dim: int
     similarity: str
+
+
+# ---- errors: every 4xx/5xx body has a ``detail`` string
+
+
+class ErrorField(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong, naming the field or the limit")
+    errors: list[ErrorField] = Field(None, description="validation errors (422 only): every field at fault")
+
+
+ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "the body is not JSON the server can parse"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (when DPR_API_KEY is set)"},
+    413: {"model": ErrorResponse, "description": "request body over DPR_MAX_BODY_BYTES"},
+    422: {"model": ErrorResponse, "description": "invalid request; the detail names the field"},
+    503: {"model": ErrorResponse, "description": "not ready yet, or the query queue is full: retry later",
+          "headers": {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
+                                      "schema": {"type": "integer"}}}},
+}
+
+
+def document_limits(openapi: dict, settings) -> dict:
+    """Write the limits of ``settings`` (``DPR_MAX_*``) and the rules checked in code (non-blank
+    text, exactly one of ``query``/``queries``, string queries for ``/encode``) into the published
+    schema, so that it describes exactly the requests the app accepts."""
+    c = openapi["components"]["schemas"]
+    text = {"maxLength": settings.max_text_chars, "pattern": NON_BLANK}
+    c["PassageIn"]["properties"]["text"].update(text)
+    search = c["SearchRequest"]
+    search["properties"]["queries"].update(minItems=1, maxItems=settings.max_queries)
+    search["properties"]["queries"]["items"].update(text)
+    search["properties"]["query"].update(text)
+    search["properties"]["top_k"]["maximum"] = settings.max_top_k
+    search["oneOf"] = [{"required": ["query"]}, {"required": ["queries"]}]
+    c["ScoreRequest"]["properties"]["items"]["maxItems"] = settings.max_items
+    item = c["ScoreItemIn"]["properties"]
+    item["question"].update(text)
+    item["positive"]["anyOf"][0].update(text)
+    item["negatives"]["maxItems"] = settings.max_passages_per_item
+    item["negatives"]["items"]["anyOf"][0].update(text)
+    encode = c["EncodeRequest"]
+    encode["properties"]["texts"]["maxItems"] = settings.max_queries
+    encode["properties"]["texts"]["items"]["anyOf"][0].update(text)
+    encode["anyOf"] = [{"properties": {"kind": {"const": "passage"}}, "required": ["kind"]},
+                       {"properties": {"kind": {"const": "query"}, "texts": {"items": {"type": "string"}}}}]
+    return openapi

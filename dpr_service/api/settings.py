@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, ge=1)
     batch_max_wait_ms: float = Field(5.0, ge=0)
     queue_max: int = Field(512, ge=1)
+    # admission: requests in progress at once; more get 503 + Retry-After before their body is read
+    max_in_flight: int = Field(256, ge=1)
     retry_after_s: int = Field(1, ge=1)
 
 

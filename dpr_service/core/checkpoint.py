@@ -7,10 +7,12 @@ Layout of a checkpoint directory::
     passage_encoder/     the same; absent when the encoder is shared (then query_encoder/ is both)
     tokenizer/           save_pretrained of the tokenizer
     (training_state/)    written by the trainer only, for --resume; ignored here
+    checksums.json       sha256 of every other file, written when the directory is committed
 
 Weights are safetensors only; nothing is pickled. A directory is written beside its final place
 and renamed into it when complete (:func:`atomic_directory`), so a kill never leaves a half-written
-checkpoint where a reader would take it for a whole one.
+checkpoint where a reader would take it for a whole one. Loading checks every file against
+``checksums.json`` first, so a damaged file is named before transformers or torch read it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own ba
 disable_hub_progress_bars()  # "Writing model shards" on every save
 
 CONFIG_FILE = "dpr_config.json"
+CHECKSUMS_FILE = "checksums.json"
 QUERY_DIR, PASSAGE_DIR, TOKENIZER_DIR = "query_encoder", "passage_encoder", "tokenizer"
 
 
@@ -70,14 +73,21 @@ def atomic_directory(target: Path | str) -> Iterator[Path]:
     replace ``target`` with it. On an error the temporary directory is removed and ``target`` kept.
 
     The swap is two renames (target -> .target.old, tmp -> target); a kill between them leaves
-    ``.target.old``, which :func:`recover_directory` puts back.
+    ``.target.old``, which :func:`recover_directory` puts back (here too, before anything else, so
+    the previous complete copy is never deleted before the new one is in place). Temporary
+    directories that killed writers left beside ``target`` are removed. A checkpoint (a directory
+    with ``dpr_config.json``) gets ``checksums.json`` listing the sha256 of each of its files.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
+    _remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         yield tmp
+        if (tmp / CONFIG_FILE).is_file():
+            write_checksums(tmp)
         _fsync_tree(tmp)
         old = _old_path(target)
         if old.exists():
@@ -101,6 +111,73 @@ def recover_directory(target: Path | str) -> Path:
         os.rename(old, target)
         log.warning("restored %s from an interrupted replacement", target)
     return target
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>-*`` directories of writers that died before their rename: their
+    process is gone, or it is this very process (a pid reused, as after a container restart)."""
+    prefix = f".{target.name}.tmp-"
+    for tmp in target.parent.iterdir():
+        if not tmp.name.startswith(prefix):
+            continue
+        try:
+            pid = int(tmp.name[len(prefix):].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or not _alive(pid):
+            log.info("removing %s, left by a writer that was killed", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """``checksums.json``: the sha256 of every file under ``directory`` (but itself)."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): _sha256(p)
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != CHECKSUMS_FILE}
+    (directory / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1) + "\n")
+
+
+def verify_checksums(directory: Path) -> None:
+    """Check every file listed in ``checksums.json`` (when the checkpoint has one: checkpoints
+    written before it existed have only the fingerprint); the error names the file at fault."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS_FILE
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise TypeError("files must map names to sha256 strings")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint was damaged") from None
+    for name, expected in files.items():
+        file = directory / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise CheckpointError(f"{path}: bad file name {name!r}")
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {CHECKSUMS_FILE}); the checkpoint is incomplete")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{file}: checksum does not match {CHECKSUMS_FILE} (the file was changed or truncated)")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -202,6 +279,7 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
         if not (directory / sub).is_dir():
             raise CheckpointError(f"{directory / sub}: missing from the checkpoint")
     if verify:
+        verify_checksums(directory)  # every file, before tokenizers, transformers or safetensors read one
         actual = _fingerprint(directory, raw)
         if raw.get("fingerprint") != actual:
             raise CheckpointError(
@@ -209,8 +287,8 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
                 "(a file was changed, truncated or copied incompletely)"
             )
     tokenizer = _load_tokenizer(directory / TOKENIZER_DIR)
-    query_model = _load_model(directory / QUERY_DIR)
-    passage_model = None if config.shared else _load_model(directory / PASSAGE_DIR)
+    query_model = _load_model(directory / QUERY_DIR, safetensors_only=True)
+    passage_model = None if config.shared else _load_model(directory / PASSAGE_DIR, safetensors_only=True)
     encoder = _assemble(query_model, passage_model, tokenizer, config, str(directory))
     encoder.to(device).eval()
     return Loaded(
@@ -242,10 +320,12 @@ def _load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
         raise CheckpointError(f"{path}: cannot load a tokenizer ({_first_line(e)})") from None
 
 
-def _load_model(path: Path | str):
+def _load_model(path: Path | str, safetensors_only: bool = False):
+    """A transformers model; a checkpoint's encoders are read from safetensors only (never a pickled
+    ``pytorch_model.bin``, even one dropped beside them)."""
     try:
         AutoConfig.from_pretrained(str(path))
-        return AutoModel.from_pretrained(str(path), use_safetensors=_has_safetensors(path) or None)
+        return AutoModel.from_pretrained(str(path), use_safetensors=True if safetensors_only else (_has_safetensors(path) or None))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot load a transformers model ({_first_line(e)})") from None
 

@@ -1,0 +1,36 @@
+"""The published OpenAPI schema: FastAPI's, plus the settings' limits and the API key scheme.
+
+The schema must say exactly what the app accepts and answers (the schemathesis test in
+``tests/test_reliability.py`` holds it to that, in both directions), so the limits from ``DPR_MAX_*``
+and, when ``DPR_API_KEY`` is set, the key requirement of every route but the open ones are
+written into it here.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from .schemas import document_limits
+
+SECURITY_SCHEMES = {
+    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "Bearer": {"type": "http", "scheme": "bearer"},
+}
+
+
+def install_openapi(app: FastAPI, settings, open_routes: set[str]) -> None:
+    generate = app.openapi  # FastAPI's generator; it caches its result in app.openapi_schema
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            document_limits(schema, settings)
+            if settings.api_key is not None:
+                schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+                for path, operations in schema["paths"].items():
+                    if path not in open_routes:
+                        for operation in operations.values():
+                            operation["security"] = [{"APIKeyHeader": []}, {"Bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
