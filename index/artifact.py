@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from dpr_service.core.checkpoint import sha256_file
+
 log = logging.getLogger("index")
 
 FORMAT = "dpr-index/1"
@@ -34,14 +36,6 @@ MANIFEST, INDEX_FILE, PASSAGES_FILE = "manifest.json", "index.faiss", "passages.
 
 class ArtifactError(Exception):
     """An index artifact that cannot be used; the message names the file and the problem."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- passages store

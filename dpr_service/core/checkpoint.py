@@ -141,7 +141,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint and index checksums)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -152,7 +153,7 @@ def _sha256(path: Path) -> str:
 def write_checksums(directory: Path) -> None:
     """``checksums.json``: the sha256 of every file under ``directory`` (but itself)."""
     directory = Path(directory)
-    files = {p.relative_to(directory).as_posix(): _sha256(p)
+    files = {p.relative_to(directory).as_posix(): sha256_file(p)
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != CHECKSUMS_FILE}
     (directory / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1) + "\n")
 
@@ -176,7 +177,7 @@ def verify_checksums(directory: Path) -> None:
             raise CheckpointError(f"{path}: bad file name {name!r}")
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (listed in {CHECKSUMS_FILE}); the checkpoint is incomplete")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise CheckpointError(f"{file}: checksum does not match {CHECKSUMS_FILE} (the file was changed or truncated)")
 
 
