@@ -7,6 +7,7 @@ gloo), or in one process on the whole batch. Not a test module itself.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,12 +27,15 @@ CHUNKS = (None, 3)  # uncached, and cached with chunks that do not divide the ba
 
 def batch_for(data_path: str, tokenizer, rank: int = 0, world: int = 1):
     """This rank's contiguous slice of an 8-question batch. The questions have 0 to 2 hard
-    negatives, so the ranks hold different numbers of passages, and question 5's hard negative is
-    question 1's positive: a false negative that sits on another rank."""
+    negatives, and question 5's hard negatives are questions 1 and 2's positives (duplicates of a
+    passage that sits on another rank), so the two ranks hold 7 and 8 passages. Question 6 also
+    knows question 3's positive as one of its own: a cross-rank known positive, and rows of
+    known ids of different widths on the two ranks (1 and 2)."""
     data = read_train_data(data_path)
     examples = data.examples[:BATCH]
     negatives = [list(ex.hard_negatives)[: i % 3] for i, ex in enumerate(examples)]
-    negatives[5] = [examples[1].positive]
+    negatives[5] = [examples[1].positive, examples[2].positive]
+    examples[6] = replace(examples[6], known_positive_ids=examples[6].known_positive_ids | {examples[3].positive.id})
     per = BATCH // world
     mine = slice(rank * per, (rank + 1) * per)
     return collate(examples[mine], negatives[mine], tokenizer)

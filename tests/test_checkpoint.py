@@ -121,11 +121,32 @@ def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_model):
     enc = tokenizer.passages(texts)
     plain = encoder.encode_passages(**enc)
     plain.sum().backward()
-    grads = [p.grad.clone() for p in encoder.passage_model.parameters() if p.grad is not None]
+    grads = {n: p.grad.clone() for n, p in encoder.passage_model.named_parameters() if p.grad is not None}
     encoder.zero_grad()
     encoder.length_buckets = 3
     bucketed = encoder.encode_passages(**enc)
     bucketed.sum().backward()
     torch.testing.assert_close(bucketed, plain, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads, [p.grad for p in encoder.passage_model.parameters() if p.grad is not None]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    got = {n: p.grad for n, p in encoder.passage_model.named_parameters() if p.grad is not None}
+    assert got.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(got[name], grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_tokenizer_is_thread_safe(tiny_model):
+    """The server tokenizes queries and passages in several threads at once; each call must keep
+    its own max length (a fast tokenizer stores truncation settings as shared state)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, tokenizer = load_base_model(str(tiny_model), CFG)
+    long_text = " ".join(["apple river comet walnut"] * 20)
+    queries, passages = [long_text] * 8, [Passage(long_text)] * 8
+
+    def call(i: int) -> tuple[str, int]:
+        if i % 2:
+            return "query", tokenizer.queries(queries)["input_ids"].shape[1]
+        return "passage", tokenizer.passages(passages)["input_ids"].shape[1]
+
+    with ThreadPoolExecutor(4) as pool:
+        widths = set(pool.map(call, range(2000)))
+    assert widths == {("query", CFG.query_max_length), ("passage", CFG.passage_max_length)}

@@ -83,9 +83,10 @@ def test_the_services_commands_run_the_pipeline(tmp_path, tiny_model):
     paths = {"/app/demo.yaml": ROOT / "trainer" / "demo.yaml", "/artifacts": tmp_path / "artifacts", "/data": data}
     env = {"DPR_MODEL": str(tiny_model), "DPR_FACTORY": "auto"}
     run_env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for service in ("train", "index"):
-        proc = subprocess.run(_command(service, env, paths), capture_output=True, text=True, env=run_env, timeout=600)
-        assert proc.returncode == 0, f"{service}: {proc.stderr[-2000:]}"
+    for up in (1, 2):  # a second `docker compose up` must get through train and index again
+        for service in ("train", "index"):
+            proc = subprocess.run(_command(service, env, paths), capture_output=True, text=True, env=run_env, timeout=600)
+            assert proc.returncode == 0, f"{service} (up #{up}): {proc.stderr[-2000:]}"
     assert (tmp_path / "artifacts" / "index" / "manifest.json").is_file()
 
     with socket.socket() as s:
@@ -108,3 +109,29 @@ def test_the_services_commands_run_the_pipeline(tmp_path, tiny_model):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_images_install_the_tested_versions():
+    """docker/constraints.txt pins what the images install: every dependency of the project is
+    pinned there, to the version installed here (where the tests run), and both images use it."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, pinned = line.split("==")
+            pins[canonicalize_name(name)] = pinned
+    for req in map(Requirement, requires("dpr-service")):
+        if req.marker is None or req.marker.evaluate({"extra": "offline-model"}):
+            name = canonicalize_name(req.name)
+            assert name in pins, f"{req.name} is not pinned in docker/constraints.txt"
+            assert req.specifier.contains(pins[name]), f"{req.name}=={pins[name]} does not satisfy pyproject's {req}"
+    for name, pinned in pins.items():
+        assert version(name).split("+")[0] == pinned, f"{name}: constraints pin {pinned}, the tests run {version(name)}"
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "PIP_CONSTRAINT=/src/docker/constraints.txt" in dockerfile
+    assert f"torch=={pins['torch']}+cpu" in dockerfile and f'"torch=={pins["torch"]}"' in dockerfile
+    assert "!docker/constraints.txt" in (ROOT / ".dockerignore").read_text().splitlines()

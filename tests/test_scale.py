@@ -147,7 +147,8 @@ def test_ddp_gradients_equal_one_process_on_the_global_batch(tmp_path, tiny_mode
 def _cfg(out: Path, model: Path, data: Path, **kw) -> list[str]:
     args = dict(model=model, train=data, output=out, batch_size=4, hard_negatives=1, pooling="mean",
                 query_max_length=16, passage_max_length=32, lr=1e-3, max_steps=4, warmup_steps=0,
-                log_every=1, seed=7, device="cpu", **kw)
+                log_every=1, seed=7, device="cpu")
+    args.update(kw)
     flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
     return flags + ["--no-progress"]
 
@@ -210,3 +211,22 @@ def test_torchrun_index_build_shards_by_rank(tmp_path, tiny_model):
     assert a.ntotal == b.ntotal == 40
     assert torch.allclose(torch.from_numpy(a.reconstruct_n(0, 40)), torch.from_numpy(b.reconstruct_n(0, 40)), atol=1e-5)
     assert not (tmp_path / ".two.partial").exists()
+
+
+def test_sigterm_under_torchrun_saves_before_any_rank_exits(tmp_path, no_dropout_model, data):
+    """A signal on one rank: all ranks finish the step, rank 0 writes last/, and only then does any
+    rank exit (torchrun kills the other ranks as soon as one exits); one message, from rank 0."""
+    out, marks = tmp_path / "run", tmp_path / "marks"
+    marks.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "torchrun_stop.py"), *_cfg(out, no_dropout_model, data, max_steps=400, save_every=1000)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "MARKS": str(marks)}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert r.stderr.count("stopped by signal 15") == 1, r.stderr[-3000:]
+    saved = float((marks / "saved").read_text())
+    for rank in (0, 1):
+        assert float((marks / f"exit-rank{rank}").read_text()) >= saved, f"rank {rank} exited before last/ was written"
+    step = json.loads((out / "last" / "training_state" / "state.json").read_text())["progress"]["step"]
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= step < 400 and logged[-1] == step

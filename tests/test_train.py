@@ -158,6 +158,13 @@ def test_config_file_errors_name_the_line(tmp_path, text, message):
         (["--precision", "int8"], "--precision must be one of"),
         (["--best-metric", "ndcg@11"], "--best-metric must be one of"),
         (["--train", "missing.jsonl"], "missing.jsonl: no such file or directory"),
+        (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (["--device", "cpu", "--precision", "bf16"], "precision bf16 is for CUDA"),
+        pytest.param(["--device", "cuda"], "CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+        # checked before any training step, not at the first evaluation
+        (["--dev", "train.jsonl", "--best-metric", "top1_accuracy", "--batch-size", "4", "--query-max-length", "16",
+          "--passage-max-length", "32"], "needs answers in the dev data"),
     ],
 )
 def test_cli_flag_errors_exit_2_without_traceback(tmp_path, tiny_model, flags, message):
@@ -177,6 +184,70 @@ def test_dpr_console_command_trains(tmp_path, tiny_model):
     )
     assert proc.returncode == 0, proc.stderr
     assert f"checkpoint: {tmp_path / 'o' / 'last'}" in proc.stdout
+
+
+def test_auto_resume_starts_continues_and_keeps_a_finished_run(tmp_path, tiny_model):
+    """--auto-resume (what docker compose's train service runs on every `up`): a new run on an
+    empty output, the interrupted run continued exactly, a finished run left as it is."""
+    data = write_plain(tmp_path / "train.jsonl", n=20)
+    straight = train(cfg(tmp_path / "a", tiny_model, data, max_steps=6, output=str(tmp_path / "a")))
+    run = dict(max_steps=6, output=str(tmp_path / "b"), auto_resume=True)
+    train(cfg(tmp_path, tiny_model, data, stop_after=4, **run))
+    assert json.loads((tmp_path / "b" / "last" / "training_state" / "state.json").read_text())["progress"]["step"] == 4
+    resumed = train(cfg(tmp_path, tiny_model, data, **run))
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = (resumed / "dpr_config.json").stat().st_mtime_ns
+    train(cfg(tmp_path, tiny_model, data, **run))  # finished: nothing to do, nothing rewritten
+    assert (resumed / "dpr_config.json").stat().st_mtime_ns == before
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_resume_survives_a_torn_metrics_line(tmp_path, tiny_model):
+    """A kill in the middle of appending to metrics.jsonl leaves half a line; --resume drops it."""
+    data = write_plain(tmp_path / "train.jsonl", n=20)
+    train(cfg(tmp_path, tiny_model, data, max_steps=6, stop_after=3))
+    with open(tmp_path / "out" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "loss": 0.5, "l')
+    train(cfg(tmp_path, tiny_model, data, max_steps=6, resume=True))
+    assert [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_dev_nll_in_chunks_equals_one_pass(tiny_model, tmp_path):
+    """The dev loss of a large batch is computed --eval-batch-size rows at a time: the same value."""
+    from dpr_service.core.checkpoint import load_base_model
+    from dpr_service.core.config import EncoderConfig
+    from dpr_service.core.device import pick_runtime
+    from dpr_service.core.formats import read_train_data
+    from trainer.evaluate import dev_nll
+
+    encoder, tokenizer = load_base_model(str(tiny_model), EncoderConfig(pooling="mean", query_max_length=16, passage_max_length=32))
+    data = read_train_data(str(write_plain(tmp_path / "dev.jsonl", n=12, hard_negatives=2)))
+    cpu = pick_runtime("cpu", "fp32")
+    whole = dev_nll(encoder, tokenizer, data, cpu, batch_size=12, hard_negatives=2)
+    assert dev_nll(encoder, tokenizer, data, cpu, batch_size=12, hard_negatives=2, chunk=5) == pytest.approx(whole, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_device_has_an_index_and_batches_are_pinned(tiny_model, tmp_path):
+    """`--device auto/cuda` resolves to cuda:N (torch.cuda.set_device needs the index) and the
+    DataLoader pins batches (Batch.pin_memory), so host-to-device copies are asynchronous."""
+    from torch.utils.data import DataLoader
+
+    from dpr_service.core.checkpoint import load_base_model
+    from dpr_service.core.config import EncoderConfig
+    from dpr_service.core.device import pick_runtime
+    from dpr_service.core.formats import read_train_data
+    from trainer.batches import EpochBatches
+
+    runtime = pick_runtime("cuda", "auto")
+    assert runtime.device.index is not None
+    torch.cuda.set_device(runtime.device)
+    _, tokenizer = load_base_model(str(tiny_model), EncoderConfig(pooling="mean", query_max_length=16, passage_max_length=32))
+    data = read_train_data(str(write_plain(tmp_path / "train.jsonl", n=8)))
+    batches = EpochBatches(data.examples, data.corpus, tokenizer, 4, 1, 0, 0, 0, 1)
+    batch = next(iter(DataLoader(batches, batch_size=None, pin_memory=True)))
+    assert batch.queries["input_ids"].is_pinned() and batch.p_ids.is_pinned()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

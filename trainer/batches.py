@@ -42,9 +42,15 @@ class Batch:
         return int(self.positive_idx.shape[0])
 
     def to(self, device: torch.device) -> "Batch":
-        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
-        return Batch(move(self.queries), move(self.passages), self.positive_idx.to(device),
-                     self.p_ids.to(device), self.known_ids.to(device))
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader (``pin_memory=True``) so that ``to(cuda)`` copies asynchronously."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "Batch":
+        return Batch({k: fn(v) for k, v in self.queries.items()}, {k: fn(v) for k, v in self.passages.items()},
+                     fn(self.positive_idx), fn(self.p_ids), fn(self.known_ids))
 
 
 def known_positive_mask(p_ids: torch.Tensor, known_ids: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,8 @@ HELP = {
     "log_every": "append a line to metrics.jsonl every N steps",
     "progress": "show progress bars",
     "resume": "continue the run in --output exactly where its last checkpoint stopped",
+    "auto_resume": "--resume when --output holds a resumable run, start a new one otherwise (for jobs that "
+                   "a scheduler restarts: docker compose, Kubernetes, Slurm requeue)",
     "stop_after": "stop, with a checkpoint, after N steps of this invocation (resume later with --resume)",
 }
 
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"{prog}: {e}; checkpoint saved in {cfg.output}/last, continue with --resume", file=sys.stderr)
+        if e.main:
+            print(f"{prog}: {e}; checkpoint saved in {cfg.output}/last, continue with --resume", file=sys.stderr)
         return 128 + e.signum
     print(f"checkpoint: {final}")
     return 0

@@ -67,6 +67,7 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     resume: bool = False
+    auto_resume: bool = False  # resume when --output holds a resumable run, start one otherwise
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
 
     def encoder_config(self) -> EncoderConfig:
@@ -116,6 +117,7 @@ class TrainConfig:
     def to_yaml(self) -> str:
         data = dataclasses.asdict(self)
         data.pop("resume")
+        data.pop("auto_resume")
         data.pop("stop_after")
         return yaml.safe_dump(data, sort_keys=False)
 
@@ -123,7 +125,7 @@ class TrainConfig:
 # Settings that may differ between an interrupted run and its --resume without changing the result.
 RESUME_MAY_CHANGE = {
     "dev", "dev_split", "device", "num_workers", "eval_every", "eval_before", "eval_batch_size", "save_every",
-    "log_every", "progress", "resume", "stop_after", "best_metric",
+    "log_every", "progress", "resume", "auto_resume", "stop_after", "best_metric",
 }
 
 

@@ -18,12 +18,17 @@ from dpr_service.core.tokenize import TextTokenizer
 from .batches import Batch, fixed_batches
 
 
-def batch_losses(encoder: BiEncoder, batch: Batch, runtime: Runtime) -> torch.Tensor:
-    """Per-question DPR losses (B,) for one batch: the computation of a training step's forward."""
+def batch_losses(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: int | None = None) -> torch.Tensor:
+    """Per-question DPR losses (B,) for one batch: the computation of a training step's forward.
+
+    With ``chunk``, questions and passages are encoded ``chunk`` rows at a time (the batch's loss is
+    unchanged: without gradients the embeddings do not depend on how the rows are grouped), so a
+    dev batch as large as a gradient-cached training batch fits in memory.
+    """
     batch = batch.to(runtime.device)
     with runtime.autocast():
-        q_emb = encoder.encode_queries(**batch.queries)  # (B, D)
-        p_emb = encoder.encode_passages(**batch.passages)  # (N, D)
+        q_emb = _encode_rows(encoder.encode_queries, batch.queries, chunk)  # (B, D)
+        p_emb = _encode_rows(encoder.encode_passages, batch.passages, chunk)  # (N, D)
     cfg = encoder.config
     return in_batch_nll(
         q_emb, p_emb, batch.positive_idx,
@@ -32,15 +37,22 @@ def batch_losses(encoder: BiEncoder, batch: Batch, runtime: Runtime) -> torch.Te
     )
 
 
+def _encode_rows(encode, inputs: dict, chunk: int | None) -> torch.Tensor:
+    n = inputs["input_ids"].shape[0]
+    step = chunk or n
+    return torch.cat([encode(**{k: v[i : i + step] for k, v in inputs.items()}) for i in range(0, n, step)])
+
+
 @torch.no_grad()
 def dev_nll(encoder: BiEncoder, tokenizer: TextTokenizer, data: TrainData, runtime: Runtime,
-            batch_size: int, hard_negatives: int) -> float:
-    """Mean per-question loss over the dev examples, in file order, dropout off."""
+            batch_size: int, hard_negatives: int, chunk: int | None = None) -> float:
+    """Mean per-question loss over the dev examples in batches of ``batch_size`` (the training
+    batch: the loss depends on it), in file order, dropout off; encoded ``chunk`` rows at a time."""
     was_training = encoder.training
     encoder.eval()
     total, count = 0.0, 0
     for batch in fixed_batches(data.examples, data.corpus, tokenizer, batch_size, hard_negatives):
-        losses = batch_losses(encoder, batch, runtime)
+        losses = batch_losses(encoder, batch, runtime, chunk)
         total += float(losses.sum())
         count += losses.numel()
     encoder.train(was_training)
@@ -69,7 +81,7 @@ def evaluate(encoder: BiEncoder, tokenizer: TextTokenizer, eval_data: EvalData, 
              runtime: Runtime, batch_size: int, eval_batch_size: int, hard_negatives: int,
              progress: bool = False) -> dict[str, float]:
     t0 = time.perf_counter()
-    metrics = {"dev_nll": dev_nll(encoder, tokenizer, nll_data, runtime, batch_size, hard_negatives)}
+    metrics = {"dev_nll": dev_nll(encoder, tokenizer, nll_data, runtime, batch_size, hard_negatives, eval_batch_size)}
     metrics.update(retrieval_eval(encoder, tokenizer, eval_data, runtime, eval_batch_size, progress))
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics

@@ -1,5 +1,8 @@
-"""The resumable part of a checkpoint, ``training_state/``: optimizer, scheduler, scaler, RNG and
-position. Tensors go to safetensors and everything else to JSON; nothing is pickled."""
+"""The resumable part of a checkpoint, ``training_state/``: optimizer, scheduler, scaler and
+position. Tensors go to safetensors and everything else to JSON; nothing is pickled.
+
+No RNG state is kept: batches are a function of (seed, epoch, step) and the loop reseeds dropout
+from (seed, step, rank) before every step, so a resumed run needs nothing else to replay."""
 
 from __future__ import annotations
 
@@ -22,11 +25,6 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
         for name, value in per_param.items():
             tensors[f"state.{idx}.{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).contiguous().cpu()
     save_file(tensors, str(d / "optimizer.safetensors"))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{i}"] = s
-    save_file(rng, str(d / "rng.safetensors"))
     meta = {
         "progress": progress,
         "optimizer_param_groups": opt["param_groups"],
@@ -37,9 +35,9 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
 
 
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler, scaler) -> dict:
-    """Restore optimizer, scheduler, scaler and RNG; return the saved progress dictionary."""
+    """Restore optimizer, scheduler and scaler; return the saved progress dictionary."""
     d = Path(directory) / STATE_DIR
-    for name in ("optimizer.safetensors", "rng.safetensors", "state.json"):
+    for name in ("optimizer.safetensors", "state.json"):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d / name}: missing; this checkpoint cannot be resumed")
     meta = json.loads((d / "state.json").read_text())
@@ -51,9 +49,4 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
     scheduler.load_state_dict(meta["scheduler"])
     if meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])
-    rng = load_file(str(d / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     return meta["progress"]

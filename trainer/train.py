@@ -13,6 +13,7 @@ rank 0 alone evaluates and writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -45,8 +46,8 @@ LOWER_IS_BETTER = {"dev_nll"}
 class Interrupted(Exception):
     """Training stopped by a signal after saving a checkpoint; ``signum`` says which."""
 
-    def __init__(self, signum: int, step: int):
-        self.signum, self.step = signum, step
+    def __init__(self, signum: int, step: int, main: bool = True):
+        self.signum, self.step, self.main = signum, step, main  # main: this process wrote the checkpoint
         super().__init__(f"stopped by signal {signum} at step {step}")
 
 
@@ -68,11 +69,15 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
 
     # ---- device, precision and process group: chosen once, here
     device = cfg.device
+    if d.enabled and device.startswith("cuda:"):
+        raise ConfigError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                          "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
     if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{d.local_rank}"
-    runtime = pick_runtime(device, cfg.precision)
-    if cfg.precision == "fp16" and runtime.device.type != "cuda":
-        raise ConfigError("--precision fp16 needs CUDA")
+    try:
+        runtime = pick_runtime(device, cfg.precision)
+    except ValueError as e:
+        raise ConfigError(f"--device {cfg.device} --precision {cfg.precision}: {e}") from None
     if runtime.device.type == "cuda":
         torch.cuda.set_device(runtime.device)
     distributed.setup(d, runtime.device)
@@ -82,6 +87,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     if d.main:
         recover_directory(last_dir)
     distributed.barrier(d)
+    if cfg.auto_resume and not cfg.resume and (last_dir / "training_state").is_dir():
+        log.info("--auto-resume: continuing the run in %s", out)
+        cfg = dataclasses.replace(cfg, resume=True)
     if cfg.resume:
         if not (last_dir / "training_state").is_dir():
             raise ConfigError(f"--resume: no resumable checkpoint in {last_dir}")
@@ -109,6 +117,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     if cfg.dev:
         eval_data = read_eval_data(cfg.dev, cfg.dev_split)
         nll_data = read_train_data(cfg.dev, cfg.dev_split)
+        if cfg.best_metric.endswith("_accuracy") and not eval_data.answers:
+            raise ConfigError(f"--best-metric {cfg.best_metric} needs answers in the dev data (DPR's "
+                              f"\"answers\" field); {eval_data.source} has none: use ndcg@10, mrr@10, recall@K or dev_nll")
         log.info("dev data: %d queries over %d passages, from %s", len(eval_data.queries), len(eval_data.corpus), eval_data.source)
 
     # ---- model
@@ -164,9 +175,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             return  # the other ranks wait for rank 0 in the next step's gather
         metrics = evaluate(encoder, tokenizer, eval_data, nll_data, runtime, cfg.batch_size,
                            cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress)
-        value = metrics.get(cfg.best_metric)
-        if value is None:
-            raise ConfigError(f"--best-metric {cfg.best_metric!r} is not computed; choose one of {', '.join(sorted(metrics))}")
+        value = metrics[cfg.best_metric]  # checked against the dev data before training started
         improved = best is None or (value < best if cfg.best_metric in LOWER_IS_BETTER else value > best)
         _append(out / "metrics.jsonl", {"step": step, "eval": metrics, "best": improved})
         log.info("step %d eval: %s%s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
@@ -228,7 +237,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 if step % cfg.save_every == 0 or step == total_steps or stopping:
                     save_last()
                 if signalled:
-                    raise Interrupted(stop_signal[0] if stop_signal else signal.SIGTERM, step)
+                    # every rank waits for rank 0's last/: torchrun kills the others as soon as one exits
+                    distributed.barrier(d)
+                    raise Interrupted(stop_signal[0] if stop_signal else signal.SIGTERM, step, d.main)
                 if stopping:
                     log.info("stopped after %d steps (--stop-after) at step %d; continue with --resume", cfg.stop_after, step)
                     distributed.barrier(d)  # rank 0 has written last/
@@ -253,7 +264,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (the killed run's tail)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the kill (or blank); it belongs to the killed run's tail
+        if record.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -158,13 +158,14 @@ def write_checksums(directory: Path) -> None:
     (directory / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1) + "\n")
 
 
-def verify_checksums(directory: Path) -> None:
+def verify_checksums(directory: Path) -> set[str]:
     """Check every file listed in ``checksums.json`` (when the checkpoint has one: checkpoints
-    written before it existed have only the fingerprint); the error names the file at fault."""
+    written before it existed have only the fingerprint); the error names the file at fault.
+    Returns the names of the files checked."""
     directory = Path(directory)
     path = directory / CHECKSUMS_FILE
     if not path.is_file():
-        return
+        return set()
     try:
         files = json.loads(path.read_text())["files"]
         if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
@@ -179,6 +180,7 @@ def verify_checksums(directory: Path) -> None:
             raise CheckpointError(f"{file}: missing (listed in {CHECKSUMS_FILE}); the checkpoint is incomplete")
         if sha256_file(file) != expected:
             raise CheckpointError(f"{file}: checksum does not match {CHECKSUMS_FILE} (the file was changed or truncated)")
+    return set(files)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -203,19 +205,20 @@ def _fsync_dir(path: Path) -> None:
 # ----------------------------------------------------------------------------- fingerprint
 
 
+def _encoder_files(root: Path) -> list[Path]:
+    return [f for sub in (QUERY_DIR, PASSAGE_DIR) if (root / sub).is_dir()
+            for f in sorted(p for p in (root / sub).rglob("*") if p.is_file())]
+
+
 def _fingerprint(root: Path, config: dict) -> str:
     """sha256 over the encoder config and every file of the encoder directories, in a fixed order."""
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in config.items() if k != "fingerprint"}, sort_keys=True).encode())
-    for sub in (QUERY_DIR, PASSAGE_DIR):
-        d = root / sub
-        if not d.is_dir():
-            continue
-        for f in sorted(p for p in d.rglob("*") if p.is_file()):
-            h.update(str(f.relative_to(root)).encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+    for f in _encoder_files(root):
+        h.update(str(f.relative_to(root)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -280,9 +283,11 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
         if not (directory / sub).is_dir():
             raise CheckpointError(f"{directory / sub}: missing from the checkpoint")
     if verify:
-        verify_checksums(directory)  # every file, before tokenizers, transformers or safetensors read one
-        actual = _fingerprint(directory, raw)
-        if raw.get("fingerprint") != actual:
+        checked = verify_checksums(directory)  # every file, before tokenizers, transformers or safetensors read one
+        # the fingerprint re-reads the weights: needed only where checksums.json did not cover them
+        # (checkpoints older than it), since both were written from the same files
+        covered = CONFIG_FILE in checked and all(f.relative_to(directory).as_posix() in checked for f in _encoder_files(directory))
+        if not covered and raw.get("fingerprint") != _fingerprint(directory, raw):
             raise CheckpointError(
                 f"{directory}: weights do not match the fingerprint in {CONFIG_FILE} "
                 "(a file was changed, truncated or copied incompletely)"

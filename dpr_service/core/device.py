@@ -42,9 +42,14 @@ def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:  # torch.cuda.set_device and NCCL need the index
+        dev = torch.device("cuda", torch.cuda.current_device())
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if dev.type == "cpu" and precision != "fp32":

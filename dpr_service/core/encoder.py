@@ -47,7 +47,7 @@ class BiEncoder(nn.Module):
             # Sort by length, cut into buckets and trim each bucket's padding: the same embeddings
             # (padding is masked out of attention and pooling) for fewer padded tokens of compute.
             lengths = attention_mask.sum(1)  # (B,)
-            order = lengths.argsort(descending=True)
+            order = lengths.argsort(descending=True, stable=True)
             parts = []
             for idx in order.chunk(self.length_buckets):
                 width = int(lengths[idx].max())

@@ -6,8 +6,15 @@
   (``_id``, ``text``), ``qrels/<split>.tsv`` (query-id, corpus-id, score; score > 0 is relevant).
 * Plain JSONL: ``{"query": ..., "positive": ..., "negatives": [...]}``; a passage there is a
   string or ``{"title", "text", "id"}``.
+* DPR's passage TSV (``id``, ``text``, ``title``), for indexing.
 
-Every problem raises :class:`DataError`, whose message names the file, the line and what is wrong.
+In DPR and plain files, lines that repeat a query text (triplet files list a query once per
+positive) stay one training example each, but every one of them knows all of that query's
+positives, and evaluation sees one query with all of them relevant.
+
+Every problem raises :class:`DataError`, whose message names the file, the line and what is wrong:
+bytes that are not UTF-8, strings that are not valid Unicode (JSON's ``\\u`` escapes can spell
+lone surrogates), bad JSON or TSV, and fields of the wrong kind.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -76,37 +84,77 @@ def content_id(title: str, text: str) -> str:
 # ----------------------------------------------------------------------------- low-level readers
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line."""
+def iter_lines(path: Path, newline: str | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line) of a UTF-8 text file, a leading byte-order mark dropped.
+
+    Bytes that are not UTF-8 are reported on their own line: they are decoded as lone surrogates
+    (``surrogateescape``) and each line is checked, where a strict text-mode file decodes 8 KiB at
+    a time and fails on whichever earlier line it happens to be reading. ``newline`` as ``open``'s
+    (``""`` for csv)."""
     try:
-        fh = open(path, encoding="utf-8")
+        fh = open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
     except OSError as e:
         raise DataError(path, None, f"cannot open ({e.strerror})") from None
     with fh:
-        lineno = 0
+        for lineno, line in enumerate(fh, 1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                byte = ord(line[e.start]) - 0xDC00
+                raise DataError(path, lineno, f"not UTF-8 text (byte 0x{byte:02x} at column {e.start + 1})") from None
+            yield lineno, line
+
+
+def iter_tsv(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, fields) for each row of a tab-separated UTF-8 file (csv's quoting, as
+    DPR and BEIR write them); rows whose fields are all blank are skipped. The line number is the
+    row's first line (a quoted field may span lines)."""
+    reader = csv.reader((line for _, line in iter_lines(path, newline="")), delimiter="\t")
+    while True:
+        lineno = reader.line_num + 1
         try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, lineno, f"bad JSON: {e.msg} (column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-        except UnicodeDecodeError:
-            raise DataError(path, lineno + 1, "not UTF-8 text") from None
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit()
+            raise DataError(path, lineno, f"bad TSV ({e})") from None
+        if any(f.strip() for f in row):
+            yield lineno, row
+
+
+def _json_error(path: Path, lineno: int, e: Exception) -> DataError:
+    if isinstance(e, json.JSONDecodeError):
+        return DataError(path, lineno, f"bad JSON: {e.msg} (column {e.colno})")
+    if isinstance(e, RecursionError):
+        return DataError(path, lineno, "bad JSON: nested too deeply")
+    return DataError(path, lineno, f"bad JSON: {e}")  # ValueError: an integer over 4300 digits
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line."""
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise _json_error(path, lineno, e) from None
+        if not isinstance(obj, dict):
+            raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def iter_json_array(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number where the element starts, object) for a JSON file holding a list."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(path, None, "not UTF-8 text") from None
+        data = Path(path).read_bytes()
     except OSError as e:
         raise DataError(path, None, f"cannot open ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(path, data.count(b"\n", 0, e.start) + 1, f"not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    del data
     decoder = json.JSONDecoder()
     pos, line, counted = 0, 1, 0
 
@@ -133,6 +181,8 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, dict]]:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(path, e.lineno, f"bad JSON: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise _json_error(path, start, e) from None
         if not isinstance(obj, dict):
             raise DataError(path, start, f"expected a JSON object, got {type(obj).__name__}")
         yield start, obj
@@ -145,6 +195,18 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(path, line_at(pos), "bad JSON: expected ',' or ']' between list elements")
 
 
+def _unicode(value: str, path: Path, lineno: int, what: str) -> str:
+    """``value`` if it is valid Unicode. JSON's ``\\u`` escapes can spell lone surrogates, which
+    ``json`` accepts and no UTF-8 encoder does: content hashes, tokenizers and the passage store
+    would fail on them far from the line at fault. Every string field passes through here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(path, lineno, f"{what} is not valid Unicode (lone surrogate {value[e.start]!r} "
+                                      f"at character {e.start + 1})") from None
+    return value
+
+
 def _text(obj: dict, key: str, path: Path, lineno: int, what: str, required: bool = True) -> str:
     if key not in obj or obj[key] is None:
         if required:
@@ -153,14 +215,21 @@ def _text(obj: dict, key: str, path: Path, lineno: int, what: str, required: boo
     value = obj[key]
     if not isinstance(value, str):
         raise DataError(path, lineno, f"{what}: field '{key}' must be a string, got {type(value).__name__}")
+    _unicode(value, path, lineno, f"{what}: field '{key}'")
     if required and not value.strip():
         raise DataError(path, lineno, f"{what}: field '{key}' is empty")
     return value
 
 
+def _id(value, path: Path, lineno: int, what: str) -> str:
+    """A passage or query id as a string (JSON numbers allowed)."""
+    return _unicode(str(value), path, lineno, what)
+
+
 def _ctx(obj, path: Path, lineno: int, what: str) -> Passage:
     """A DPR ctx or a plain-JSONL passage (a string or an object with title/text/id)."""
     if isinstance(obj, str):
+        _unicode(obj, path, lineno, f"{what}: text")
         if not obj.strip():
             raise DataError(path, lineno, f"{what}: empty text")
         return Passage(text=obj, id=content_id("", obj))
@@ -168,8 +237,9 @@ def _ctx(obj, path: Path, lineno: int, what: str) -> Passage:
         raise DataError(path, lineno, f"{what}: expected a string or an object, got {type(obj).__name__}")
     text = _text(obj, "text", path, lineno, what)
     title = _text(obj, "title", path, lineno, what, required=False)
-    pid = next((obj[k] for k in ("passage_id", "psg_id", "id", "_id") if obj.get(k) not in (None, "")), None)
-    return Passage(text=text, title=title, id=str(pid) if pid is not None else content_id(title, text))
+    key = next((k for k in ("passage_id", "psg_id", "id", "_id") if obj.get(k) not in (None, "")), None)
+    pid = _id(obj[key], path, lineno, f"{what}: field '{key}'") if key else content_id(title, text)
+    return Passage(text=text, title=title, id=pid)
 
 
 def _ctx_list(obj: dict, key: str, path: Path, lineno: int) -> list[Passage]:
@@ -183,18 +253,22 @@ def _answers(obj: dict, path: Path, lineno: int) -> list[str]:
     answers = obj.get("answers") or []
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise DataError(path, lineno, "field 'answers' must be a list of strings")
+    for i, a in enumerate(answers):
+        _unicode(a, path, lineno, f"answers[{i}]")
     return answers
 
 
 # ----------------------------------------------------------------------------- DPR and plain records
 
 
-def _dpr_record(obj: dict, path: Path, lineno: int) -> TrainExample:
+def _dpr_record(obj: dict, path: Path, lineno: int) -> tuple[TrainExample, list[Passage]]:
+    """The example and every passage the record names (its other positives belong in the corpus:
+    evaluation counts them as relevant)."""
     question = _text(obj, "question", path, lineno, "question")
     positives = _ctx_list(obj, "positive_ctxs", path, lineno)
     if not positives:
         raise DataError(path, lineno, "field 'positive_ctxs' is missing or empty")
-    return TrainExample(
+    ex = TrainExample(
         query=question,
         positive=positives[0],  # DPR trains on the first (best) positive
         hard_negatives=_ctx_list(obj, "hard_negative_ctxs", path, lineno),
@@ -202,9 +276,10 @@ def _dpr_record(obj: dict, path: Path, lineno: int) -> TrainExample:
         answers=_answers(obj, path, lineno),
         known_positive_ids=frozenset(p.id for p in positives),
     )
+    return ex, [ex.positive, *ex.hard_negatives, *ex.negatives, *positives[1:]]
 
 
-def _plain_record(obj: dict, path: Path, lineno: int) -> TrainExample:
+def _plain_record(obj: dict, path: Path, lineno: int) -> tuple[TrainExample, list[Passage]]:
     query = _text(obj, "query", path, lineno, "query")
     if "positive" not in obj:
         raise DataError(path, lineno, "missing field 'positive'")
@@ -213,13 +288,14 @@ def _plain_record(obj: dict, path: Path, lineno: int) -> TrainExample:
     if not isinstance(negatives, list):
         raise DataError(path, lineno, f"field 'negatives' must be a list, got {type(negatives).__name__}")
     hard = [_ctx(n, path, lineno, f"negatives[{i}]") for i, n in enumerate(negatives)]
-    return TrainExample(
+    ex = TrainExample(
         query=query,
         positive=positive,
         hard_negatives=hard,
         answers=_answers(obj, path, lineno),
         known_positive_ids=frozenset([positive.id]),
     )
+    return ex, [positive, *hard]
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -228,26 +304,37 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
     return iter_jsonl(path)
 
 
-def _read_file_examples(path: Path) -> list[TrainExample]:
-    examples = []
+def _read_file(path: Path) -> tuple[list[TrainExample], list[Passage]]:
+    """The examples of a DPR or plain file, one per line, and every passage they name (first
+    occurrence of each id, in file order)."""
+    examples: list[TrainExample] = []
+    corpus: dict[str, Passage] = {}
     kind = None
     for lineno, obj in _records(path):
         if kind is None:
             kind = "dpr" if "question" in obj else "plain" if "query" in obj else None
             if kind is None:
                 raise DataError(path, lineno, "neither 'question' (DPR format) nor 'query' (plain JSONL) found")
-        examples.append(_dpr_record(obj, path, lineno) if kind == "dpr" else _plain_record(obj, path, lineno))
+        ex, passages = _dpr_record(obj, path, lineno) if kind == "dpr" else _plain_record(obj, path, lineno)
+        examples.append(ex)
+        for p in passages:
+            corpus.setdefault(p.id, p)
     if not examples:
         raise DataError(path, None, "no examples in the file")
-    return examples
+    _share_known_positives(examples)
+    return examples, list(corpus.values())
 
 
-def _corpus_from_examples(examples: list[TrainExample]) -> list[Passage]:
-    seen: dict[str, Passage] = {}
+def _share_known_positives(examples: list[TrainExample]) -> None:
+    """Lines with the same query text are one query: triplet files repeat a query once per
+    positive. Each line stays a training example with its own positive, but knows all of the
+    query's positives, so the loss masks the other lines' positives instead of pushing them away."""
+    known: dict[str, set[str]] = {}
     for ex in examples:
-        for p in (ex.positive, *ex.hard_negatives, *ex.negatives):
-            seen.setdefault(p.id, p)
-    return list(seen.values())
+        known.setdefault(ex.query, set()).update(ex.known_positive_ids)
+    frozen = {q: frozenset(ids) for q, ids in known.items()}
+    for ex in examples:
+        ex.known_positive_ids = frozen[ex.query]
 
 
 # ----------------------------------------------------------------------------- BEIR
@@ -258,7 +345,7 @@ def read_beir_corpus(path: Path) -> list[Passage]:
     for lineno, obj in iter_jsonl(path):
         if "_id" not in obj:
             raise DataError(path, lineno, "missing field '_id'")
-        pid = str(obj["_id"])
+        pid = _id(obj["_id"], path, lineno, "field '_id'")
         text = _text(obj, "text", path, lineno, f"passage {pid}", required=False)
         title = _text(obj, "title", path, lineno, f"passage {pid}", required=False)
         if not text.strip() and not title.strip():
@@ -277,32 +364,28 @@ def read_beir_queries(path: Path) -> dict[str, str]:
     for lineno, obj in iter_jsonl(path):
         if "_id" not in obj:
             raise DataError(path, lineno, "missing field '_id'")
+        qid = _id(obj["_id"], path, lineno, "field '_id'")
         # only the text: BEIR's 'metadata' can hold the relevant ids (SciFact) and must not leak
-        queries[str(obj["_id"])] = _text(obj, "text", path, lineno, f"query {obj['_id']}")
+        queries[qid] = _text(obj, "text", path, lineno, f"query {qid}")
     return queries
 
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     """query-id -> {corpus-id: score} from a BEIR qrels TSV (header optional)."""
     qrels: dict[str, dict[str, int]] = {}
-    try:
-        fh = open(path, encoding="utf-8", newline="")
-    except OSError as e:
-        raise DataError(path, None, f"cannot open ({e.strerror})") from None
-    with fh:
-        for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if lineno == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue
-            if len(row) != 3:
-                raise DataError(path, lineno, f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(row)}")
-            qid, pid, score = (c.strip() for c in row)
-            try:
-                value = int(float(score))
-            except ValueError:
-                raise DataError(path, lineno, f"score {score!r} is not a number") from None
-            qrels.setdefault(qid, {})[pid] = value
+    for lineno, row in iter_tsv(path):
+        if lineno == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(row) != 3:
+            raise DataError(path, lineno, f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(row)}")
+        qid, pid, score = (c.strip() for c in row)
+        try:
+            value = float(score)
+        except ValueError:
+            raise DataError(path, lineno, f"score {score[:60]!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(path, lineno, f"score {score[:60]!r} is not a finite number")
+        qrels.setdefault(qid, {})[pid] = int(value)
     return qrels
 
 
@@ -351,8 +434,8 @@ def read_train_data(path: Path | str, split: str = "train") -> TrainData:
         return _read_beir_train(path, split)
     if not path.exists():
         raise DataError(path, None, "no such file or directory")
-    examples = _read_file_examples(path)
-    return TrainData(examples, _corpus_from_examples(examples), str(path))
+    examples, corpus = _read_file(path)
+    return TrainData(examples, corpus, str(path))
 
 
 def read_eval_data(path: Path | str, split: str = "dev") -> EvalData:
@@ -364,15 +447,23 @@ def read_eval_data(path: Path | str, split: str = "dev") -> EvalData:
         return EvalData({q: queries[q] for q in qrels}, qrels, corpus, {}, f"{path} ({split})")
     if not path.exists():
         raise DataError(path, None, "no such file or directory")
-    examples = _read_file_examples(path)
-    queries, qrels, answers = {}, {}, {}
-    for i, ex in enumerate(examples):
-        qid = str(i)
-        queries[qid] = ex.query
-        qrels[qid] = {pid: 1 for pid in ex.known_positive_ids}
-        if ex.answers:
-            answers[qid] = ex.answers
-    return EvalData(queries, qrels, _corpus_from_examples(examples), answers, str(path))
+    examples, corpus = _read_file(path)
+    # one query per distinct text, numbered "0", "1", ... in order of first appearance; its
+    # relevant passages are the union over its lines (already in known_positive_ids), sorted
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    answers: dict[str, list[str]] = {}
+    qid_of: dict[str, str] = {}
+    for ex in examples:
+        qid = qid_of.get(ex.query)
+        if qid is None:
+            qid = qid_of[ex.query] = str(len(qid_of))
+            queries[qid] = ex.query
+            qrels[qid] = {pid: 1 for pid in sorted(ex.known_positive_ids)}
+        merged = answers.setdefault(qid, [])
+        merged.extend(a for a in ex.answers if a not in merged)
+    answers = {q: a for q, a in answers.items() if a}
+    return EvalData(queries, qrels, corpus, answers, str(path))
 
 
 # ----------------------------------------------------------------------------- corpora for indexing
@@ -381,33 +472,21 @@ def read_eval_data(path: Path | str, split: str = "dev") -> EvalData:
 def read_dpr_tsv(path: Path) -> list[Passage]:
     """DPR's passage file (``psgs_w100.tsv``): ``id <TAB> text <TAB> title`` with a header line."""
     corpus, ids = [], set()
-    try:
-        fh = open(path, encoding="utf-8", newline="")
-    except OSError as e:
-        raise DataError(path, None, f"cannot open ({e.strerror})") from None
-    with fh:
-        lineno = 0
-        try:
-            for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), 1):
-                if not row:
-                    continue
-                if lineno == 1 and row[0].strip().lower() == "id":
-                    continue
-                if len(row) not in (2, 3):
-                    raise DataError(path, lineno, f"expected 'id<TAB>text<TAB>title', got {len(row)} columns")
-                pid, text, title = row[0].strip(), row[1], row[2] if len(row) == 3 else ""
-                if not pid:
-                    raise DataError(path, lineno, "empty passage id")
-                if not text.strip():
-                    raise DataError(path, lineno, f"passage {pid}: empty text")
-                if pid in ids:
-                    raise DataError(path, lineno, f"duplicate passage id {pid!r}")
-                ids.add(pid)
-                corpus.append(Passage(text=text, title=title, id=pid))
-        except UnicodeDecodeError:
-            raise DataError(path, lineno + 1, "not UTF-8 text") from None
-        except csv.Error as e:
-            raise DataError(path, lineno, f"bad TSV ({e})") from None
+    # strictly decoded UTF-8 holds no lone surrogates: iter_lines is this format's Unicode check
+    for lineno, row in iter_tsv(path):
+        if lineno == 1 and row[0].strip().lower() == "id":
+            continue
+        if len(row) not in (2, 3):
+            raise DataError(path, lineno, f"expected 'id<TAB>text<TAB>title', got {len(row)} columns")
+        pid, text, title = row[0].strip(), row[1], row[2] if len(row) == 3 else ""
+        if not pid:
+            raise DataError(path, lineno, "empty passage id")
+        if not text.strip():
+            raise DataError(path, lineno, f"passage {pid}: empty text")
+        if pid in ids:
+            raise DataError(path, lineno, f"duplicate passage id {pid!r}")
+        ids.add(pid)
+        corpus.append(Passage(text=text, title=title, id=pid))
     if not corpus:
         raise DataError(path, None, "empty corpus")
     return corpus

@@ -30,6 +30,8 @@ def encode_texts(
     """
     if kind not in ("query", "passage"):
         raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     n = len(items)
     if n == 0:
         return torch.empty(0, encoder.dim)

@@ -22,12 +22,13 @@ def scores(q_emb: torch.Tensor, p_emb: torch.Tensor, similarity: str = "dot", te
     Returns:
         scores: (B, N), ``scores[i, j] = s(q_i, p_j) / temperature``.
     """
-    q_emb, p_emb = q_emb.float(), p_emb.float()
-    if similarity == "cosine":
-        q_emb, p_emb = F.normalize(q_emb, dim=-1), F.normalize(p_emb, dim=-1)
-    elif similarity != "dot":
+    if similarity not in ("dot", "cosine"):
         raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
-    return q_emb @ p_emb.T / temperature
+    with torch.autocast(q_emb.device.type, enabled=False):  # float32 even inside an autocast region
+        q_emb, p_emb = q_emb.float(), p_emb.float()
+        if similarity == "cosine":
+            q_emb, p_emb = F.normalize(q_emb, dim=-1), F.normalize(p_emb, dim=-1)
+        return q_emb @ p_emb.T / temperature
 
 
 def candidate_log_probs(

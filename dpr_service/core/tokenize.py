@@ -7,6 +7,7 @@ their longest member (dynamic padding), and questions and passages have their ow
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -15,15 +16,34 @@ from .formats import Passage
 
 
 class TextTokenizer:
-    """Wraps a Hugging Face tokenizer with the checkpoint's max lengths."""
+    """Wraps a Hugging Face tokenizer with the checkpoint's max lengths. Thread-safe: a fast
+    tokenizer keeps its truncation and padding settings as state that each call re-sets, so the
+    server's threads take turns (a query tokenized while a passage batch re-set the state would
+    silently get the passage max length)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, query_max_length: int, passage_max_length: int):
         self.hf = tokenizer
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # DataLoader workers started by spawn get a copy, and their own lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def queries(self, texts: Sequence[str]) -> dict:
         """Token ids for questions: ``input_ids`` and ``attention_mask``, each (B, L)."""
+        with self._lock:
+            return self._queries(texts)
+
+    def passages(self, passages: Sequence[Passage]) -> dict:
+        """Token ids for passages (title [SEP] text when a title exists): each (N, L)."""
+        with self._lock:
+            return self._passages(list(passages))
+
+    def _queries(self, texts: Sequence[str]) -> dict:
         enc = self.hf(
             list(texts),
             max_length=self.query_max_length,
@@ -33,9 +53,7 @@ class TextTokenizer:
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def passages(self, passages: Sequence[Passage]) -> dict:
-        """Token ids for passages (title [SEP] text when a title exists): each (N, L)."""
-        passages = list(passages)
+    def _passages(self, passages: list[Passage]) -> dict:
         titled = [i for i, p in enumerate(passages) if p.title]
         if not titled:
             enc = self.hf(
