@@ -85,6 +85,8 @@ def run(args, batch: int, chunk: int | None) -> dict:
         r = subprocess.run([sys.executable, "-c", CHILD, *flags], capture_output=True, text=True, cwd=ROOT)
         peak = [json.loads(line[5:]) for line in r.stdout.splitlines() if line.startswith("PEAK ")]
         if r.returncode or not peak or peak[0]["rc"]:
+            if "out of memory" in r.stderr.lower():  # a result too: this batch does not fit uncached
+                return {"batch_size": batch, "chunk_size": chunk, "out_of_memory": True}
             raise SystemExit(f"batch {batch} chunk {chunk} failed:\n{r.stderr[-3000:]}")
         steps = [json.loads(x) for x in Path(f"{tmp}/out/metrics.jsonl").read_text().splitlines()]
     timed = [s for s in steps if s["step"] > 1]  # the first step pays for warm-up

@@ -186,6 +186,19 @@ def test_dpr_console_command_trains(tmp_path, tiny_model):
     assert f"checkpoint: {tmp_path / 'o' / 'last'}" in proc.stdout
 
 
+def test_gpu_out_of_memory_is_a_message_with_a_remedy(tmp_path, tiny_model, monkeypatch, capsys):
+    import trainer.train
+    from trainer.cli import main
+
+    def oom(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer.train, "train", oom)
+    data = write_plain(tmp_path / "train.jsonl", n=8)
+    assert main(["--model", str(tiny_model), "--train", str(data), "--output", str(tmp_path / "o")]) == 1
+    assert "ran out of memory; lower --batch-size, or keep it and add --chunk-size" in capsys.readouterr().err
+
+
 def test_auto_resume_starts_continues_and_keeps_a_finished_run(tmp_path, tiny_model):
     """--auto-resume (what docker compose's train service runs on every `up`): a new run on an
     empty output, the interrupted run continued exactly, a finished run left as it is."""

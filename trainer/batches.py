@@ -30,12 +30,11 @@ class Batch:
     p_ids: torch.Tensor  # (N,) int64 hashes of the passage ids; equal means the same passage
     known_ids: torch.Tensor  # (B, K) hashes of each question's known positives, padded with -1
 
-    def candidate_mask(self, p_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def candidate_mask(self) -> torch.Tensor:
         """(B, N) False where passage j is a known positive of question i (other than the passage at
-        its positive column, which the loss always keeps). ``p_ids`` defaults to this batch's
-        passages; under torch.distributed it is every rank's passages, so cross-rank false
-        negatives are masked too."""
-        return known_positive_mask(self.p_ids if p_ids is None else p_ids, self.known_ids)
+        its positive column, which the loss always keeps). Under torch.distributed, step.py masks
+        every rank's passages with :func:`known_positive_mask` instead."""
+        return known_positive_mask(self.p_ids, self.known_ids)
 
     @property
     def size(self) -> int:

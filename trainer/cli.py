@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
     from dpr_service.core.checkpoint import CheckpointError
     from dpr_service.core.formats import DataError
 
+    import torch
+
     from .train import Interrupted, train
 
     try:
@@ -84,6 +86,13 @@ def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        hint = "lower --batch-size, or keep it and add --chunk-size (gradient caching: memory depends on the chunk)"
+        if cfg.chunk_size:
+            hint = "lower --chunk-size" + (f" or --eval-batch-size ({cfg.eval_batch_size})" if cfg.dev else "")
+        print(f"{prog}: error: the GPU ran out of memory; {hint}. last/ holds the latest checkpoint "
+              f"(continue with --resume)", file=sys.stderr)
+        return 1
     except Interrupted as e:
         if e.main:
             print(f"{prog}: {e}; checkpoint saved in {cfg.output}/last, continue with --resume", file=sys.stderr)
