@@ -25,6 +25,8 @@ class Hit:
     id: str
     score: float
     row: int
+    title: str | None = None  # set by ``search(..., with_text=True)`` only
+    text: str | None = None
 
 
 class Searcher:
@@ -90,17 +92,20 @@ class Searcher:
     def count(self) -> int:
         return self.manifest.count
 
-    def search(self, q_emb: np.ndarray, k: int) -> list[list[Hit]]:
-        """q_emb (Q, D) float32 -> one ranked list of at most k hits per query (best first)."""
+    def search(self, q_emb: np.ndarray, k: int, with_text: bool = False) -> list[list[Hit]]:
+        """q_emb (Q, D) float32 -> one ranked list of at most k hits per query (best first).
+
+        The passage store is read once for all hits: ids only, or ids, titles and texts with ``with_text``."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         xq = np.ascontiguousarray(q_emb, dtype=np.float32)
         if xq.ndim != 2 or xq.shape[1] != self.manifest.dim:
             raise ValueError(f"query embeddings must have shape (Q, {self.manifest.dim}), got {xq.shape}")
         D, I = self.index.search(xq, min(k, self.count))  # (Q, k) scores and rows; -1 where none
-        rows = self.store.by_rows(I[I >= 0].tolist())
+        found = I[I >= 0].tolist()
+        rows = self.store.by_rows(found) if with_text else _ids_by_rows(self.store, found)
         return [
-            [Hit(rows[r][0], float(s), int(r)) for s, r in zip(ds, rs) if r >= 0 and r in rows]
+            [Hit(rows[r][0], float(s), int(r), *rows[r][1:]) for s, r in zip(ds, rs) if r >= 0 and r in rows]
             for ds, rs in zip(D, I)
         ]
 
@@ -109,6 +114,18 @@ class Searcher:
 
     def passages_by_rows(self, rows: list[int]) -> dict[int, Passage]:
         return {r: Passage(text=text, title=title, id=pid) for r, (pid, title, text) in self.store.by_rows(rows).items()}
+
+
+def _ids_by_rows(store: PassageStore, rows: list[int]) -> dict[int, tuple[str]]:
+    """row -> (id,): ``PassageStore.by_rows`` without the titles and texts (search without text)."""
+    wanted = sorted(set(rows))
+    out: dict[int, tuple[str]] = {}
+    with store._connect() as db:  # the store's one connection, under its lock
+        for start in range(0, len(wanted), 900):  # SQLite's parameter limit
+            chunk = wanted[start : start + 900]
+            for row, pid in db.execute(f"SELECT row, id FROM passages WHERE row IN ({','.join('?' * len(chunk))})", chunk):
+                out[row] = (pid,)
+    return out
 
 
 def _replaced(requested: Path, loaded: Path, inode: tuple[int, int] | None) -> bool:

@@ -1,6 +1,7 @@
 """The service: each endpoint against the core as oracle, /score against the trainer's evaluation
 loss, every limit, auth on every route, overload, hot reload, and a real uvicorn process."""
 
+import asyncio
 import json
 import os
 import socket
@@ -11,12 +12,16 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from conftest import write_beir
 from fastapi.testclient import TestClient
 
-from dpr_service.api.app import OPEN_ROUTES, create_app
+import dpr_service.api.app as app_module
+from dpr_service.api.app import OPEN_ROUTES, create_app, current_resources
+from dpr_service.api.batching import QueryBatcher, Stopped
+from dpr_service.api.guard import Guard
 from dpr_service.api.settings import Settings
 from dpr_service.core.checkpoint import load_base_model, load_checkpoint, save_checkpoint
 from dpr_service.core.config import EncoderConfig
@@ -170,9 +175,13 @@ LIMITED = dict(max_queries=2, max_top_k=5, max_text_chars=50, max_items=2, max_p
         ("/score", {"items": [{"question": "q", "positive": ""}]}, 422, "positive"),
         ("/score", {"items": [{"question": "q", "positive": "p", "negatives": ["y" * 51]}]}, 422, "items[0].negatives[0]: longer than 50"),
         ("/score", {"items": [{"question": "q", "positive": "p", "negatives": ["  "]}]}, 422, "negatives: Value error, must not be empty"),
+        ("/score", {"items": [{"question": "q", "positive": {"title": "t" * 51, "text": "p"}}]}, 422, "items[0].positive.title: longer than 50"),
+        ("/score", {"items": [{"question": "q", "positive": "p", "negatives": [{"title": "t" * 51, "text": "n"}]}]}, 422,
+         "items[0].negatives[0].title: longer than 50"),
         ("/encode", {"texts": ["ok", ""]}, 422, "texts: Value error, must not be empty"),
         ("/encode", {"texts": ["a"], "kind": "image"}, 422, "kind"),
         ("/encode", {"texts": [{"text": "a"}], "kind": "query"}, 422, "queries are strings"),
+        ("/encode", {"texts": ["a", {"title": "t" * 51, "text": "a"}], "kind": "passage"}, 422, "texts[1].title: longer than 50"),
     ],
 )
 def test_limits_and_bad_input_get_4xx_naming_the_field(artifact, path, body, status, field):
@@ -194,10 +203,58 @@ def test_oversized_body_is_refused_from_its_header(artifact):
     assert r.status_code == 413
 
 
+def test_titles_are_limited_like_texts_and_the_schema_says_so(artifact):
+    with client(artifact, **LIMITED) as c:
+        title = c.get("/openapi.json").json()["components"]["schemas"]["PassageIn"]["properties"]["title"]
+        assert title["maxLength"] == 50
+        ok = {"items": [{"question": "q", "positive": {"title": "t" * 50, "text": "p"}}]}
+        assert c.post("/score", json=ok).status_code == 200
+        assert c.post("/encode", json={"texts": [{"title": "t" * 50, "text": "a"}], "kind": "passage"}).status_code == 200
+        r = c.post("/encode", json={"texts": [{"title": "t" * 1500, "text": "a"}], "kind": "passage"})
+        assert r.status_code == 422 and r.json()["detail"] == "texts[0].title: longer than 50 characters"
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-1", b"1e3", b"", b" 12", "\u00b2".encode("latin-1")])  # "\u00b2": str.isdigit() says yes
+def test_a_content_length_that_is_not_a_number_is_400(length):
+    sent = []
+
+    async def app(scope, receive, send):
+        raise AssertionError("the request reached the app")
+
+    async def send(message):
+        sent.append(message)
+
+    guard = Guard(app, Settings(index=None), open_routes=set())
+    asyncio.run(guard({"type": "http", "path": "/search", "method": "POST", "headers": [(b"content-length", length)]}, None, send))
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["detail"].startswith("invalid Content-Length header")
+
+
+def test_a_content_length_that_is_not_a_number_is_400_from_the_app(api):
+    r = api.post("/search", content=b'{"query": "apple"}', headers={"content-length": "abc", "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"] == 'invalid Content-Length header "abc": not a number of bytes'
+
+
+
 def test_full_queue_gets_503_with_retry_after(artifact):
     with client(artifact, queue_max=1) as c:
         r = c.post("/search", json={"queries": ["apple", "river"]})
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_an_empty_api_key_is_no_key(artifact, monkeypatch, value):
+    """Compose passes `DPR_API_KEY: ${DPR_API_KEY:-}`: an empty key must leave auth off, not require ''."""
+    monkeypatch.setenv("DPR_API_KEY", "")
+    settings = Settings(index=artifact / "index", device="cpu") if value is None else \
+        Settings(index=artifact / "index", device="cpu", api_key=value)
+    assert settings.api_key is None
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/info").status_code == 200
+        assert c.get("/info", headers={"X-API-Key": "anything"}).status_code == 200
+        assert "securitySchemes" not in c.get("/openapi.json").json()["components"]
+    monkeypatch.setenv("DPR_API_KEY", KEY)  # and a key that is set still switches auth on
+    assert Settings(index=artifact / "index").api_key.get_secret_value() == KEY
 
 
 def test_auth_on_every_route(artifact):
@@ -238,6 +295,152 @@ def test_reload_swaps_in_a_new_artifact_and_a_failed_one_keeps_serving(artifact,
         assert c.post("/search", json={"query": "zebra guitar", "top_k": 31}).status_code == 200
 
 
+def _guard(app) -> Guard:
+    layer = app.middleware_stack
+    while not isinstance(layer, Guard):
+        layer = layer.app
+    return layer
+
+
+def test_a_reload_answers_every_search_in_flight(artifact, tmp_path, monkeypatch):
+    """Query encoding slowed beyond the retire window: every search in flight during /admin/reload
+    (one batch encoding, one queued behind it) gets its 200, a request that still holds the retired
+    resources is re-routed to the new ones, and no admission slot is left taken."""
+    import shutil
+
+    shutil.copytree(artifact / "index", tmp_path / "index")
+    gate, encode = threading.Event(), app_module.Resources.encode_queries
+
+    def slow(self, texts):
+        if texts != ["warm-up query"]:
+            gate.wait(10)  # the first batch waits until the reload is over and then some
+            time.sleep(0.8)  # and every batch takes longer than the old 0.5 s retire grace
+        return encode(self, texts)
+
+    monkeypatch.setattr(app_module.Resources, "encode_queries", slow)
+    app = create_app(Settings(index=tmp_path / "index", checkpoint=artifact / "ckpt", device="cpu",
+                              batch_max_size=4, batch_max_wait_ms=20))
+
+    async def main():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as h:
+            post = lambda i: asyncio.create_task(h.post("/search", json={"query": f"apple river {i}", "top_k": 3}))
+            first = [post(i) for i in range(3)]
+            await asyncio.sleep(0.3)  # the first batch is encoding (held by the gate)
+            second = [post(i) for i in range(3, 6)]  # queued behind it
+            await asyncio.sleep(0.1)
+            old = app.state.resources
+            assert old.batcher.depth == 3
+            r = await h.post("/admin/reload")
+            assert r.status_code == 200, r.text
+            assert app.state.resources is not old
+            await asyncio.sleep(0.7)  # past the old retire window, with the queue empty
+            gate.set()
+            answers = await asyncio.wait_for(asyncio.gather(*first, *second), 20)
+            assert old.batcher.stopped and old.batcher.depth == 0
+            # a request that got the retired resources before the swap is encoded by the new ones
+            app.dependency_overrides[current_resources] = lambda: old
+            late = await asyncio.wait_for(h.post("/search", json={"query": "apple river", "top_k": 3}), 20)
+            app.dependency_overrides.clear()
+            fresh = await h.post("/search", json={"query": "apple river", "top_k": 3})
+            return answers, late, fresh, _guard(app).in_flight
+
+    answers, late, fresh, in_flight = asyncio.run(main())
+    assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+    assert late.status_code == 200 and [h["id"] for h in late.json()["results"][0]] == [h["id"] for h in fresh.json()["results"][0]]
+    assert in_flight == 0
+
+
+def test_a_stopped_batcher_answers_what_it_holds_and_refuses_more():
+    def slow_encode(texts):
+        time.sleep(0.6)  # longer than the old retire grace
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    def stuck_encode(texts):
+        time.sleep(0.8)
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async def main():
+        b = QueryBatcher(slow_encode, max_size=1, max_wait_ms=1, queue_max=8)
+        b.start()
+        held = [asyncio.create_task(b.submit([f"q{i}"])) for i in range(2)]  # one encoding, one queued
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(b.stop(), 10)
+        answered = [t.result().shape for t in held]  # all resolved by the time stop() returns
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(b.submit(["late"]), 1)
+        # an encoder stuck past the timeout: its futures fail with Stopped, none is left waiting
+        b = QueryBatcher(stuck_encode, max_size=8, max_wait_ms=1, queue_max=8)
+        b.start()
+        stuck = asyncio.create_task(b.submit(["q"]))
+        await asyncio.sleep(0.1)
+        await b.stop(timeout=0.2)
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(stuck, 1)
+        return answered
+
+    assert asyncio.run(main()) == [(1, 2)] * 2
+
+
+def test_every_worker_notices_a_new_artifact_by_itself(artifact, tmp_path):
+    """`dpr serve --workers N`: /admin/reload reaches one worker; the others (here a second app on
+    the same DPR_INDEX) find the new artifact at their next requests, with no reload call."""
+    import shutil
+
+    shutil.copytree(artifact / "index", tmp_path / "index")
+    settings = Settings(index=tmp_path / "index", checkpoint=artifact / "ckpt", device="cpu")
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        assert a.get("/info").json()["index"]["count"] == b.get("/info").json()["index"]["count"] == 30
+        new = tmp_path / "new.jsonl"
+        new.write_text(json.dumps({"_id": "x1", "title": "zebra", "text": "the zebra and the guitar"}) + "\n")
+        add(tmp_path / "index", new, checkpoint=artifact / "ckpt")
+        assert a.post("/admin/reload").json()["passages"] == 31
+        deadline = time.monotonic() + 30
+        while b.get("/info").json()["index"]["count"] != 31:
+            assert time.monotonic() < deadline, "the other worker still serves the old artifact"
+            time.sleep(0.2)
+        assert b.post("/search", json={"query": "zebra guitar", "top_k": 1}).json()["results"][0][0]["id"] == "x1"
+        # a new artifact that fails its checks: logged, and the old one keeps serving
+        (tmp_path / "index" / "manifest.json").write_text("{}")
+        time.sleep(1.2)
+        assert b.get("/info").json()["index"]["count"] == 31
+        time.sleep(1.5)  # the failed load is done (it is not retried until the artifact changes again)
+        assert b.get("/info").json()["index"]["count"] == 31 and b.get("/readyz").status_code == 200
+
+
+def test_search_reads_the_passage_store_once_off_the_event_loop(api):
+    """One store query per search, from a worker thread, and titles and texts only when asked for."""
+    searcher = api.app.state.resources.searcher
+    calls = []
+
+    class Recording:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            try:
+                asyncio.get_running_loop()
+                on_loop = True
+            except RuntimeError:
+                on_loop = False
+            calls.append((sql, on_loop))
+            return self.db.execute(sql, *args)
+
+    db = searcher.store._db
+    searcher.store._db = Recording(db)
+    try:
+        with_text = api.post("/search", json={"queries": ["apple river", "comet walnut"], "top_k": 5}).json()
+        text_calls, calls[:] = list(calls), []
+        without = api.post("/search", json={"queries": ["apple river", "comet walnut"], "top_k": 5, "with_text": False}).json()
+    finally:
+        searcher.store._db = db
+    assert len(text_calls) == 1 and not text_calls[0][1] and "text" in text_calls[0][0]
+    assert len(calls) == 1 and not calls[0][1] and "text" not in calls[0][0] and "title" not in calls[0][0]
+    assert [[h["id"] for h in hs] for hs in without["results"]] == [[h["id"] for h in hs] for hs in with_text["results"]]
+    assert all(h["text"] and h["title"] is not None for hs in with_text["results"] for h in hs)
+    assert all(h["text"] is None and h["title"] is None for hs in without["results"] for h in hs)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -269,10 +472,13 @@ def test_real_uvicorn_process_with_reload_under_load(artifact, tmp_path):
             pytest.fail("server never became ready: " + proc.stdout.read1().decode(errors="replace"))
         statuses, stop = [], threading.Event()
 
-        def hammer():
+        def hammer():  # every outcome is recorded: a status, or the exception (a timeout, a reset) as a failure
             with httpx.Client(base_url=base, headers=headers, timeout=30) as h:
                 while not stop.is_set() and len(statuses) < 2000:
-                    statuses.append(h.post("/search", json={"query": "apple river", "top_k": 3}).status_code)
+                    try:
+                        statuses.append(h.post("/search", json={"query": "apple river", "top_k": 3}).status_code)
+                    except Exception as e:
+                        statuses.append(f"{type(e).__name__}: {e}")
 
         threads = [threading.Thread(target=hammer) for _ in range(4)]
         for t in threads:

@@ -11,8 +11,9 @@ In this order, and all before a byte of the body is read:
 2. **Admission.** At most ``DPR_MAX_IN_FLIGHT`` requests are in progress; one more gets 503 with
    Retry-After at once. Under overload the server spends almost nothing on the requests it sheds,
    and the memory held by bodies in progress is bounded by ``max_in_flight x max_body_bytes``.
-3. **Body size.** A Content-Length over ``DPR_MAX_BODY_BYTES`` gets 413 unread; a body without one
-   (chunked) is counted as it arrives and refused as soon as it passes the limit.
+3. **Body size.** A Content-Length that is not a number gets 400; one over ``DPR_MAX_BODY_BYTES``
+   gets 413 unread; a body without one (chunked) is counted as it arrives and refused as soon as it
+   passes the limit.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class Guard:
             if guarded and self.in_flight >= s.max_in_flight:
                 return await _respond(counted_send, 503, f"server busy: {self.in_flight} requests in progress, retry later",
                                       {"Retry-After": str(s.retry_after_s)})
-            if length is not None and (not length.isdigit() or int(length) > s.max_body_bytes):
+            if length is not None and not (length.isascii() and length.isdigit()):
+                return await _respond(counted_send, 400, f"invalid Content-Length header {_shown(length)}: not a number of bytes")
+            if length is not None and int(length) > s.max_body_bytes:
                 return await _respond(counted_send, 413, f"request body over {s.max_body_bytes} bytes")
             self.in_flight += guarded
             try:
@@ -106,6 +109,12 @@ class Guard:
                 self.in_flight -= guarded
         finally:
             self.observe(self._label(path), status[0], time.perf_counter() - t0)
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A header value quoted for a message: printable ASCII, at most ``limit`` characters."""
+    text = value[:limit].encode("ascii", "backslashreplace").decode("ascii")
+    return json.dumps(text + ("..." if len(value) > limit else ""))
 
 
 def _replay(body: bytes, receive):

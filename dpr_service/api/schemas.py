@@ -59,7 +59,7 @@ Integer = Annotated[int, BeforeValidator(_integral)]
 
 class PassageIn(BaseModel):
     model_config = STRICT
-    title: str = ""
+    title: str = Field("", description="at most DPR_MAX_TEXT_CHARS characters, like the text")
     text: str
 
     _text = field_validator("text")(_not_blank)
@@ -170,11 +170,11 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES = {
-    400: {"model": ErrorResponse, "description": "the body is not JSON the server can parse"},
+    400: {"model": ErrorResponse, "description": "the body is not JSON the server can parse, or Content-Length is not a number"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key (when DPR_API_KEY is set)"},
     413: {"model": ErrorResponse, "description": "request body over DPR_MAX_BODY_BYTES"},
     422: {"model": ErrorResponse, "description": "invalid request; the detail names the field"},
-    503: {"model": ErrorResponse, "description": "not ready yet, or the query queue is full: retry later",
+    503: {"model": ErrorResponse, "description": "not ready yet, the query queue is full, or a reload is under way: retry later",
           "headers": {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
                                       "schema": {"type": "integer"}}}},
 }
@@ -187,6 +187,7 @@ def document_limits(openapi: dict, settings) -> dict:
     c = openapi["components"]["schemas"]
     text = {"maxLength": settings.max_text_chars, "pattern": NON_BLANK}
     c["PassageIn"]["properties"]["text"].update(text)
+    c["PassageIn"]["properties"]["title"]["maxLength"] = settings.max_text_chars  # titles: the same limit, may be empty
     search = c["SearchRequest"]
     search["properties"]["queries"].update(minItems=1, maxItems=settings.max_queries)
     search["properties"]["queries"]["items"].update(text)

@@ -1,20 +1,24 @@
-"""Service settings from the environment (``DPR_*``), behind a cached getter tests can override."""
+"""Service settings from the environment (``DPR_*``), behind a cached getter tests can override.
+
+An empty variable counts as unset (``env_ignore_empty``): Compose's ``DPR_API_KEY: ${DPR_API_KEY:-}``
+passes an empty string when no key is given, and that must not switch auth on with an empty key.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DPR_", env_file=None)
+    model_config = SettingsConfigDict(env_prefix="DPR_", env_file=None, env_ignore_empty=True)
 
     index: Path | None = Field(None, description="index artifact directory (dpr index build's --output)")
     checkpoint: Path | None = Field(None, description="checkpoint; default: the one named in the index manifest")
-    api_key: SecretStr | None = Field(None, description="when set, every route but /healthz and /readyz needs it")
+    api_key: SecretStr | None = Field(None, description="when set (and not empty), every route but /healthz, /readyz and / needs it")
     device: str = "auto"
     # limits: requests over them get a 4xx naming the field
     max_body_bytes: int = Field(1_000_000, ge=1)
@@ -31,6 +35,14 @@ class Settings(BaseSettings):
     # admission: requests in progress at once; more get 503 + Retry-After before their body is read
     max_in_flight: int = Field(256, ge=1)
     retry_after_s: int = Field(1, ge=1)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value):
+        """An empty key is no key (auth off), never a key that only the empty string matches."""
+        if value == "" or (isinstance(value, SecretStr) and value.get_secret_value() == ""):
+            return None
+        return value
 
 
 @lru_cache
