@@ -105,6 +105,20 @@ class PassageStore:
         return out
 
 
+def prepare_output(path: Path | str, directory: bool) -> Path:
+    """Create the parent directories of an output ``path`` (a directory when ``directory``, else a
+    file) before any work is done; a file in the way, or ``path`` of the other kind, is a
+    ValueError naming it."""
+    path = Path(path)
+    blocking = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{path}: cannot be created, {blocking} is a file and not a directory")
+    if path.exists() and path.is_dir() != directory:
+        raise ValueError(f"{path}: is {'a file' if directory else 'a directory'}; expected {'a directory' if directory else 'a file'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 # ----------------------------------------------------------------------------- manifest
 
 

@@ -4,12 +4,19 @@ Embeddings are written chunk by chunk (``emb-000123.npy``) into ``.<output>.part
 computed, so a killed build resumes at the first missing chunk. ``--shard i/n`` encodes only the
 chunks ``c`` with ``c % n == i``, so n processes (or machines sharing the directory) split the work;
 whichever finds every chunk present builds the index (the merge step), and a plain build with all
-chunks present only merges. The artifact is assembled in a temporary directory and renamed into
-place when complete.
+chunks present only merges. ``build.json`` in that directory records the job: the checkpoint's
+fingerprint, the chunk size and a sha256 of the corpus (ids, titles, texts), so chunks are reused
+only for the same corpus; an edited corpus starts over.
+
+The factory is checked against the corpus size before anything is encoded. The merge trains the
+index on a sample and adds the memory-mapped chunks a slice at a time, so it holds the index, the
+sample and one slice, never all n x D floats. The artifact is assembled in a temporary directory
+and renamed into place when complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -18,8 +25,11 @@ import re
 import shutil
 import sqlite3
 import time
+import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -31,7 +41,8 @@ from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.formats import Passage, read_corpus
 from dpr_service.core.inference import encode_texts
 
-from .artifact import INDEX_FILE, PASSAGES_FILE, ArtifactError, create_passage_store, insert_passages, write_manifest
+from .artifact import (INDEX_FILE, PASSAGES_FILE, ArtifactError, create_passage_store, insert_passages, prepare_output,
+                       write_manifest)
 
 log = logging.getLogger("index")
 
@@ -68,46 +79,188 @@ def choose_factory(n: int, dim: int, budget: int) -> tuple[str, str]:
     raise ValueError(f"{n} vectors of {dim} dims do not fit {gb(budget)} even with PQ4; raise --memory-budget")
 
 
-def make_index(factory: str, dim: int, xb: np.ndarray, use_gpu: bool, progress: bool) -> faiss.Index:
-    """Build (train on a sample where needed, then add) an inner-product index; returns it on the CPU."""
+def _training_needs(index: faiss.Index) -> list[tuple[int, str]]:
+    """(vectors, what) that training ``index`` needs at least: each k-means in it (IVF lists, PQ and
+    OPQ codebooks) needs as many training vectors as centroids, and a PCA as many as it keeps."""
+    x = faiss.downcast_index(index)
+    needs: list[tuple[int, str]] = []
+    if isinstance(x, faiss.IndexPreTransform):
+        for i in range(x.chain.size()):
+            t = faiss.downcast_VectorTransform(x.chain.at(i))
+            if isinstance(t, faiss.OPQMatrix):
+                needs.append((256, f"the 256-centroid codebooks of OPQ{t.M}"))
+            elif isinstance(t, (faiss.PCAMatrix, faiss.ITQTransform)):
+                if t.d_out > t.d_in:
+                    raise ArtifactError(f"a PCA cannot make {t.d_out} dimensions out of {t.d_in}")
+                needs.append((t.d_out, f"a {type(t).__name__.removesuffix('Matrix').removesuffix('Transform')} to {t.d_out} dimensions"))
+    if isinstance(x, faiss.IndexIVF):
+        needs.append((x.nlist, f"{x.nlist} IVF lists"))
+    pq = getattr(x, "pq", None)
+    if isinstance(pq, faiss.ProductQuantizer):
+        needs.append((pq.ksub, f"PQ codebooks of {pq.ksub} centroids"))
+    for sub in _parts_of(x):
+        needs += _training_needs(sub)
+    return needs
+
+
+def _parts_of(x: faiss.Index) -> list[faiss.Index]:
+    """The indexes inside a (downcast) index: a pre-transform's or IDMap's index, an IVF's
+    quantizer, an HNSW's storage, a refinement's two."""
+    subs = (getattr(x, a, None) for a in ("index", "quantizer", "storage", "base_index", "refine_index"))
+    return [sub for sub in subs if isinstance(sub, faiss.Index)]
+
+
+def _contains(index: faiss.Index, kinds: tuple) -> bool:
+    x = faiss.downcast_index(index)
+    return isinstance(x, kinds) or any(_contains(sub, kinds) for sub in _parts_of(x))
+
+
+def check_factory(factory: str, dim: int, n: int) -> faiss.Index:
+    """The empty inner-product index ``factory`` makes for ``dim``-dimensional vectors, checked for
+    a corpus of ``n`` passages before any passage is encoded: FAISS parses it, rows can be added
+    without ids (row r is passage r), and ``n`` vectors are enough to train it. What only training
+    itself can tell still fails later, as an :class:`ArtifactError` naming the factory."""
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ArtifactError(f"bad --factory {factory!r}: {str(e).strip().splitlines()[-1]}") from None
-    n = xb.shape[0]
-    ivf = faiss.try_extract_index_ivf(index) if "IVF" in factory else None
-    if ivf is not None and n < ivf.nlist:
-        raise ArtifactError(f"--factory {factory}: {ivf.nlist} lists need at least {ivf.nlist} vectors, the corpus has {n}; use Flat, HNSW32 or auto")
-    gpu = use_gpu and "HNSW" not in factory
-    work = index
-    if gpu:
-        res = faiss.StandardGpuResources()
-        work = faiss.index_cpu_to_gpu(res, torch.cuda.current_device(), index)
-        log.info("building on the GPU with faiss-gpu")
-    if not work.is_trained:
-        size = min(n, max(64 * (ivf.nlist if ivf is not None else 256), 65_536))
-        sample = xb[np.random.default_rng(0).choice(n, size, replace=False)] if size < n else xb
-        log.info("training %s on %d of %d vectors", factory, size, n)
-        work.train(np.ascontiguousarray(sample, dtype=np.float32))
-    bar = tqdm(total=n, desc="adding to index", unit="vec", disable=not progress, leave=False)
-    for start in range(0, n, 65_536):
-        work.add(np.ascontiguousarray(xb[start : start + 65_536], dtype=np.float32))
-        bar.update(min(65_536, n - start))
-    bar.close()
-    index = faiss.index_gpu_to_cpu(work) if gpu else work
-    params = default_search_params(factory)  # the same values the manifest records for Searcher
-    if "efSearch" in params:
-        faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
-    if "nprobe" in params:
-        faiss.extract_index_ivf(index).nprobe = params["nprobe"]
+        raise ArtifactError(f"bad --factory {factory!r} (for an inner-product index of {dim} dimensions): {_faiss_message(e)}") from None
+    if _contains(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        raise ArtifactError(f"--factory {factory}: IDMap indexes take explicit ids, and here row r of the index is "
+                            "passage r; leave out IDMap")
+    if index.is_trained:  # nothing to learn: it must accept vectors as they come
+        try:
+            index.add(np.zeros((0, dim), dtype=np.float32))
+        except RuntimeError as e:
+            raise ArtifactError(f"--factory {factory}: cannot add vectors ({_faiss_message(e)})") from None
+    try:
+        needs = _training_needs(index)
+    except ArtifactError as e:
+        raise ArtifactError(f"--factory {factory}: {e}") from None
+    for needed, what in needs:
+        if n < needed:
+            raise ArtifactError(f"--factory {factory}: training {what} needs at least {needed} vectors, the corpus has {n}; "
+                                "use Flat, HNSW32, auto, or fewer lists or centroids")
     return index
 
 
-def default_search_params(factory: str) -> dict:
-    if "HNSW" in factory:
-        return {"efSearch": 128}
-    m = re.search(r"IVF(\d+)", factory)
-    return {"nprobe": min(int(m.group(1)), 32)} if m else {}
+def _faiss_message(e: Exception) -> str:
+    """The useful last line of a FAISS exception (the first ones are C++ file and function names)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", last)
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """How faiss-gpu builds an index: on CUDA ``device``, with ``GpuClonerOptions.useFloat16``
+    (fp16 PQ lookup tables: IVF-PQ with 64-byte codes exceeds a GPU's shared memory in fp32; for
+    Flat the same option would store the vectors in fp16, so it is off there)."""
+
+    device: int
+    use_float16: bool
+
+
+def gpu_plan(index: faiss.Index, device: torch.device | None, gpu_faiss: bool) -> GpuPlan | None:
+    """Where ``index`` is trained and filled: on the GPU (a plan) or on the CPU (None).
+
+    faiss-gpu implements Flat and IVF with a flat coarse quantizer and Flat, SQ or 8-bit PQ codes;
+    HNSW, PQ, SQ, LSH, pre-transformed (PCA, OPQ), refined or IDMap indexes stay on the CPU, as
+    does everything when ``device`` is not CUDA or faiss has no GPU support. Pure, so a test on a
+    CPU machine checks it."""
+    if not gpu_faiss or device is None or device.type != "cuda":
+        return None
+    gpu = device.index if device.index is not None else 0
+    x = faiss.downcast_index(index)
+    flat = (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2)
+    if type(x) in flat:
+        return GpuPlan(gpu, use_float16=False)
+    if isinstance(x, faiss.IndexIVF) and type(faiss.downcast_index(x.quantizer)) in flat:
+        if type(x) in (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer):
+            return GpuPlan(gpu, use_float16=False)
+        if type(x) is faiss.IndexIVFPQ and x.pq.nbits == 8:
+            return GpuPlan(gpu, use_float16=True)
+    return None
+
+
+def make_index(factory: str, dim: int, xb: np.ndarray | Sequence[np.ndarray], use_gpu: bool = False,
+               progress: bool = False, device: torch.device | None = None) -> faiss.Index:
+    """Build (train on a sample where needed, then add) an inner-product index; returns it on the CPU.
+
+    ``xb`` is an (n, D) array or a list of them (the memory-mapped chunk files: only the training
+    sample and one slice at a time are read into memory). With ``use_gpu`` (faiss-gpu present)
+    the index is built on CUDA ``device`` where :func:`gpu_plan` allows, else on the CPU; a GPU
+    failure falls back to the CPU with a warning. FAISS errors become :class:`ArtifactError`.
+    """
+    parts = [xb] if isinstance(xb, np.ndarray) else list(xb)
+    n = sum(len(p) for p in parts)
+    index = check_factory(factory, dim, n)
+    device = device if device is not None else (torch.device("cuda", torch.cuda.current_device()) if use_gpu else None)
+    plan = gpu_plan(index, device, use_gpu)
+    built = None
+    if plan is not None:
+        try:
+            res = faiss.StandardGpuResources()
+            options = faiss.GpuClonerOptions()
+            options.useFloat16 = plan.use_float16
+            work = faiss.index_cpu_to_gpu(res, plan.device, index, options)  # a copy: `index` stays empty
+            log.info("building %s on GPU %d with faiss-gpu (useFloat16=%s)", factory, plan.device, plan.use_float16)
+            _train_and_add(work, parts, n, factory, progress)
+            built = faiss.index_gpu_to_cpu(work)
+        except RuntimeError as e:
+            log.warning("faiss-gpu cannot build %s (%s); building it on the CPU", factory, _faiss_message(e))
+    if built is None:
+        try:
+            _train_and_add(index, parts, n, factory, progress)
+        except RuntimeError as e:
+            raise ArtifactError(f"--factory {factory}: FAISS failed to build it from {n} vectors: {_faiss_message(e)}") from None
+        built = index
+    tune_search(built)  # the values the manifest records for Searcher, saved in the index file too
+    return built
+
+
+def _train_and_add(index: faiss.Index, parts: list[np.ndarray], n: int, factory: str, progress: bool) -> None:
+    if not index.is_trained:
+        ivf = faiss.try_extract_index_ivf(index)
+        size = min(n, max(64 * (ivf.nlist if ivf is not None else 256), 65_536))
+        rows = np.sort(np.random.default_rng(0).choice(n, size, replace=False)) if size < n else np.arange(n)
+        log.info("training %s on %d of %d vectors", factory, size, n)
+        index.train(_take_rows(parts, rows))
+    bar = tqdm(total=n, desc="adding to index", unit="vec", disable=not progress, leave=False)
+    for part in parts:
+        for start in range(0, len(part), 65_536):
+            block = np.ascontiguousarray(part[start : start + 65_536], dtype=np.float32)  # (<=65536, D)
+            index.add(block)
+            bar.update(len(block))
+    bar.close()
+
+
+def _take_rows(parts: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted global row numbers) of the concatenation of ``parts``, without concatenating."""
+    out = np.empty((len(rows), parts[0].shape[1]), dtype=np.float32)  # (len(rows), D)
+    first = 0
+    for part in parts:
+        lo, hi = np.searchsorted(rows, [first, first + len(part)])
+        out[lo:hi] = part[rows[lo:hi] - first]
+        first += len(part)
+    return out
+
+
+def tune_search(index: faiss.Index) -> dict:
+    """Set the search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW, also an IVF's HNSW
+    quantizer) through ``faiss.ParameterSpace``, which reaches inside pre-transforms (PCA, OPQ),
+    refinement and quantizers; returns them for the manifest. They are saved in the index file too."""
+    space = faiss.ParameterSpace()
+    space.initialize(index)
+    names = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
+    params = {}
+    ivf = faiss.try_extract_index_ivf(index)
+    if "nprobe" in names and ivf is not None:
+        params["nprobe"] = min(ivf.nlist, 32)
+    if names & {"efSearch", "quantizer_efSearch"}:
+        params["efSearch"] = 128
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+    return params
 
 
 def gpu_faiss_available() -> bool:
@@ -161,17 +314,131 @@ def _take_lock(path: Path) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def corpus_sha256(corpus: Sequence[Passage]) -> str:
+    """sha256 over every passage's id, title and text, in order (each field length-prefixed)."""
+    h = hashlib.sha256()
+    for p in corpus:
+        for field in (p.id, p.title, p.text):
+            data = field.encode("utf-8")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.hexdigest()
+
+
+JOB_IDENTITY = ("checkpoint_fingerprint", "chunk", "dim")  # differing: refuse; a differing corpus: start over
+
+
+def _read_job(work: Path) -> dict | None:
+    """The job in ``work/build.json``; ``{}`` for a directory without a readable one, None for no directory."""
+    try:
+        job = json.loads((work / "build.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable or not JSON
+        return {} if work.is_dir() else None
+    return job if isinstance(job, dict) else {}
+
+
+def _same_job(found: dict | None, job: dict) -> bool:
+    return bool(found) and all(found.get(k) == v for k, v in job.items() if k != "corpus")  # a moved corpus file is the same
+
+
+def _prepare_work(work: Path, job: dict) -> None:
+    """Make ``work`` this build job's directory, keeping the chunks of an interrupted run of the same job.
+
+    The directory appears with its build.json already in it (written in a temporary directory and
+    renamed into place), so a process starting beside another one (torchrun ranks) never finds a
+    work directory without one and mistakes it for a leftover. Whatever has to go (a leftover without
+    build.json, or the chunks of a corpus that was edited since) is renamed aside before it is
+    removed, so that of several processes one removes it, and never the directory another one has
+    just put in its place. Chunks of another checkpoint (or --chunk) are an error, not discarded.
+    """
+    for _ in range(20):
+        found = _read_job(work)
+        if _same_job(found, job):
+            return
+        if found is None:
+            tmp = work.with_name(f"{work.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir(parents=True)
+            try:
+                (tmp / "build.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+                os.rename(tmp, work)  # fails if another process has put its directory there first
+                return
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, FileNotFoundError) or work.exists():
+                    continue  # look at the other process's directory
+                raise
+        if found:
+            other = [k for k in JOB_IDENTITY if found.get(k) != job[k]]
+            if other:
+                raise ArtifactError(f"{work}: a build with another checkpoint or --chunk was interrupted here "
+                                    f"({', '.join(other)} differ); remove {work} to start over")
+            why = ("its build.json, from an older version, has no corpus hash" if "corpus_sha256" not in found else
+                   f"{found.get('count')} passages, sha256 {str(found.get('corpus_sha256'))[:12]} then; "
+                   f"{job['count']}, sha256 {job['corpus_sha256'][:12]} now")
+            log.warning("%s: the corpus changed since this build was interrupted (%s): its encoded chunks are discarded "
+                        "and encoding starts over", work, why)
+        else:
+            log.info("%s: chunks without the build.json of their job (a kill mid-cleanup, or an older version): removed", work)
+        aside = work.with_name(f"{work.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(work, aside)
+        except FileNotFoundError:
+            continue
+        if _same_job(_read_job(aside), job):  # another process had just put this job's directory in place
+            try:
+                os.rename(aside, work)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(aside, ignore_errors=True)
+    raise ArtifactError(f"{work}: other processes keep replacing this build directory; are builds of different corpora "
+                        "writing to the same --output?")
+
+
+def _remove_leftovers(work: Path) -> None:
+    """Directories that killed processes left beside ``work``: a finished build's removal
+    (``.done-<pid>``), a discarded one's (``.stale-<pid>-*``) and a work directory never renamed into
+    place (``.new-<pid>-*``). The last two only of dead processes: a live one is still using its own."""
+    for path in work.parent.glob(f"{work.name}.*-*"):
+        kind, _, rest = path.name[len(work.name) + 1 :].partition("-")
+        if kind not in ("done", "new", "stale"):
+            continue
+        if kind != "done":
+            try:
+                pid = int(rest.split("-")[0])
+            except ValueError:
+                continue
+            if pid != os.getpid() and _pid_alive(pid):
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, factory: str = "auto",
-          batch_size: int = 0, shard: tuple[int, int] | None = None, memory_budget: str = "8GB",
-          device: str = "auto", progress: bool = True, chunk: int = 0) -> Path | None:
+          batch_size: int | None = 0, shard: tuple[int, int] | None = None, memory_budget: str = "8GB",
+          device: str = "auto", progress: bool = True, chunk: int | None = 0) -> Path | None:
     """Encode (this shard of) the corpus and, when every shard is encoded, build the artifact.
 
     ``chunk`` passages (default ``CHUNK``) go to each resumable embeddings file; shard i of n
-    encodes the chunks c with c % n == i. Returns the artifact path, or None when other shards are
-    still missing.
+    encodes the chunks c with c % n == i. ``batch_size`` 0 or None: 512 on a GPU, 64 on the CPU.
+    The factory is checked against the corpus before anything is encoded. Returns the artifact
+    path, or None when other shards are still missing.
     """
+    if batch_size is not None and batch_size < 0:
+        raise ValueError(f"batch_size must be positive (or 0 for the default), got {batch_size}")
+    if chunk is not None and chunk < 0:
+        raise ValueError(f"chunk must be positive (or 0 for the default), got {chunk}")
     chunk = chunk or CHUNK
-    output = recover_directory(Path(output))
+    output = recover_directory(prepare_output(output, directory=True))
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
     corpus = read_corpus(corpus_path)
@@ -181,25 +448,13 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     if factory == "auto":
         factory, why = choose_factory(n, dim, budget)
         log.info("--factory auto chose %s: %s", factory, why)
+    check_factory(factory, dim, n)  # a factory that cannot work fails now, not after hours of encoding
 
     work = output.with_name(f".{output.name}.partial")
-    for stale in work.parent.glob(f"{work.name}.done-*"):  # a finished build's removal, killed
-        shutil.rmtree(stale, ignore_errors=True)
-    if work.exists() and not (work / "build.json").exists():
-        shutil.rmtree(work)  # chunks without the job that made them (a kill mid-cleanup): unusable
-    work.mkdir(parents=True, exist_ok=True)
-    job = {"checkpoint_fingerprint": loaded.fingerprint, "corpus": str(Path(corpus_path).resolve()), "count": n,
-           "first_id": corpus[0].id, "last_id": corpus[-1].id, "chunk": chunk, "dim": dim}
-    job_file = work / "build.json"
-    if job_file.exists():
-        previous = json.loads(job_file.read_text())
-        if previous != job:
-            changed = ", ".join(k for k in job if previous.get(k) != job[k])
-            raise ArtifactError(f"{work}: a build of another checkpoint or corpus was interrupted here ({changed} differ); remove {work} to start over")
-    else:  # atomically: shards started together (torchrun) may read it while another writes it
-        tmp = work / f".build.json.{os.getpid()}"
-        tmp.write_text(json.dumps(job, indent=2) + "\n")
-        os.replace(tmp, job_file)
+    _remove_leftovers(work)
+    job = {"checkpoint_fingerprint": loaded.fingerprint, "corpus": str(Path(corpus_path).resolve()),
+           "corpus_sha256": corpus_sha256(corpus), "count": n, "chunk": chunk, "dim": dim}
+    _prepare_work(work, job)
 
     n_chunks = math.ceil(n / chunk)
     mine = [c for c in range(n_chunks) if shard is None or c % shard[1] == shard[0]]
@@ -212,11 +467,15 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
         log.info("another process is building the index from %s", work)
         return None
     try:
-        xb = np.concatenate([np.load(work / f"emb-{c:06d}.npy") for c in range(n_chunks)])  # (n, D)
-        if xb.shape != (n, dim):
-            raise ArtifactError(f"{work}: embeddings have shape {xb.shape}, expected {(n, dim)}; remove {work} and rebuild")
+        # memory-mapped: the index is trained on a sample and filled a slice at a time, never from all n x D floats at once
+        parts = [np.load(work / f"emb-{c:06d}.npy", mmap_mode="r") for c in range(n_chunks)]  # (<=chunk, D) each
+        shapes = [p.shape for p in parts]
+        if any(len(s) != 2 or s[1] != dim for s in shapes) or sum(s[0] for s in shapes) != n:
+            raise ArtifactError(f"{work}: embeddings have shapes {sorted(set(shapes))} ({sum(s[0] for s in shapes)} rows), "
+                                f"expected {n} rows of {dim}; remove {work} and rebuild")
         t0 = time.perf_counter()
-        index = make_index(factory, dim, xb, gpu_faiss_available(), progress)
+        index = make_index(factory, dim, parts, gpu_faiss_available(), progress, runtime.device)
+        del parts
         with atomic_directory(output) as tmp:
             faiss.write_index(index, str(tmp / INDEX_FILE))
             db = create_passage_store(tmp / PASSAGES_FILE)
@@ -228,7 +487,8 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
             write_manifest(
                 tmp, checkpoint_fingerprint=loaded.fingerprint, dim=dim, similarity=loaded.config.similarity,
                 count=n, factory=factory, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                extra={"search_params": default_search_params(factory), "checkpoint": str(checkpoint)},
+                # absolute: `dpr serve` and `dpr index add` may run from another directory
+                extra={"search_params": tune_search(index), "checkpoint": str(Path(checkpoint).resolve())},
             )
         log.info("built %s (%s, %d passages) in %.1fs", output, factory, n, time.perf_counter() - t0)
     except BaseException:
@@ -241,7 +501,7 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
 
 
 def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path | None = None,
-        output: str | Path | None = None, batch_size: int = 0, device: str = "auto", progress: bool = True) -> Path:
+        output: str | Path | None = None, batch_size: int | None = 0, device: str = "auto", progress: bool = True) -> Path:
     """Add passages to an artifact, producing a new verified artifact (in place unless ``output``).
 
     Duplicate ids (already indexed, or repeated in the new file) are an error, never an overwrite.
@@ -253,6 +513,8 @@ def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path |
     checkpoint = checkpoint or old.manifest.extra.get("checkpoint")
     if not checkpoint:
         raise ArtifactError(f"{index_dir}: the manifest names no checkpoint; pass --checkpoint")
+    if batch_size is not None and batch_size < 0:
+        raise ValueError(f"batch_size must be positive (or 0 for the default), got {batch_size}")
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
     if loaded.fingerprint != old.manifest.checkpoint_fingerprint:
@@ -263,7 +525,7 @@ def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path |
         raise ArtifactError(f"{corpus_path}: {len(clash)} passage ids are already in the index (first: {clash[0]!r}); nothing was added")
     emb = encode_texts(loaded.encoder, loaded.tokenizer, new, "passage", runtime,
                        batch_size or (512 if runtime.device.type == "cuda" else 64), progress).numpy()
-    target = Path(output) if output else index_dir
+    target = prepare_output(output, directory=True) if output else index_dir
     count = old.count + len(new)
     with atomic_directory(target) as tmp:
         shutil.copy2(index_dir / PASSAGES_FILE, tmp / PASSAGES_FILE)
@@ -280,7 +542,7 @@ def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path |
         write_manifest(
             tmp, checkpoint_fingerprint=m.checkpoint_fingerprint, dim=m.dim, similarity=m.similarity, count=count,
             factory=m.factory, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            extra={**m.extra, "added": m.extra.get("added", 0) + len(new)},
+            extra={**m.extra, "checkpoint": str(Path(checkpoint).resolve()), "added": m.extra.get("added", 0) + len(new)},
         )
     log.info("added %d passages to %s (now %d)", len(new), target, count)
     return target

@@ -4,8 +4,51 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _size(text: str) -> str:
+    from .build import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return text
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -33,6 +76,10 @@ def _run(prog: str, fn) -> int:
     except (DataError, CheckpointError, ArtifactError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an --output under a file, a full disk, no permission: the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; encoded chunks are kept, run the same command again to resume", file=sys.stderr)
         return 130
@@ -46,19 +93,22 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     b.add_argument("--corpus", required=True, help="corpus.jsonl, a BEIR directory or DPR's psgs .tsv")
     b.add_argument("--output", required=True, help="artifact directory to create")
     b.add_argument("--factory", default="auto", help="FAISS factory string (Flat, HNSW32, IVF4096,PQ64) or auto (default)")
-    b.add_argument("--memory-budget", default="8GB", help="memory the index may use, for --factory auto (default 8GB)")
-    b.add_argument("--batch-size", type=int, default=0, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
+    b.add_argument("--memory-budget", type=_size, default="8GB",
+                   help="memory the finished index may use, for --factory auto (default 8GB); the build needs more: "
+                        "the index plus its training sample and one 65,536-vector slice (the embeddings stay on disk)")
+    b.add_argument("--batch-size", type=_positive_int, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
     b.add_argument("--shard", type=_shard, help="encode only slice i of n (i/n); the last shard to finish builds the index "
                    "(under torchrun: RANK/WORLD_SIZE, one GPU per rank)")
-    b.add_argument("--chunk", type=int, default=0, help="passages per resumable embeddings file (default 8192)")
-    b.add_argument("--device", default="auto")
+    b.add_argument("--chunk", type=_positive_int, help="passages per resumable embeddings file (default 8192)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: the encoder's device, and FAISS's GPU for "
+                   "Flat and IVF indexes when faiss-gpu is installed (default auto)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
     a = sub.add_parser("add", help="add passages to an artifact (a new verified artifact)")
     a.add_argument("--index", required=True, help="artifact directory")
     a.add_argument("--corpus", required=True, help="passages to add (corpus.jsonl or .tsv); ids must be new")
     a.add_argument("--checkpoint", help="checkpoint (default: the one named in the manifest)")
     a.add_argument("--output", help="write the new artifact here instead of replacing --index")
-    a.add_argument("--batch-size", type=int, default=0)
+    a.add_argument("--batch-size", type=_positive_int, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
     a.add_argument("--device", default="auto")
     a.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
@@ -75,8 +125,6 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
                 shard = (int(os.environ["RANK"]), world)
                 if device == "auto" and torch.cuda.is_available():
                     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            if args.chunk < 0:
-                raise ValueError(f"--chunk must be positive, got {args.chunk}")
             out = build(args.checkpoint, args.corpus, args.output, args.factory, args.batch_size, shard,
                         args.memory_budget, device, args.progress, args.chunk)
             print(f"index: {out}" if out else "shard encoded; the index is built when every shard is done")
@@ -136,10 +184,10 @@ def mine_main(argv: list[str], prog: str = "dpr mine") -> int:
     parser.add_argument("--method", choices=("bm25", "model"), default="bm25")
     parser.add_argument("--checkpoint", help="for --method model")
     parser.add_argument("--index", help="for --method model: the checkpoint's index")
-    parser.add_argument("--num-negatives", type=int, default=8)
-    parser.add_argument("--depth", type=int, default=100, help="candidates looked at per question")
-    parser.add_argument("--skip-top", type=int, default=0, help="ranks skipped at the top (e.g. 3 for model mining)")
-    parser.add_argument("--margin", type=float, default=0.0,
+    parser.add_argument("--num-negatives", type=_positive_int, default=8, help="negatives per line (default 8)")
+    parser.add_argument("--depth", type=_positive_int, default=100, help="candidates looked at per question (default 100)")
+    parser.add_argument("--skip-top", type=_non_negative_int, default=0, help="ranks skipped at the top (e.g. 3 for model mining)")
+    parser.add_argument("--margin", type=_finite_float, default=0.0,
                         help="model mining: skip candidates scoring above (positive score - margin)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import ast
-import csv
+import itertools
 import json
 import logging
 from pathlib import Path
 
-
 from dpr_service.core.checkpoint import load_checkpoint
 from dpr_service.core.device import pick_runtime
-from dpr_service.core.formats import DataError, Passage, iter_jsonl, read_beir_queries, read_qrels
+from dpr_service.core.formats import DataError, Passage, iter_jsonl, iter_tsv, read_beir_queries, read_qrels
+from dpr_service.core.formats import _answers, _id, _text  # the field checks every reader uses
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.metrics import answer_accuracy, retrieval_metrics
 
@@ -20,61 +20,104 @@ from .search import Searcher
 log = logging.getLogger("index")
 
 
-def read_queries(path: str | Path, split: str = "test") -> tuple[dict[str, str], dict[str, list[str]], dict | None]:
-    """(queries, answers, qrels or None) from a BEIR directory, a BEIR queries.jsonl, DPR JSONL
-    (question + answers) or DPR's qas TSV/CSV (``question <TAB> ['answer', ...]``)."""
+def read_queries(path: str | Path, split: str = "test", need_split: bool = True
+                 ) -> tuple[dict[str, str], dict[str, list[str]], dict | None]:
+    """(queries, answers, qrels or None) from a BEIR directory (its ``qrels/<split>.tsv`` unless
+    ``need_split`` is false), a BEIR queries.jsonl, DPR JSONL (``question``, ``answers``, optional
+    ``id``) or DPR's qas TSV/CSV (``question <TAB> ['answer', ...]``). Every bad line is a
+    :class:`DataError` naming the file and the line."""
     path = Path(path)
     if path.is_dir():
-        qrels = read_qrels(path / "qrels" / f"{split}.tsv") if (path / "qrels" / f"{split}.tsv").is_file() else None
-        if qrels is None:
-            raise DataError(path / "qrels" / f"{split}.tsv", None, f"missing: no '{split}' split")
-        queries = read_beir_queries(path / "queries.jsonl")
-        return {q: queries[q] for q in qrels if q in queries}, {}, qrels
+        qrels_path = path / "qrels" / f"{split}.tsv"
+        qrels = None
+        if need_split:
+            if not qrels_path.is_file():
+                raise DataError(qrels_path, None, f"missing: no '{split}' split")
+            qrels = read_qrels(qrels_path)
+        return read_beir_queries(path / "queries.jsonl"), {}, qrels
     if not path.exists():
         raise DataError(path, None, "no such file or directory")
     if path.suffix in (".tsv", ".csv"):
         return (*_read_qas(path), None)
-    queries, answers = {}, {}
-    for lineno, obj in iter_jsonl(path):
-        if "question" in obj:
-            qid = str(obj.get("id", lineno))
-            queries[qid] = str(obj["question"])
-            if obj.get("answers"):
-                answers[qid] = [str(a) for a in obj["answers"]]
-        elif "_id" in obj and "text" in obj:
-            queries[str(obj["_id"])] = str(obj["text"])
-        else:
-            raise DataError(path, lineno, "expected BEIR ('_id', 'text') or DPR ('question', 'answers') fields")
+    records = iter_jsonl(path)
+    first = next(records, None)
+    if first is None:
+        raise DataError(path, None, "no queries in the file")
+    if "question" not in first[1]:
+        if "_id" in first[1]:
+            return read_beir_queries(path), {}, None
+        raise DataError(path, first[0], "expected BEIR ('_id', 'text') or DPR ('question', 'answers') fields")
+    queries: dict[str, str] = {}
+    answers: dict[str, list[str]] = {}
+    line_of: dict[str, int] = {}
+    for lineno, obj in itertools.chain([first], records):
+        # a record without an id is named by its line; an id given twice is an error, never an overwrite
+        qid = _id(obj["id"], path, lineno, "field 'id'") if obj.get("id") not in (None, "") else f"line {lineno}"
+        if qid in line_of:
+            raise DataError(path, lineno, f"query id {qid!r} already used on line {line_of[qid]}")
+        line_of[qid] = lineno
+        queries[qid] = _text(obj, "question", path, lineno, "question")
+        if given := _answers(obj, path, lineno):
+            answers[qid] = given
     return queries, answers, None
 
 
 def _read_qas(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """DPR's qas file: ``question <TAB> ['answer', ...]`` (a Python list literal) per line."""
     queries, answers = {}, {}
-    with open(path, encoding="utf-8", newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), 1):
-            if not row:
-                continue
-            if len(row) != 2:
-                raise DataError(path, lineno, f"expected 'question<TAB>answers', got {len(row)} columns")
-            try:
-                parsed = ast.literal_eval(row[1])  # DPR writes Python list literals
-            except (ValueError, SyntaxError):
-                raise DataError(path, lineno, f"answers {row[1][:60]!r} are not a list literal") from None
-            if not isinstance(parsed, list):
-                raise DataError(path, lineno, "answers must be a list")
-            queries[str(lineno)] = row[0]
-            answers[str(lineno)] = [str(a) for a in parsed]
+    for lineno, row in iter_tsv(path):  # a line that is not UTF-8 is a DataError naming it
+        if len(row) != 2:
+            raise DataError(path, lineno, f"expected 'question<TAB>answers', got {len(row)} columns")
+        if not row[0].strip():
+            raise DataError(path, lineno, "empty question")
+        try:
+            parsed = ast.literal_eval(row[1].strip())  # DPR writes Python list literals
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise DataError(path, lineno, f"answers {row[1][:60]!r} are not a list literal") from None
+        if not isinstance(parsed, (list, tuple)) or not all(isinstance(a, str) for a in parsed):
+            raise DataError(path, lineno, f"answers must be a list of strings, got {row[1][:60]!r}")
+        queries[str(lineno)] = row[0]
+        answers[str(lineno)] = list(parsed)
+    if not queries:
+        raise DataError(path, None, "no questions in the file")
     return queries, answers
+
+
+def read_judged(queries_path: str | Path, qrels_path: str | Path | None = None, split: str = "test",
+                need_qrels: bool = False) -> tuple[dict[str, str], dict[str, list[str]], dict | None]:
+    """The judged queries for ``dpr eval``, ``dpr bm25`` and ``dpr mine``: (queries, answers,
+    qrels or None), reduced to the queries that have judgements (qrels, else answers).
+
+    ``--qrels`` replaces a BEIR directory's split. Judgements of queries missing from the queries
+    file, qrels without a relevant passage, and no judgements at all are :class:`DataError`s;
+    ``need_qrels`` (mining) does not accept answers alone."""
+    queries, answers, qrels = read_queries(queries_path, split, need_split=qrels_path is None)
+    source = Path(queries_path) / "qrels" / f"{split}.tsv" if qrels_path is None else Path(qrels_path)
+    if qrels_path is not None:
+        qrels = read_qrels(Path(qrels_path))
+    if qrels is None:
+        if need_qrels:
+            raise DataError(queries_path, None, "mining needs relevance judgements: give --qrels or a BEIR directory")
+        if not answers:
+            raise DataError(queries_path, None, "no relevance judgements: give --qrels, a BEIR directory with "
+                                                "qrels/<split>.tsv, or questions with answers")
+        return {q: queries[q] for q in answers}, answers, None
+    if not qrels:
+        raise DataError(source, None, "no judgements in the file")
+    missing = [q for q in qrels if q not in queries]
+    if len(missing) == len(qrels):
+        raise DataError(source, None, f"none of its {len(qrels)} judged query ids is in {queries_path} "
+                                      f"(first: {missing[0]!r}); do the files belong together?")
+    if missing:
+        raise DataError(source, None, f"{len(missing)} judged query ids are not in {queries_path} (first: {missing[0]!r})")
+    if not any(score > 0 for rel in qrels.values() for score in rel.values()):
+        raise DataError(source, None, "no judgement with a score > 0 (nothing is relevant)")
+    return ({q: queries[q] for q in qrels}, {q: a for q, a in answers.items() if q in qrels}, qrels)
 
 
 def evaluate_index(checkpoint: str, index_dir: str, queries_path: str, qrels_path: str | None = None,
                    split: str = "test", k: int = 100, device: str = "auto", progress: bool = True) -> dict:
-    queries, answers, qrels = read_queries(queries_path, split)
-    if qrels_path:
-        qrels = read_qrels(Path(qrels_path))
-        queries = {q: t for q, t in queries.items() if q in qrels}
-    if not qrels and not answers:
-        raise DataError(queries_path, None, "no relevance judgements: give --qrels, or questions with answers")
+    queries, answers, qrels = read_judged(queries_path, qrels_path, split)
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
     searcher = Searcher(index_dir, loaded.fingerprint)
@@ -124,10 +167,7 @@ class BM25:
 
 def evaluate_bm25(corpus: list[Passage], queries_path: str, qrels_path: str | None = None, split: str = "test",
                   k: int = 100) -> dict:
-    queries, answers, qrels = read_queries(queries_path, split)
-    if qrels_path:
-        qrels = read_qrels(Path(qrels_path))
-        queries = {q: t for q, t in queries.items() if q in qrels}
+    queries, answers, qrels = read_judged(queries_path, qrels_path, split)
     bm25 = BM25(corpus)
     qids = list(queries)
     results = bm25.search([queries[q] for q in qids], k)

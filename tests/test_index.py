@@ -2,9 +2,14 @@
 evaluation, BM25 and mining."""
 
 import json
+import logging
+import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -14,11 +19,12 @@ import index.build as build_mod
 from dpr_service.core.checkpoint import load_base_model, load_checkpoint, save_checkpoint
 from dpr_service.core.config import EncoderConfig
 from dpr_service.core.device import pick_runtime
-from dpr_service.core.formats import read_corpus, read_eval_data
+from dpr_service.core.formats import DataError, read_corpus, read_eval_data
 from dpr_service.core.inference import encode_texts, exact_search
 from index.artifact import ArtifactError
-from index.build import add, build, choose_factory, make_index, parse_size
-from index.evaluate import BM25, evaluate_bm25, evaluate_index
+from index.build import GpuPlan, add, build, choose_factory, gpu_faiss_available, gpu_plan, make_index, parse_size
+from index.cli import _run, bm25_main, index_main, mine_main
+from index.evaluate import BM25, evaluate_bm25, evaluate_index, read_queries
 from index.mine import mine
 from index.search import Searcher
 from trainer.evaluate import retrieval_eval
@@ -88,7 +94,7 @@ def test_auto_factory_by_size_and_budget():
 
 
 def test_too_few_vectors_for_ivf(vectors):
-    with pytest.raises(ArtifactError, match="need at least 4096 vectors"):
+    with pytest.raises(ArtifactError, match="needs at least 4096 vectors"):
         make_index("IVF4096,Flat", 32, vectors[0][:100], use_gpu=False, progress=False)
     with pytest.raises(ArtifactError, match="bad --factory"):
         make_index("NotAnIndex", 32, vectors[0], use_gpu=False, progress=False)
@@ -257,3 +263,355 @@ def test_readme_cli_commands_for_eval_bm25_and_mine(tmp_path, checkpoint, beir):
     r = run("mine", "--method", "model", "--checkpoint", str(checkpoint), "--index", str(tmp_path / "idx"), "--skip-top", "3",
             "--margin", "0.05", "--queries", str(beir), "--split", "train", "--corpus", str(beir), "--output", str(tmp_path / "m.jsonl"))
     assert r.returncode == 0 and "wrote 40 examples" in r.stdout, r.stderr
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+@pytest.fixture(scope="module")
+def flat_index(tmp_path_factory, checkpoint, beir):
+    return build(checkpoint, beir, tmp_path_factory.mktemp("flat") / "idx", factory="Flat", progress=False, device="cpu")
+
+
+def no_encoding(*args, **kw):
+    raise AssertionError("nothing may be encoded")
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["index", "build", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["index", "build", "--batch-size", "-8"], "argument --batch-size: must be at least 1, got -8"),
+    (["index", "build", "--chunk", "0"], "argument --chunk: must be at least 1"),
+    (["index", "build", "--memory-budget", "0GB"], "argument --memory-budget: must be more than 0 bytes"),
+    (["index", "add", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["mine", "--num-negatives", "0"], "argument --num-negatives: must be at least 1"),
+    (["mine", "--num-negatives", "-1"], "argument --num-negatives: must be at least 1"),
+    (["mine", "--depth", "0"], "argument --depth: must be at least 1"),
+    (["mine", "--skip-top", "-1"], "argument --skip-top: must be at least 0"),
+    (["mine", "--margin", "nan"], "argument --margin: must be a finite number"),
+])
+def test_cli_refuses_sizes_that_are_not_positive(argv, complaint, capsys):
+    """range(0, n, -1) is empty: a batch size <= 0 encoded nothing and indexed np.empty garbage, exit 0;
+    --num-negatives 0 wrote every candidate."""
+    common = {"index": ["--checkpoint", "c", "--corpus", "c", "--output", "o", "--index", "i"],
+              "mine": ["--queries", "q", "--corpus", "c", "--output", "o"]}[argv[0]]
+    if argv[:2] == ["index", "add"]:
+        common = ["--index", "i", "--corpus", "c"]
+    main = index_main if argv[0] == "index" else mine_main
+    with pytest.raises(SystemExit) as stop:
+        main([*argv[1:], *common])
+    assert stop.value.code == 2 and complaint in capsys.readouterr().err
+
+
+def test_library_refuses_negative_sizes(tmp_path, checkpoint, beir):
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        build(checkpoint, beir, tmp_path / "idx", factory="Flat", batch_size=-1, progress=False)
+    with pytest.raises(ValueError, match="num_negatives >= 1"):
+        mine(str(beir), read_corpus(beir), str(tmp_path / "m.jsonl"), num_negatives=0)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("factory, complaint", [
+    ("IVF4,PQ8", "training PQ codebooks of 256 centroids needs at least 256 vectors, the corpus has 40"),
+    ("IVF64,Flat", "training 64 IVF lists needs at least 64 vectors"),
+    ("OPQ8,IVF4,Flat", "the 256-centroid codebooks of OPQ8 needs at least 256"),
+    ("PCA64,Flat", "a PCA cannot make 64 dimensions out of 32"),
+    ("IDMap,Flat", "IDMap indexes take explicit ids"),
+    ("NotAnIndex", "bad --factory 'NotAnIndex'"),
+])
+def test_factory_is_checked_before_anything_is_encoded(tmp_path, checkpoint, beir, monkeypatch, factory, complaint):
+    monkeypatch.setattr(build_mod, "encode_texts", no_encoding)
+    with pytest.raises(ArtifactError, match=complaint.replace("(", r"\(")):
+        build(checkpoint, beir, tmp_path / "idx", factory=factory, progress=False, device="cpu")
+    assert not list(tmp_path.iterdir())  # no embeddings written, no work directory
+
+
+@pytest.mark.parametrize("factory, params, inner", [
+    ("IVF4_HNSW8,Flat", {"nprobe": 4, "efSearch": 128}, lambda ix: faiss.downcast_index(faiss.extract_index_ivf(ix).quantizer).hnsw.efSearch),
+    ("PCA16,HNSW8", {"efSearch": 128}, lambda ix: faiss.downcast_index(faiss.downcast_index(ix).index).hnsw.efSearch),
+    ("HNSW32", {"efSearch": 128}, lambda ix: ix.hnsw.efSearch),
+    ("IVF16,SQ8", {"nprobe": 16}, lambda ix: 128),
+])
+def test_search_params_reach_inside_quantizers_and_pre_transforms(vectors, factory, params, inner):
+    """An IVF with an HNSW quantizer (AttributeError on .hnsw) and a PCA in front of HNSW (no .hnsw on
+    IndexPreTransform) built fine only through ParameterSpace; the values survive write/read."""
+    xb, xq = vectors
+    index = make_index(factory, 32, xb, use_gpu=False, progress=False)
+    assert build_mod.tune_search(index) == params
+    again = faiss.deserialize_index(faiss.serialize_index(index))
+    assert inner(again) == 128
+    if "nprobe" in params:
+        assert faiss.extract_index_ivf(again).nprobe == params["nprobe"]
+    assert recall_at_10(again, xq, xb) > 0.15  # PCA16 of random 32-dim vectors keeps little
+
+
+def test_factory_through_a_pre_transform_builds_an_artifact(tmp_path, checkpoint, beir):
+    out = build(checkpoint, beir, tmp_path / "idx", factory="PCA16,HNSW8", progress=False, device="cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["factory"] == "PCA16,HNSW8" and manifest["search_params"] == {"efSearch": 128}
+    loaded = load_checkpoint(checkpoint)
+    q = encode_texts(loaded.encoder, loaded.tokenizer, read_corpus(beir)[:3], "passage", CPU).numpy()
+    assert len(Searcher(out, loaded.fingerprint).search(q, 5)[0]) == 5
+
+
+def test_faiss_errors_in_training_are_artifact_errors(vectors, monkeypatch):
+    def broken(self, x):
+        raise RuntimeError("Error in void faiss::Clustering::train at Clustering.cpp:10: Error: 'nx >= k' failed: too few")
+
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", broken)
+    with pytest.raises(ArtifactError, match=r"--factory IVF16,Flat: FAISS failed to build it from 3000 vectors: 'nx >= k' failed"):
+        make_index("IVF16,Flat", 32, vectors[0], use_gpu=False, progress=False)
+
+
+def test_gpu_plan_flat_and_ivf_only_fp16_lookup_tables_for_pq():
+    """Which factories faiss-gpu builds, with which GpuClonerOptions, on which device (a CPU test)."""
+    cuda1, plan = torch.device("cuda", 1), lambda f, dev=torch.device("cuda", 1), ok=True: gpu_plan(
+        faiss.index_factory(128, f, faiss.METRIC_INNER_PRODUCT), dev, ok)
+    assert plan("Flat") == GpuPlan(1, use_float16=False)  # fp16 here would store the vectors in fp16
+    assert plan("IVF64,Flat") == GpuPlan(1, use_float16=False)
+    assert plan("IVF64,SQ8") == GpuPlan(1, use_float16=False)
+    assert plan("IVF64,PQ64") == GpuPlan(1, use_float16=True)  # fp32 lookup tables of PQ64 exceed shared memory
+    assert plan("IVF64,PQ64", torch.device("cuda", 3)) == GpuPlan(3, use_float16=True)  # the runtime's device, not current_device()
+    for cpu_only in ("HNSW32", "PQ16", "SQ8", "PCA64,IVF64,Flat", "OPQ16,IVF64,PQ16", "IVF64_HNSW32,Flat", "IVF64,PQ16x4fs",
+                     "IVF64,PQ16x4", "IVF64,Flat,Refine(Flat)", "HNSW32_PQ16"):
+        assert plan(cpu_only) is None, cpu_only
+    assert plan("Flat", torch.device("cpu")) is None  # --device cpu keeps FAISS on the CPU
+    assert plan("Flat", cuda1, False) is None  # faiss-cpu
+    assert plan("Flat", torch.device("cuda")) == GpuPlan(0, use_float16=False)
+
+
+def test_gpu_failure_falls_back_to_the_cpu(vectors, monkeypatch, caplog):
+    xb, xq = vectors
+
+    def refuse(res, device, index, options):
+        assert device == 2 and options.useFloat16 is False
+        raise RuntimeError("Error in GpuIndexIVFFlat at GpuIndexIVFFlat.cu:1: Error: out of memory")
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "GpuClonerOptions", lambda: type("Options", (), {})(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", refuse, raising=False)
+    with caplog.at_level(logging.WARNING, "index"):
+        index = make_index("IVF16,Flat", 32, xb, use_gpu=True, progress=False, device=torch.device("cuda", 2))
+    assert "faiss-gpu cannot build IVF16,Flat (out of memory); building it on the CPU" in caplog.text
+    cpu = make_index("IVF16,Flat", 32, xb, use_gpu=False, progress=False)
+    np.testing.assert_array_equal(index.search(xq, 10)[1], cpu.search(xq, 10)[1])
+
+
+@pytest.mark.skipif(not gpu_faiss_available(), reason="needs CUDA and faiss-gpu")
+def test_builds_on_gpu_faiss(caplog):
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((20_000, 128)).astype(np.float32)
+    xq = rng.standard_normal((100, 128)).astype(np.float32)
+    with caplog.at_level(logging.INFO, "index"):
+        flat = make_index("Flat", 128, xb, use_gpu=True, progress=False, device=torch.device("cuda", 0))
+        ivfpq = make_index("IVF64,PQ64", 128, xb, use_gpu=True, progress=False, device=torch.device("cuda", 0))
+    assert "building Flat on GPU 0" in caplog.text and "building IVF64,PQ64 on GPU 0" in caplog.text
+    assert "cannot build" not in caplog.text
+    assert isinstance(flat, faiss.IndexFlat) and isinstance(ivfpq, faiss.IndexIVFPQ)  # saved as CPU indexes
+    D, I = flat.search(xq, 10)
+    d_ref, i_ref = brute_force(xq, xb, 10)
+    np.testing.assert_allclose(D, d_ref, rtol=1e-4, atol=1e-4)  # fp32 storage: exact search
+    assert np.mean(I == i_ref) > 0.99
+    assert recall_at_10(ivfpq, xq, xb) >= 0.3
+
+
+def test_build_gives_faiss_the_runtime_device_and_memory_mapped_chunks(tmp_path, checkpoint, beir, monkeypatch):
+    """FAISS builds where the encoder ran (--device cpu: the CPU), from the chunk files memory-mapped,
+    not from one n x D array in memory."""
+    monkeypatch.setattr(build_mod, "CHUNK", 16)
+    real, seen = build_mod.make_index, {}
+
+    def spy(factory, dim, xb, use_gpu=False, progress=False, device=None):
+        seen.update(xb=xb, device=device)
+        return real(factory, dim, xb, use_gpu, progress, device)
+
+    monkeypatch.setattr(build_mod, "make_index", spy)
+    build(checkpoint, beir, tmp_path / "idx", factory="Flat", progress=False, device="cpu")
+    assert seen["device"] == torch.device("cpu")
+    assert [len(p) for p in seen["xb"]] == [16, 16, 8] and all(isinstance(p, np.memmap) for p in seen["xb"])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8"])
+def test_index_from_chunks_equals_index_from_one_array(vectors, factory):
+    xb, xq = vectors
+    whole = make_index(factory, 32, xb, use_gpu=False, progress=False)
+    parts = make_index(factory, 32, [xb[:1000], xb[1000:1001], xb[1001:]], use_gpu=False, progress=False)
+    for a, b in zip(whole.search(xq, 10), parts.search(xq, 10)):
+        np.testing.assert_array_equal(a, b)
+    rows = np.sort(np.random.default_rng(1).choice(3000, 700, replace=False))  # a training sample, read across chunks
+    np.testing.assert_array_equal(build_mod._take_rows([xb[:1000], xb[1000:1001], xb[1001:]], rows), xb[rows])
+
+
+def test_manifest_names_the_checkpoint_by_absolute_path(tmp_path, checkpoint, beir, monkeypatch):
+    """A relative --checkpoint was stored as typed: serving or adding from another directory failed."""
+    monkeypatch.chdir(checkpoint.parent)
+    out = build(Path(checkpoint.name), beir, tmp_path / "idx", factory="Flat", progress=False, device="cpu")
+    assert json.loads((out / "manifest.json").read_text())["checkpoint"] == str(checkpoint.resolve())
+    monkeypatch.chdir(tmp_path)
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"_id": "x1", "title": "zebra", "text": "the zebra and the guitar"}) + "\n")
+    add(out, new, progress=False, device="cpu")  # the checkpoint named in the manifest
+    assert Searcher(out).count == 41
+
+
+def test_resumed_build_of_an_edited_corpus_starts_over(tmp_path, checkpoint, beir, monkeypatch, caplog):
+    """Same path, count, first and last id, another text: the old chunks were reused."""
+    monkeypatch.setattr(build_mod, "CHUNK", 8)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text((beir / "corpus.jsonl").read_text())
+    real, calls = build_mod.encode_texts, []
+
+    def dying(*args, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(build_mod, "encode_texts", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build(checkpoint, corpus, tmp_path / "idx", factory="Flat", progress=False, device="cpu")
+    lines = corpus.read_text().splitlines()
+    first = json.loads(lines[1])
+    lines[1] = json.dumps({**first, "text": "the comet near the harbor"})  # chunk 0, already encoded
+    corpus.write_text("\n".join(lines) + "\n")
+    calls.clear()
+    monkeypatch.setattr(build_mod, "encode_texts", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    with caplog.at_level(logging.WARNING, "index"):
+        out = build(checkpoint, corpus, tmp_path / "idx", factory="Flat", progress=False, device="cpu")
+    assert "the corpus changed since this build was interrupted" in caplog.text
+    assert len(calls) == 5  # every chunk encoded again
+    clean = build(checkpoint, corpus, tmp_path / "clean", factory="Flat", progress=False, device="cpu")
+    np.testing.assert_allclose(Searcher(out).index.reconstruct_n(0, 40), Searcher(clean).index.reconstruct_n(0, 40), atol=1e-6)
+
+
+def test_work_directory_never_exists_without_its_build_json(tmp_path, checkpoint, beir, monkeypatch):
+    """Under torchrun, a rank that saw .partial between another rank's mkdir and its build.json
+    removed it as a leftover (with the other rank's chunks). The directory now appears complete."""
+    work, seen = tmp_path / ".idx.partial", []
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kw):
+        real_mkdir(self, *args, **kw)
+        seen.append(work.is_dir() and not (work / "build.json").exists())
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    build(checkpoint, beir, tmp_path / "idx", factory="Flat", shard=(0, 2), progress=False, device="cpu")
+    assert seen and not any(seen)
+
+
+def test_concurrent_starts_agree_on_one_work_directory(tmp_path):
+    """Processes starting together (threads here) over a leftover without build.json: one removes it,
+    all end up in the same directory, and none removes a directory another one has put in place."""
+    job = {"checkpoint_fingerprint": "f", "corpus": "c", "corpus_sha256": "h", "count": 3, "chunk": 8, "dim": 4}
+    for round_ in range(10):
+        work = tmp_path / f".idx{round_}.partial"
+        work.mkdir()
+        (work / "emb-000000.npy").write_bytes(b"left over")
+        barrier, errors = threading.Barrier(4), []
+
+        def start(i):
+            try:
+                barrier.wait()
+                build_mod._prepare_work(work, job)
+                (work / f"mine-{i}").write_text("x")  # each one's chunk
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert json.loads((work / "build.json").read_text()) == job and not (work / "emb-000000.npy").exists()
+        assert sorted(p.name for p in work.glob("mine-*")) == [f"mine-{i}" for i in range(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f".idx{r}.partial" for r in range(10))
+
+
+def test_model_mining_takes_negatives_from_the_index(tmp_path, checkpoint, beir, flat_index):
+    """An index holding a passage --corpus lacks made `dpr mine --method model` fail with KeyError;
+    negatives must carry the indexed text."""
+    out = tmp_path / "idx"
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"_id": "x1", "title": "zebra", "text": "the zebra and the guitar"}) + "\n")
+    add(flat_index, new, output=out, progress=False, device="cpu")
+    stats = mine(str(beir), read_corpus(beir), str(tmp_path / "m.jsonl"), split="train", method="model",
+                 checkpoint=str(checkpoint), index_dir=str(out), num_negatives=50, margin=-10.0, device="cpu")
+    searcher = Searcher(out)
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert stats["examples"] == len(lines) == 40
+    negatives = [n for line in lines for n in line["negatives"]]
+    assert any(n["id"] == "x1" for n in negatives)
+    stored = searcher.passages([n["id"] for n in negatives])
+    assert all((n["title"], n["text"]) == (stored[n["id"]].title, stored[n["id"]].text) for n in negatives)
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("content, complaint", [
+    ('{"question": "what", "answers": "the"}\n', r"q.jsonl:1: field 'answers' must be a list of strings"),
+    ('{"question": "what", "answers": 5}\n', r"q.jsonl:1: field 'answers' must be a list of strings"),
+    ('{"question": "ok", "answers": ["a"]}\n{"question": null, "answers": ["x"]}\n', r"q.jsonl:2: question: missing field 'question'"),
+    ('{"id": 7, "question": "a"}\n{"id": "7", "question": "b"}\n', r"q.jsonl:2: query id '7' already used on line 1"),
+    ('{"question": "a"}\n{"text": "b"}\n', r"q.jsonl:2: question: missing field 'question'"),
+])
+def test_dpr_questions_are_read_with_the_format_checks(tmp_path, content, complaint):
+    with pytest.raises(DataError, match=complaint):
+        read_queries(write(tmp_path / "q.jsonl", content))
+
+
+def test_question_ids_do_not_collide_with_line_numbers(tmp_path):
+    queries, answers, _ = read_queries(write(tmp_path / "q.jsonl", '{"question": "a", "answers": ["x"]}\n'
+                                                                    '{"id": "1", "question": "b", "answers": ["y"]}\n'))
+    assert sorted(queries.values()) == ["a", "b"] and sorted(map(tuple, answers.values())) == [("x",), ("y",)]
+
+
+@pytest.mark.parametrize("content, complaint", [
+    (b"what\t['a']\n\xff\xfe\t['b']\n", r"qa.tsv:2: not UTF-8 text"),
+    (b"what\t['a']\nwho\t'b'\n", r"qa.tsv:2: answers must be a list of strings"),
+    (b"what\t['a']\nwho\t[1]\n", r"qa.tsv:2: answers must be a list of strings"),
+    (b"what\t['a']\nwho\n", r"qa.tsv:2: expected 'question<TAB>answers', got 1 columns"),
+])
+def test_dpr_qas_errors_name_the_line(tmp_path, content, complaint):
+    with pytest.raises(DataError, match=complaint):
+        read_queries(write(tmp_path / "qa.tsv", content))
+
+
+def test_eval_bm25_and_mine_share_the_judgement_checks(tmp_path, beir, capsys):
+    corpus = read_corpus(beir)
+    unjudged = write(tmp_path / "q.jsonl", '{"question": "apple river"}\n')
+    with pytest.raises(DataError, match="q.jsonl: no relevance judgements"):
+        evaluate_bm25(corpus, str(unjudged))
+    with pytest.raises(DataError, match="q.jsonl: no relevance judgements"):  # before the checkpoint is opened
+        evaluate_index("no-such-checkpoint", "no-such-index", str(unjudged))
+    assert bm25_main(["--corpus", str(beir), "--queries", str(unjudged)]) == 2
+    assert "no relevance judgements" in capsys.readouterr().err
+    strangers = write(tmp_path / "qrels.tsv", "zz\td1\t1\n")
+    with pytest.raises(DataError, match=r"qrels.tsv: none of its 1 judged query ids is in .*queries.jsonl \(first: 'zz'\)"):
+        evaluate_bm25(corpus, str(beir / "queries.jsonl"), str(strangers))
+    with pytest.raises(DataError, match="qrels.tsv: none of its 1 judged query ids"):
+        mine(str(beir / "queries.jsonl"), corpus, str(tmp_path / "m.jsonl"), str(strangers))
+    zero = write(tmp_path / "zero.tsv", "q1\td1\t0\n")
+    with pytest.raises(DataError, match="zero.tsv: no judgement with a score > 0"):
+        evaluate_bm25(corpus, str(beir / "queries.jsonl"), str(zero))
+    answered = write(tmp_path / "a.jsonl", '{"question": "apple", "answers": ["apple"]}\n')
+    with pytest.raises(DataError, match="mining needs relevance judgements"):
+        mine(str(answered), corpus, str(tmp_path / "m.jsonl"))
+    assert evaluate_bm25(corpus, str(answered))["queries"] == 1
+
+
+def test_os_errors_at_the_cli_edge_name_the_path(tmp_path, beir, capsys):
+    afile = write(tmp_path / "afile", "")
+    assert mine_main(["--queries", str(beir), "--corpus", str(beir), "--output", str(afile / "m.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{afile / 'm.jsonl'}: cannot be created, {afile} is a file" in err and "Traceback" not in err
+    assert index_main(["build", "--checkpoint", "c", "--corpus", str(beir), "--output", str(afile / "idx")]) == 2
+    assert f"{afile} is a file" in capsys.readouterr().err
+
+    def unreadable():
+        open(tmp_path / "missing" / "x")
+
+    assert _run("dpr x", unreadable) == 2
+    assert capsys.readouterr().err.strip() == f"dpr x: error: {tmp_path / 'missing' / 'x'}: No such file or directory"
