@@ -11,7 +11,7 @@ from pathlib import Path
 from dpr_service.core.checkpoint import load_checkpoint
 from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import DataError, Passage, iter_jsonl, iter_tsv, read_beir_queries, read_qrels
-from dpr_service.core.formats import _answers, _id, _text  # the field checks every reader uses
+from dpr_service.core.formats import field_answers, field_id, field_text  # the field checks every reader uses
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.metrics import answer_accuracy, retrieval_metrics
 
@@ -52,12 +52,12 @@ def read_queries(path: str | Path, split: str = "test", need_split: bool = True
     line_of: dict[str, int] = {}
     for lineno, obj in itertools.chain([first], records):
         # a record without an id is named by its line; an id given twice is an error, never an overwrite
-        qid = _id(obj["id"], path, lineno, "field 'id'") if obj.get("id") not in (None, "") else f"line {lineno}"
+        qid = field_id(obj["id"], path, lineno, "field 'id'") if obj.get("id") not in (None, "") else f"line {lineno}"
         if qid in line_of:
             raise DataError(path, lineno, f"query id {qid!r} already used on line {line_of[qid]}")
         line_of[qid] = lineno
-        queries[qid] = _text(obj, "question", path, lineno, "question")
-        if given := _answers(obj, path, lineno):
+        queries[qid] = field_text(obj, "question", path, lineno, "question")
+        if given := field_answers(obj, path, lineno):
             answers[qid] = given
     return queries, answers, None
 

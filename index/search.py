@@ -81,12 +81,18 @@ class Searcher:
             raise ArtifactError(f"{self.directory / PASSAGES_FILE}: {stored} passages, the manifest says {self.manifest.count}")
 
     def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None) -> None:
-        if nprobe is not None:
-            ivf = faiss.try_extract_index_ivf(self.index)
-            if ivf is not None:
-                ivf.nprobe = int(nprobe)
-        if efSearch is not None and hasattr(self.index, "hnsw"):
-            self.index.hnsw.efSearch = int(efSearch)
+        """Search-time parameters, through ``faiss.ParameterSpace`` (which reaches inside PCA/OPQ
+        pre-transforms, refinement and an IVF's HNSW quantizer); a parameter the index does not
+        have is ignored."""
+        space = faiss.ParameterSpace()
+        space.initialize(self.index)
+        names = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
+        if nprobe is not None and "nprobe" in names:
+            space.set_index_parameter(self.index, "nprobe", int(nprobe))
+        if efSearch is not None:
+            for name in ("efSearch", "quantizer_efSearch"):
+                if name in names:
+                    space.set_index_parameter(self.index, name, int(efSearch))
 
     @property
     def count(self) -> int:

@@ -371,3 +371,26 @@ def test_cli_reports_bad_qrels_without_traceback(tmp_path, tiny_model):
     assert proc.returncode == 2, proc.stderr
     assert f"{root / 'qrels' / 'train.tsv'}:2: score 'inf' is not a finite number" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"_id": None, "title": "", "text": "apple"}, "field '_id': expected a non-empty string or number, got null"),
+        ({"_id": "", "title": "", "text": "apple"}, "field '_id': expected a non-empty string or number"),
+        ({"_id": ["a"], "title": "", "text": "apple"}, "field '_id': expected a non-empty string or number"),
+    ],
+)
+def test_corpus_ids_must_be_non_empty(tmp_path, record, message):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"_id": "d1", "title": "", "text": "river"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=rf"corpus.jsonl:2: .*{message}"):
+        read_corpus(path)
+
+
+def test_answers_must_be_a_list_even_when_falsy(tmp_path):
+    path = tmp_path / "train.jsonl"
+    record = {"question": "q", "answers": 0, "positive_ctxs": [{"title": "", "text": "apple", "passage_id": "1"}]}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:1: field 'answers' must be a list of strings"):
+        read_train_data(path)

@@ -615,3 +615,24 @@ def test_os_errors_at_the_cli_edge_name_the_path(tmp_path, beir, capsys):
 
     assert _run("dpr x", unreadable) == 2
     assert capsys.readouterr().err.strip() == f"dpr x: error: {tmp_path / 'missing' / 'x'}: No such file or directory"
+
+
+def test_searcher_sets_search_params_inside_pre_transforms_and_quantizers():
+    """Searcher.set_search_params (the manifest's values, or an override) reaches an HNSW behind a
+    PCA and the HNSW quantizer of an IVF, and ignores what an index does not have."""
+    from index.search import Searcher
+
+    class Bare(Searcher):
+        def __init__(self, index):
+            self.index = index
+
+    xb = np.random.default_rng(0).standard_normal((500, 32)).astype(np.float32)
+    pca = faiss.index_factory(32, "PCA16,HNSW8", faiss.METRIC_INNER_PRODUCT)
+    pca.train(xb)
+    Bare(pca).set_search_params(nprobe=3, efSearch=77)
+    assert faiss.downcast_index(faiss.downcast_index(pca).index).hnsw.efSearch == 77
+    ivf = faiss.index_factory(32, "IVF4_HNSW8,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(xb)
+    Bare(ivf).set_search_params(nprobe=3, efSearch=77)
+    assert ivf.nprobe == 3 and faiss.downcast_index(ivf.quantizer).hnsw.efSearch == 77
+    Bare(faiss.IndexFlatIP(32)).set_search_params(nprobe=3, efSearch=77)  # nothing to set: no error

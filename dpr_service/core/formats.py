@@ -207,7 +207,8 @@ def _unicode(value: str, path: Path, lineno: int, what: str) -> str:
     return value
 
 
-def _text(obj: dict, key: str, path: Path, lineno: int, what: str, required: bool = True) -> str:
+def field_text(obj: dict, key: str, path: Path, lineno: int, what: str, required: bool = True) -> str:
+    """``obj[key]`` as a string of valid Unicode; missing, null or blank is an error when ``required``."""
     if key not in obj or obj[key] is None:
         if required:
             raise DataError(path, lineno, f"{what}: missing field '{key}'")
@@ -221,8 +222,10 @@ def _text(obj: dict, key: str, path: Path, lineno: int, what: str, required: boo
     return value
 
 
-def _id(value, path: Path, lineno: int, what: str) -> str:
-    """A passage or query id as a string (JSON numbers allowed)."""
+def field_id(value, path: Path, lineno: int, what: str) -> str:
+    """A passage or query id as a string (JSON numbers allowed; null, empty or an object is an error)."""
+    if value is None or isinstance(value, (bool, list, dict)) or not str(value).strip():
+        raise DataError(path, lineno, f"{what}: expected a non-empty string or number, got {json.dumps(value)}")
     return _unicode(str(value), path, lineno, what)
 
 
@@ -235,10 +238,10 @@ def _ctx(obj, path: Path, lineno: int, what: str) -> Passage:
         return Passage(text=obj, id=content_id("", obj))
     if not isinstance(obj, dict):
         raise DataError(path, lineno, f"{what}: expected a string or an object, got {type(obj).__name__}")
-    text = _text(obj, "text", path, lineno, what)
-    title = _text(obj, "title", path, lineno, what, required=False)
+    text = field_text(obj, "text", path, lineno, what)
+    title = field_text(obj, "title", path, lineno, what, required=False)
     key = next((k for k in ("passage_id", "psg_id", "id", "_id") if obj.get(k) not in (None, "")), None)
-    pid = _id(obj[key], path, lineno, f"{what}: field '{key}'") if key else content_id(title, text)
+    pid = field_id(obj[key], path, lineno, f"{what}: field '{key}'") if key else content_id(title, text)
     return Passage(text=text, title=title, id=pid)
 
 
@@ -249,8 +252,11 @@ def _ctx_list(obj: dict, key: str, path: Path, lineno: int) -> list[Passage]:
     return [_ctx(c, path, lineno, f"{key}[{i}]") for i, c in enumerate(value)]
 
 
-def _answers(obj: dict, path: Path, lineno: int) -> list[str]:
-    answers = obj.get("answers") or []
+def field_answers(obj: dict, path: Path, lineno: int) -> list[str]:
+    """DPR's ``answers``: a list of strings (absent or null: none)."""
+    answers = obj.get("answers")
+    if answers is None:
+        return []
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise DataError(path, lineno, "field 'answers' must be a list of strings")
     for i, a in enumerate(answers):
@@ -264,7 +270,7 @@ def _answers(obj: dict, path: Path, lineno: int) -> list[str]:
 def _dpr_record(obj: dict, path: Path, lineno: int) -> tuple[TrainExample, list[Passage]]:
     """The example and every passage the record names (its other positives belong in the corpus:
     evaluation counts them as relevant)."""
-    question = _text(obj, "question", path, lineno, "question")
+    question = field_text(obj, "question", path, lineno, "question")
     positives = _ctx_list(obj, "positive_ctxs", path, lineno)
     if not positives:
         raise DataError(path, lineno, "field 'positive_ctxs' is missing or empty")
@@ -273,14 +279,14 @@ def _dpr_record(obj: dict, path: Path, lineno: int) -> tuple[TrainExample, list[
         positive=positives[0],  # DPR trains on the first (best) positive
         hard_negatives=_ctx_list(obj, "hard_negative_ctxs", path, lineno),
         negatives=_ctx_list(obj, "negative_ctxs", path, lineno),
-        answers=_answers(obj, path, lineno),
+        answers=field_answers(obj, path, lineno),
         known_positive_ids=frozenset(p.id for p in positives),
     )
     return ex, [ex.positive, *ex.hard_negatives, *ex.negatives, *positives[1:]]
 
 
 def _plain_record(obj: dict, path: Path, lineno: int) -> tuple[TrainExample, list[Passage]]:
-    query = _text(obj, "query", path, lineno, "query")
+    query = field_text(obj, "query", path, lineno, "query")
     if "positive" not in obj:
         raise DataError(path, lineno, "missing field 'positive'")
     positive = _ctx(obj["positive"], path, lineno, "positive")
@@ -292,7 +298,7 @@ def _plain_record(obj: dict, path: Path, lineno: int) -> tuple[TrainExample, lis
         query=query,
         positive=positive,
         hard_negatives=hard,
-        answers=_answers(obj, path, lineno),
+        answers=field_answers(obj, path, lineno),
         known_positive_ids=frozenset([positive.id]),
     )
     return ex, [positive, *hard]
@@ -345,9 +351,9 @@ def read_beir_corpus(path: Path) -> list[Passage]:
     for lineno, obj in iter_jsonl(path):
         if "_id" not in obj:
             raise DataError(path, lineno, "missing field '_id'")
-        pid = _id(obj["_id"], path, lineno, "field '_id'")
-        text = _text(obj, "text", path, lineno, f"passage {pid}", required=False)
-        title = _text(obj, "title", path, lineno, f"passage {pid}", required=False)
+        pid = field_id(obj["_id"], path, lineno, "field '_id'")
+        text = field_text(obj, "text", path, lineno, f"passage {pid}", required=False)
+        title = field_text(obj, "title", path, lineno, f"passage {pid}", required=False)
         if not text.strip() and not title.strip():
             raise DataError(path, lineno, f"passage {pid}: both 'title' and 'text' are empty")
         if pid in ids:
@@ -364,9 +370,9 @@ def read_beir_queries(path: Path) -> dict[str, str]:
     for lineno, obj in iter_jsonl(path):
         if "_id" not in obj:
             raise DataError(path, lineno, "missing field '_id'")
-        qid = _id(obj["_id"], path, lineno, "field '_id'")
+        qid = field_id(obj["_id"], path, lineno, "field '_id'")
         # only the text: BEIR's 'metadata' can hold the relevant ids (SciFact) and must not leak
-        queries[qid] = _text(obj, "text", path, lineno, f"query {qid}")
+        queries[qid] = field_text(obj, "text", path, lineno, f"query {qid}")
     return queries
 
 
