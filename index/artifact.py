@@ -80,16 +80,17 @@ class PassageStore:
         with self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
 
-    def by_rows(self, rows: Sequence[int]) -> dict[int, tuple[str, str, str]]:
-        """row -> (id, title, text) for the given rows (missing rows are absent)."""
+    def by_rows(self, rows: Sequence[int], text: bool = True) -> dict[int, tuple]:
+        """row -> (id, title, text), or (id,) without ``text``, for the given rows (missing rows are absent)."""
         wanted = sorted({int(r) for r in rows if r >= 0})
-        out: dict[int, tuple[str, str, str]] = {}
+        columns = "row, id, title, text" if text else "row, id"
+        out: dict[int, tuple] = {}
         with self._connect() as db:
             for start in range(0, len(wanted), 900):  # SQLite's parameter limit
                 chunk = wanted[start : start + 900]
                 marks = ",".join("?" * len(chunk))
-                for row, pid, title, text in db.execute(f"SELECT row, id, title, text FROM passages WHERE row IN ({marks})", chunk):
-                    out[row] = (pid, title, text)
+                for row, *fields in db.execute(f"SELECT {columns} FROM passages WHERE row IN ({marks})", chunk):
+                    out[row] = tuple(fields)
         return out
 
     def by_ids(self, ids: Sequence[str]) -> dict[str, tuple[int, str, str]]:

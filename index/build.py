@@ -16,6 +16,8 @@ and renamed into place when complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -344,29 +346,19 @@ def _same_job(found: dict | None, job: dict) -> bool:
 def _prepare_work(work: Path, job: dict) -> None:
     """Make ``work`` this build job's directory, keeping the chunks of an interrupted run of the same job.
 
-    The directory appears with its build.json already in it (written in a temporary directory and
-    renamed into place), so a process starting beside another one (torchrun ranks) never finds a
-    work directory without one and mistakes it for a leftover. Whatever has to go (a leftover without
+    Processes starting together (torchrun ranks, shards on one machine) take turns under an
+    exclusive lock on a file beside it (``flock``, which the kernel releases when a process dies):
+    the first one decides and the others find its directory. Whatever has to go (a leftover without
     build.json, or the chunks of a corpus that was edited since) is renamed aside before it is
-    removed, so that of several processes one removes it, and never the directory another one has
-    just put in its place. Chunks of another checkpoint (or --chunk) are an error, not discarded.
+    removed, and the new directory appears with its build.json already in it, so a kill at any point
+    leaves either nothing or a directory the next build understands. Chunks of another checkpoint
+    (or --chunk) are an error, not discarded.
     """
-    for _ in range(20):
+    work.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(_lock_path(work)):
         found = _read_job(work)
         if _same_job(found, job):
             return
-        if found is None:
-            tmp = work.with_name(f"{work.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            tmp.mkdir(parents=True)
-            try:
-                (tmp / "build.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
-                os.rename(tmp, work)  # fails if another process has put its directory there first
-                return
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if isinstance(e, FileNotFoundError) or work.exists():
-                    continue  # look at the other process's directory
-                raise
         if found:
             other = [k for k in JOB_IDENTITY if found.get(k) != job[k]]
             if other:
@@ -377,22 +369,32 @@ def _prepare_work(work: Path, job: dict) -> None:
                    f"{job['count']}, sha256 {job['corpus_sha256'][:12]} now")
             log.warning("%s: the corpus changed since this build was interrupted (%s): its encoded chunks are discarded "
                         "and encoding starts over", work, why)
-        else:
+        elif found is not None:
             log.info("%s: chunks without the build.json of their job (a kill mid-cleanup, or an older version): removed", work)
-        aside = work.with_name(f"{work.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if found is not None:
+            aside = work.with_name(f"{work.name}.stale-{tag}")
             os.rename(work, aside)
-        except FileNotFoundError:
-            continue
-        if _same_job(_read_job(aside), job):  # another process had just put this job's directory in place
-            try:
-                os.rename(aside, work)
-                continue
-            except OSError:
-                pass
-        shutil.rmtree(aside, ignore_errors=True)
-    raise ArtifactError(f"{work}: other processes keep replacing this build directory; are builds of different corpora "
-                        "writing to the same --output?")
+            shutil.rmtree(aside, ignore_errors=True)
+        tmp = work.with_name(f"{work.name}.new-{tag}")
+        tmp.mkdir()
+        (tmp / "build.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+        os.rename(tmp, work)
+
+
+def _lock_path(work: Path) -> Path:
+    return work.with_suffix(".lock")  # .<index>.partial -> .<index>.lock
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive flock on ``path`` for the duration of the block (created if missing)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _remove_leftovers(work: Path) -> None:
@@ -497,6 +499,7 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     done = work.with_name(f"{work.name}.done-{os.getpid()}")
     os.rename(work, done)  # no longer a resumable build, even if the removal is killed half-way
     shutil.rmtree(done)
+    _lock_path(work).unlink(missing_ok=True)
     return output
 
 

@@ -109,7 +109,7 @@ class Searcher:
             raise ValueError(f"query embeddings must have shape (Q, {self.manifest.dim}), got {xq.shape}")
         D, I = self.index.search(xq, min(k, self.count))  # (Q, k) scores and rows; -1 where none
         found = I[I >= 0].tolist()
-        rows = self.store.by_rows(found) if with_text else _ids_by_rows(self.store, found)
+        rows = self.store.by_rows(found, text=with_text)
         return [
             [Hit(rows[r][0], float(s), int(r), *rows[r][1:]) for s, r in zip(ds, rs) if r >= 0 and r in rows]
             for ds, rs in zip(D, I)
@@ -117,21 +117,6 @@ class Searcher:
 
     def passages(self, ids: list[str]) -> dict[str, Passage]:
         return {pid: Passage(text=text, title=title, id=pid) for pid, (_, title, text) in self.store.by_ids(ids).items()}
-
-    def passages_by_rows(self, rows: list[int]) -> dict[int, Passage]:
-        return {r: Passage(text=text, title=title, id=pid) for r, (pid, title, text) in self.store.by_rows(rows).items()}
-
-
-def _ids_by_rows(store: PassageStore, rows: list[int]) -> dict[int, tuple[str]]:
-    """row -> (id,): ``PassageStore.by_rows`` without the titles and texts (search without text)."""
-    wanted = sorted(set(rows))
-    out: dict[int, tuple[str]] = {}
-    with store._connect() as db:  # the store's one connection, under its lock
-        for start in range(0, len(wanted), 900):  # SQLite's parameter limit
-            chunk = wanted[start : start + 900]
-            for row, pid in db.execute(f"SELECT row, id FROM passages WHERE row IN ({','.join('?' * len(chunk))})", chunk):
-                out[row] = (pid,)
-    return out
 
 
 def _replaced(requested: Path, loaded: Path, inode: tuple[int, int] | None) -> bool:

@@ -113,7 +113,8 @@ def test_the_services_commands_run_the_pipeline(tmp_path, tiny_model):
 
 def test_images_install_the_tested_versions():
     """docker/constraints.txt pins what the images install: every dependency of the project is
-    pinned there, to the version installed here (where the tests run), and both images use it."""
+    pinned there, to the version installed here (`make setup` installs with the same constraints,
+    so this holds on a clean clone too), and both images use it."""
     from importlib.metadata import requires, version
 
     from packaging.requirements import Requirement
@@ -135,3 +136,4 @@ def test_images_install_the_tested_versions():
     assert "PIP_CONSTRAINT=/src/docker/constraints.txt" in dockerfile
     assert f"torch=={pins['torch']}+cpu" in dockerfile and f'"torch=={pins["torch"]}"' in dockerfile
     assert "!docker/constraints.txt" in (ROOT / ".dockerignore").read_text().splitlines()
+    assert "-c docker/constraints.txt" in (ROOT / "Makefile").read_text()

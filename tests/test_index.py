@@ -524,7 +524,8 @@ def test_concurrent_starts_agree_on_one_work_directory(tmp_path):
         assert not errors
         assert json.loads((work / "build.json").read_text()) == job and not (work / "emb-000000.npy").exists()
         assert sorted(p.name for p in work.glob("mine-*")) == [f"mine-{i}" for i in range(4)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f".idx{r}.partial" for r in range(10))
+    # nothing else left beside them: no .new-/.stale- directories; the lock file stays until the build completes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f".idx{r}.{s}" for r in range(10) for s in ("partial", "lock"))
 
 
 def test_model_mining_takes_negatives_from_the_index(tmp_path, checkpoint, beir, flat_index):
