@@ -18,7 +18,7 @@ from dpr_service.core.config import EncoderConfig
 from dpr_service.core.device import Runtime
 from dpr_service.core.formats import read_train_data
 from trainer import distributed
-from trainer.batches import collate
+from dpr_service.core.batches import collate
 from trainer.step import forward_backward, prepare_models
 
 BATCH = 8  # questions in the global batch

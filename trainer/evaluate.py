@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from dpr_service.core.batches import Batch
 from dpr_service.core.device import Runtime
 from dpr_service.core.encoder import BiEncoder
 from dpr_service.core.formats import EvalData, TrainData
@@ -15,7 +16,7 @@ from dpr_service.core.loss import in_batch_nll
 from dpr_service.core.metrics import answer_accuracy, retrieval_metrics
 from dpr_service.core.tokenize import TextTokenizer
 
-from .batches import Batch, fixed_batches
+from .batches import fixed_batches
 
 
 def batch_losses(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: int | None = None) -> torch.Tensor:

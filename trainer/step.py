@@ -35,7 +35,7 @@ from dpr_service.core.device import Runtime
 from dpr_service.core.encoder import BiEncoder
 from dpr_service.core.loss import in_batch_nll
 
-from .batches import Batch, known_positive_mask
+from dpr_service.core.batches import Batch, known_positive_mask
 from .distributed import Dist, gather_padded, gather_rows
 
 
