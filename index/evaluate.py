@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from dpr_service.core.bm25 import BM25
 from dpr_service.core.checkpoint import load_checkpoint
 from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import DataError, Passage, iter_jsonl, iter_tsv, read_beir_queries, read_qrels
@@ -137,32 +138,6 @@ def score_run(run: dict, qrels: dict | None, answers: dict, texts_of) -> dict:
         ids = sorted({pid for ranked in run.values() for pid in ranked})
         metrics.update(answer_accuracy(run, answers, texts_of(ids)))
     return metrics
-
-
-# ----------------------------------------------------------------------------- BM25
-
-
-class BM25:
-    """BM25 (bm25s, Lucene's scoring) over title + text, English stop words and Snowball stemming,
-    as BEIR's and Pyserini's baselines."""
-
-    def __init__(self, corpus: list[Passage], progress: bool = False):
-        import bm25s
-        import Stemmer
-
-        self._bm25s = bm25s
-        self.stemmer = Stemmer.Stemmer("english")
-        self.ids = [p.id for p in corpus]
-        tokens = bm25s.tokenize([f"{p.title} {p.text}".strip() for p in corpus], stopwords="en",
-                                stemmer=self.stemmer, show_progress=progress)
-        self.retriever = bm25s.BM25()
-        self.retriever.index(tokens, show_progress=progress)
-
-    def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
-        tokens = self._bm25s.tokenize(queries, stopwords="en", stemmer=self.stemmer, show_progress=False)
-        k = min(k, len(self.ids))
-        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=0)
-        return [[(self.ids[d], float(s)) for d, s in zip(row_d, row_s) if s > 0] for row_d, row_s in zip(docs, scores)]
 
 
 def evaluate_bm25(corpus: list[Passage], queries_path: str, qrels_path: str | None = None, split: str = "test",

@@ -17,13 +17,14 @@ import logging
 import math
 from pathlib import Path
 
+from dpr_service.core.bm25 import BM25
 from dpr_service.core.checkpoint import load_checkpoint
 from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import DataError, Passage
 from dpr_service.core.inference import encode_texts
 
 from .artifact import prepare_output
-from .evaluate import BM25, read_judged
+from .evaluate import read_judged
 from .search import Searcher
 
 log = logging.getLogger("index")
