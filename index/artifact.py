@@ -16,7 +16,6 @@ index made with another checkpoint than the one it is served with.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dpr_service.core.checkpoint import sha256_file
+from dpr_service.core.fsio import readable_directory, sha256_fd, sha256_file
 
 log = logging.getLogger("index")
 
@@ -157,11 +156,10 @@ def resolve_artifact(directory: Path | str) -> Path:
     one is read, in place (a server may have the artifacts read-only; the next build or add moves
     it back)."""
     directory = Path(directory)
-    old = directory.with_name(f".{directory.name}.old")
-    if not directory.exists() and old.is_dir():
-        log.warning("%s is missing after an interrupted replacement; reading the previous artifact %s", directory, old)
-        return old
-    return directory
+    found = readable_directory(directory)
+    if found != directory:
+        log.warning("%s is missing after an interrupted replacement; reading the previous artifact %s", directory, found)
+    return found
 
 
 def read_manifest(directory: Path | str) -> Manifest:
@@ -279,12 +277,8 @@ class PinnedDirectory:
         return b"".join(chunks)
 
     def sha256(self, name: str) -> str:
-        fd = self.open(name)
-        h = hashlib.sha256()
-        os.lseek(fd, 0, os.SEEK_SET)
-        while block := os.read(fd, 1 << 20):
-            h.update(block)
-        return h.hexdigest()
+        """Hex sha256 of ``name`` read through this handle."""
+        return sha256_fd(self.open(name))
 
     def fd_path(self, name: str) -> str:
         """A path that opens the very file behind the descriptor (Linux /proc, else /dev/fd)."""

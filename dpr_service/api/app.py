@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from dpr_service.core.checkpoint import CheckpointError, Loaded, load_checkpoint
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.formats import Passage
+from dpr_service.core.fsio import readable_directory
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.scoring import ScoreItem, score_items
 from index.artifact import MANIFEST, ArtifactError
@@ -99,7 +100,7 @@ def artifact_stamp(index: Path | None) -> tuple | None:
     if index is None:
         return None
     index = Path(index)
-    directory = index if index.exists() else index.with_name(f".{index.name}.old")  # resolve_artifact's choice, without its log line
+    directory = readable_directory(index)  # resolve_artifact's choice, without its log line
     try:
         d, m = os.stat(directory), os.stat(directory / MANIFEST)
     except OSError:

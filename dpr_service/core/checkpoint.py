@@ -21,20 +21,18 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
 from transformers.utils import logging as hf_logging
 
+from . import fsio
 from .config import FORMAT, EncoderConfig
 from .encoder import BiEncoder
+from .fsio import recover_directory, sha256_file  # noqa: F401  (re-exported: trainer/ and index/ import them from here)
 from .tokenize import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +50,10 @@ class CheckpointError(Exception):
 
 @dataclass
 class Loaded:
+    """A checkpoint loaded by :func:`load_checkpoint`: the encoders (in eval mode, on the asked
+    device), the tokenizer with the checkpoint's max lengths, its config, where it was read from,
+    its fingerprint (sha256 hex) and the base model it was trained from."""
+
     encoder: BiEncoder
     tokenizer: TextTokenizer
     config: EncoderConfig
@@ -60,94 +62,21 @@ class Loaded:
     base_model: str
 
 
-# ----------------------------------------------------------------------------- atomic directories
+# ----------------------------------------------------------------------------- atomic directories and checksums
 
 
-def _old_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.old")
+def _seal(directory: Path) -> None:
+    """Before a directory is committed: a checkpoint (one with ``dpr_config.json``) gets ``checksums.json``."""
+    if (directory / CONFIG_FILE).is_file():
+        write_checksums(directory)
 
 
-@contextlib.contextmanager
-def atomic_directory(target: Path | str) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``target``; when the block ends without an error,
-    replace ``target`` with it. On an error the temporary directory is removed and ``target`` kept.
-
-    The swap is two renames (target -> .target.old, tmp -> target); a kill between them leaves
-    ``.target.old``, which :func:`recover_directory` puts back (here too, before anything else, so
-    the previous complete copy is never deleted before the new one is in place). Temporary
-    directories that killed writers left beside ``target`` are removed. A checkpoint (a directory
-    with ``dpr_config.json``) gets ``checksums.json`` listing the sha256 of each of its files.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(target)
-    _remove_stale_temporaries(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if (tmp / CONFIG_FILE).is_file():
-            write_checksums(tmp)
-        _fsync_tree(tmp)
-        old = _old_path(target)
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def recover_directory(target: Path | str) -> Path:
-    """Return ``target``, first restoring it from ``.target.old`` if a swap was cut short."""
-    target = Path(target)
-    old = _old_path(target)
-    if not target.exists() and old.exists():
-        os.rename(old, target)
-        log.warning("restored %s from an interrupted replacement", target)
-    return target
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """Remove ``.<name>.tmp-<pid>-*`` directories of writers that died before their rename: their
-    process is gone, or it is this very process (a pid reused, as after a container restart)."""
-    prefix = f".{target.name}.tmp-"
-    for tmp in target.parent.iterdir():
-        if not tmp.name.startswith(prefix):
-            continue
-        try:
-            pid = int(tmp.name[len(prefix):].split("-")[0])
-        except ValueError:
-            continue
-        if pid == os.getpid() or not _alive(pid):
-            log.info("removing %s, left by a writer that was killed", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint and index checksums)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def atomic_directory(target: Path | str) -> contextlib.AbstractContextManager[Path]:
+    """:func:`dpr_service.core.fsio.atomic_directory` for checkpoints: yields a temporary directory
+    beside ``target`` and swaps it into place when the block ends without an error (the ``.old``
+    recovery rule is fsio's). A checkpoint written in it (a directory with ``dpr_config.json``) gets
+    ``checksums.json`` listing the sha256 of each of its files before the swap."""
+    return fsio.atomic_directory(target, before_commit=_seal)
 
 
 def write_checksums(directory: Path) -> None:
@@ -183,25 +112,6 @@ def verify_checksums(directory: Path) -> set[str]:
     return set(files)
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- fingerprint
 
 
@@ -217,8 +127,7 @@ def _fingerprint(root: Path, config: dict) -> str:
     for f in _encoder_files(root):
         h.update(str(f.relative_to(root)).encode())
         with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+            fsio.sha256_update(h, fh.read)
     return h.hexdigest()
 
 
