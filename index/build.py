@@ -43,7 +43,7 @@ from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.formats import Passage, read_corpus
 from dpr_service.core.inference import encode_texts
 
-from .artifact import (INDEX_FILE, PASSAGES_FILE, ArtifactError, create_passage_store, insert_passages, prepare_output,
+from dpr_service.core.artifact import (INDEX_FILE, PASSAGES_FILE, ArtifactError, create_passage_store, insert_passages, prepare_output,
                        write_manifest)
 
 log = logging.getLogger("index")
@@ -509,7 +509,7 @@ def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path |
 
     Duplicate ids (already indexed, or repeated in the new file) are an error, never an overwrite.
     """
-    from .search import Searcher
+    from dpr_service.core.search import Searcher
 
     index_dir = Path(index_dir)
     old = Searcher(index_dir)  # verified before anything is read

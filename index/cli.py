@@ -65,7 +65,7 @@ def _run(prog: str, fn) -> int:
     from dpr_service.core.checkpoint import CheckpointError
     from dpr_service.core.formats import DataError
 
-    from .artifact import ArtifactError
+    from dpr_service.core.artifact import ArtifactError
 
     try:
         return fn() or 0

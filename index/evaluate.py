@@ -16,7 +16,7 @@ from dpr_service.core.formats import field_answers, field_id, field_text  # the 
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.metrics import answer_accuracy, retrieval_metrics
 
-from .search import Searcher
+from dpr_service.core.search import Searcher
 
 log = logging.getLogger("index")
 

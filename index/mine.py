@@ -23,9 +23,9 @@ from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import DataError, Passage
 from dpr_service.core.inference import encode_texts
 
-from .artifact import prepare_output
+from dpr_service.core.artifact import prepare_output
 from .evaluate import read_judged
-from .search import Searcher
+from dpr_service.core.search import Searcher
 
 log = logging.getLogger("index")
 

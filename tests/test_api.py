@@ -30,7 +30,7 @@ from dpr_service.core.formats import Passage, read_corpus, read_train_data
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.loss import candidate_log_probs
 from index.build import add, build
-from index.search import Searcher
+from dpr_service.core.search import Searcher
 from trainer.evaluate import dev_nll
 
 CPU = pick_runtime("cpu", "fp32")

@@ -21,12 +21,12 @@ from dpr_service.core.config import EncoderConfig
 from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import DataError, read_corpus, read_eval_data
 from dpr_service.core.inference import encode_texts, exact_search
-from index.artifact import ArtifactError
+from dpr_service.core.artifact import ArtifactError
 from index.build import GpuPlan, add, build, choose_factory, gpu_faiss_available, gpu_plan, make_index, parse_size
 from index.cli import _run, bm25_main, index_main, mine_main
 from index.evaluate import BM25, evaluate_bm25, evaluate_index, read_queries
 from index.mine import mine
-from index.search import Searcher
+from dpr_service.core.search import Searcher
 from trainer.evaluate import retrieval_eval
 
 CPU = pick_runtime("cpu", "fp32")
@@ -621,7 +621,7 @@ def test_os_errors_at_the_cli_edge_name_the_path(tmp_path, beir, capsys):
 def test_searcher_sets_search_params_inside_pre_transforms_and_quantizers():
     """Searcher.set_search_params (the manifest's values, or an override) reaches an HNSW behind a
     PCA and the HNSW quantizer of an IVF, and ignores what an index does not have."""
-    from index.search import Searcher
+    from dpr_service.core.search import Searcher
 
     class Bare(Searcher):
         def __init__(self, index):

@@ -52,9 +52,9 @@ from dpr_service.core.checkpoint import CheckpointError, load_base_model, load_c
 from dpr_service.core.config import EncoderConfig
 from dpr_service.core.device import pick_runtime
 from dpr_service.core.inference import encode_texts
-from index.artifact import ArtifactError
+from dpr_service.core.artifact import ArtifactError
 from index.build import build
-from index.search import Searcher
+from dpr_service.core.search import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -717,7 +717,7 @@ def test_no_code_path_unpickles_or_reads_unverified_files():
     assert problems == []
     reads = [p.relative_to(ROOT).as_posix() for p in sources if any(
         isinstance(n, ast.Call) and _dotted(n.func).endswith("read_index") for n in ast.walk(ast.parse(p.read_text())))]
-    assert reads == ["index/search.py"]  # the one place FAISS reads an index
+    assert reads == ["dpr_service/core/search.py"]  # the one place FAISS reads an index
     record("pickle audit", files=len(sources), bad_patterns_caught=len(BAD_SOURCES))
 
 
@@ -731,7 +731,7 @@ def test_loading_never_unpickles_at_runtime(art, trained_checkpoint, tmp_path, m
     an add. (Static checks can miss a library's own unpickling; this cannot.)"""
     import pickle
 
-    import index.search as search_mod
+    import dpr_service.core.search as search_mod
     from index.build import add
     from trainer.state import load_training_state
 

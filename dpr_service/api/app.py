@@ -27,8 +27,8 @@ from dpr_service.core.formats import Passage
 from dpr_service.core.fsio import readable_directory
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.scoring import ScoreItem, score_items
-from index.artifact import MANIFEST, ArtifactError
-from index.search import Searcher
+from dpr_service.core.artifact import MANIFEST, ArtifactError, read_manifest
+from dpr_service.core.search import Searcher
 
 from .batching import Overloaded, QueryBatcher, Stopped
 from .guard import AUTH_FAILED, Guard, check_key
@@ -72,8 +72,6 @@ def load_resources(settings: Settings, metrics: Metrics) -> Resources:
     if settings.index is None:
         raise ArtifactError("no index configured: set DPR_INDEX or pass --index")
     runtime = pick_runtime(settings.device, "auto")
-    from index.artifact import read_manifest
-
     manifest = read_manifest(settings.index)
     checkpoint = settings.checkpoint or manifest.extra.get("checkpoint")
     if not checkpoint:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dpr_service.core.fsio import readable_directory, sha256_fd, sha256_file
+from .fsio import readable_directory, sha256_fd, sha256_file
 
-log = logging.getLogger("index")
+log = logging.getLogger(__name__)
 
 FORMAT = "dpr-index/1"
 MANIFEST, INDEX_FILE, PASSAGES_FILE = "manifest.json", "index.faiss", "passages.sqlite"

@@ -13,11 +13,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dpr_service.core.formats import Passage
-
+from .formats import Passage
 from .artifact import INDEX_FILE, MANIFEST, PASSAGES_FILE, ArtifactError, Manifest, PassageStore, PinnedDirectory, resolve_artifact
 
-log = logging.getLogger("index")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
