@@ -49,7 +49,7 @@ def step_grads(model_dir: str, data_path: str, d: distributed.Dist, chunk_size: 
     encoder.eval()  # no dropout: ranks and the single process must compute the same function
     models = prepare_models(encoder, d, cpu.device)
     scaler = cpu.grad_scaler()
-    loss = forward_backward(encoder, models, batch_for(data_path, tokenizer, d.rank, d.world), cpu, d, scaler, chunk_size)
+    loss = forward_backward(encoder, models, batch_for(data_path, tokenizer, d.rank, d.world_size), cpu, d, scaler, chunk_size)
     grads = {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
     grads["loss"] = loss.reshape(1)
     return grads

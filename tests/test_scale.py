@@ -191,7 +191,7 @@ def test_torchrun_training_matches_one_process_and_resumes(tmp_path, no_dropout_
 def test_global_batch_must_split_evenly(tmp_path, tiny_model, data):
     cfg = TrainConfig(model=str(tiny_model), train=str(data), output=str(tmp_path / "o"), batch_size=4)
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
-        _train(cfg.validate(), Dist(rank=0, local_rank=0, world=3))
+        _train(cfg.validate(), Dist(rank=0, local_rank=0, world_size=3))
     assert not (tmp_path / "o").exists()
 
 

@@ -24,7 +24,7 @@ def cfg(tmp_path, tiny_model, train_file, **kw) -> TrainConfig:
     base = dict(
         model=str(tiny_model), train=str(train_file), output=str(tmp_path / "out"), batch_size=4,
         hard_negatives=1, pooling="mean", query_max_length=16, passage_max_length=32, lr=1e-3,
-        log_every=1, progress=False, seed=7,
+        log_every=1, progress=False, seed=7, pairs="all", epochs=1.0,  # the defaults before model-aware ones
     )
     base.update(kw)
     return TrainConfig(**base)

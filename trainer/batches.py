@@ -44,27 +44,45 @@ def count_short(examples: list[TrainExample], h: int) -> int:
     return sum(1 for ex in examples if len(ex.hard_negatives) < h)
 
 
+def group_by_question(examples: list[TrainExample]) -> list[list[int]]:
+    """Indices of the examples of each question (same query text), in first-seen order: the unit of
+    ``--pairs sample``, which trains on one positive of each question per epoch."""
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.query, []).append(i)
+    return list(groups.values())
+
+
 class EpochBatches(Dataset):
     """Step ``i`` of epoch ``epoch`` -> :class:`Batch`. Incomplete final batches are dropped so every
     step has the same number of in-batch negatives.
 
     ``batch_size`` is the global batch. Under torch.distributed each of ``world`` ranks builds the
-    same global batch (order and negatives) and keeps its contiguous slice of ``batch_size / world``
+    same global batch (order and negatives) and keeps its contiguous slice of ``batch_size / world_size``
     questions, so the ranks' slices put together are exactly the single-process batch.
+
+    ``groups`` (from :func:`group_by_question`) makes an epoch one example per question: each
+    question's positive is drawn from its examples by a generator seeded with (seed, epoch), as
+    Tevatron samples positives. Without it every example (question, positive pair) is used.
     """
 
     def __init__(self, examples: list[TrainExample], corpus: list[Passage], tokenizer: TextTokenizer,
-                 batch_size: int, hard_negatives: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
-        if batch_size % world:
-            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world}")
+                 batch_size: int, hard_negatives: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                 groups: list[list[int]] | None = None):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world_size}")
         self.examples, self.corpus, self.tokenizer = examples, corpus, tokenizer
         self.batch_size, self.h, self.seed, self.epoch = batch_size, hard_negatives, seed, epoch
-        self.rank, self.local = rank, batch_size // world
+        self.rank, self.local = rank, batch_size // world_size
+        units = list(range(len(examples)))
+        if groups is not None:
+            pick = random.Random(f"{seed}/{epoch}/positives")
+            units = [group[pick.randrange(len(group))] if len(group) > 1 else group[0] for group in groups]
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        self.order = torch.randperm(len(examples), generator=g).tolist()
+        self.order = [units[i] for i in torch.randperm(len(units), generator=g).tolist()]
 
     def __len__(self) -> int:
-        return len(self.examples) // self.batch_size
+        return len(self.order) // self.batch_size
 
     def __getitem__(self, step: int) -> Batch:
         rng = random.Random(f"{self.seed}/{self.epoch}/{step}")

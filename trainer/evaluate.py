@@ -13,7 +13,7 @@ from dpr_service.core.encoder import BiEncoder
 from dpr_service.core.formats import EvalData, TrainData
 from dpr_service.core.inference import encode_texts, exact_search
 from dpr_service.core.loss import in_batch_nll
-from dpr_service.core.metrics import answer_accuracy, retrieval_metrics
+from dpr_service.core.metrics import Conventions, Hit, exact_scores, score_run, search_run
 from dpr_service.core.tokenize import TextTokenizer
 
 from .batches import fixed_batches
@@ -62,25 +62,35 @@ def dev_nll(encoder: BiEncoder, tokenizer: TextTokenizer, data: TrainData, runti
 
 @torch.no_grad()
 def retrieval_eval(encoder: BiEncoder, tokenizer: TextTokenizer, data: EvalData, runtime: Runtime,
-                   batch_size: int = 128, progress: bool = False, k: int = 100) -> dict[str, float]:
-    """nDCG@10, MRR@10, Recall@1/5/20/100 (and DPR's top-k answer accuracy when answers are given)
-    with exact inner-product search over the whole corpus."""
+                   batch_size: int = 128, progress: bool = False,
+                   conventions: Conventions = Conventions()) -> dict[str, float]:
+    """Exact inner-product search over the whole dev corpus, scored as ``dpr eval`` scores an index:
+    ``conventions.measures`` (default nDCG@10, MRR@10, Recall@1/5/20/100) and, when the data has
+    answers, DPR's top-k answer accuracy. Ranking, the cut at k and ties are
+    :mod:`dpr_service.core.metrics`' (trec_eval's rule), so the corpus order changes nothing."""
     qids = list(data.queries)
     p_emb = encode_texts(encoder, tokenizer, data.corpus, "passage", runtime, batch_size, progress)  # (N, D)
     q_emb = encode_texts(encoder, tokenizer, [data.queries[q] for q in qids], "query", runtime, batch_size, progress)
-    _, top = exact_search(q_emb, p_emb, k, device=runtime.device)  # (Q, k)
     pids = [p.id for p in data.corpus]
-    run = {q: [pids[j] for j in row] for q, row in zip(qids, top.tolist())}
-    metrics = retrieval_metrics(run, data.qrels)
-    if data.answers:
-        text = {p.id: p.text for p in data.corpus}
-        metrics.update(answer_accuracy(run, data.answers, text))
-    return metrics
+    p_np, q_np = p_emb.numpy(), q_emb.numpy()
+
+    def search(rows: list[int], depth: int) -> list[list[Hit]]:
+        _, top = exact_search(q_emb[rows], p_emb, depth, device=runtime.device)  # (len(rows), depth)
+        # scores recomputed per candidate by one function (as dpr eval does): copies of a passage tie exactly
+        return [list(zip([pids[j] for j in idx], exact_scores(q_np[r], p_np[idx]).tolist()))
+                for r, idx in zip(rows, top.tolist())]
+
+    run = search_run(qids, search, len(pids), conventions, bool(data.answers))
+    text = {p.id: p.text for p in data.corpus}
+    return score_run(run, data.qrels, data.answers, lambda ids: {i: text[i] for i in ids}, conventions)
 
 
 def evaluate(encoder: BiEncoder, tokenizer: TextTokenizer, eval_data: EvalData, nll_data: TrainData,
              runtime: Runtime, batch_size: int, eval_batch_size: int, hard_negatives: int,
              progress: bool = False) -> dict[str, float]:
+    """One evaluation: ``dev_nll`` (:func:`dev_nll` over ``nll_data`` in training-sized batches),
+    the retrieval measures of :func:`retrieval_eval` over ``eval_data`` (``ndcg@10``, ``mrr@10``,
+    ``recall@{1,5,20,100}``, and ``top{1,5,20,100}_accuracy`` with answers) and ``eval_seconds``."""
     t0 = time.perf_counter()
     metrics = {"dev_nll": dev_nll(encoder, tokenizer, nll_data, runtime, batch_size, hard_negatives, eval_batch_size)}
     metrics.update(retrieval_eval(encoder, tokenizer, eval_data, runtime, eval_batch_size, progress))

@@ -107,7 +107,7 @@ def forward_backward(encoder: BiEncoder, models: Models, batch: Batch, runtime: 
             q_emb = encoder.encode_with(models.query, **batch.queries)  # (B_local, D)
             p_emb = encoder.encode_with(models.passage, **batch.passages)  # (N_local, D)
         loss = global_loss(encoder, q_emb, p_emb, batch, d)
-        scaler.scale(loss * d.world).backward()
+        scaler.scale(loss * d.world_size).backward()
         return loss.detach()
 
     # 1. embeddings without graphs, chunk by chunk, with the RNG state before each chunk
@@ -119,7 +119,7 @@ def forward_backward(encoder: BiEncoder, models: Models, batch: Batch, runtime: 
 
     # 2. the loss on the whole batch and its gradient with respect to the embeddings
     loss = global_loss(encoder, q_emb, p_emb, batch, d)
-    scaler.scale(loss * d.world).backward()
+    scaler.scale(loss * d.world_size).backward()
     grads = list(q_emb.grad.split(chunk_size)) + list(p_emb.grad.split(chunk_size))
 
     # 3. each chunk again with a graph, from its RNG state, back-propagating its cached gradient;

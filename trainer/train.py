@@ -1,14 +1,15 @@
-"""The training loop, top to bottom: read data, build the model, loop, evaluate, checkpoint.
+"""The training loop, top to bottom: settings, data, model, negatives, loop, evaluate, checkpoint.
 
 Output directory::
 
-    train_config.yaml    the effective configuration
-    metrics.jsonl        one JSON line per logged step and per evaluation
+    train_config.yaml    the effective configuration (encoder settings resolved from the model)
+    metrics.jsonl        one strict-JSON line per logged step and per evaluation
+    negatives/           mined hard negatives, one file per mining round (read back by --resume)
     last/                the latest checkpoint, with training_state/ for --resume
     best/                the best checkpoint by --best-metric (when --dev is given)
 
 Under torchrun every rank runs this same loop on its slice of each global batch (see step.py);
-rank 0 alone evaluates and writes files.
+rank 0 alone mines, evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -19,21 +20,22 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dpr_service.core.checkpoint import (
-    CheckpointError, atomic_directory, load_base_model, load_checkpoint, recover_directory, write_checkpoint,
-)
-from dpr_service.core.device import pick_runtime
-from dpr_service.core.formats import read_eval_data, read_train_data
+from dpr_service.core.checkpoint import atomic_directory, load_base_model, load_checkpoint, write_checkpoint
+from dpr_service.core.fsio import recover_directory
+from dpr_service.core.device import Runtime, pick_runtime
+from dpr_service.core.formats import EvalData, TrainData, read_eval_data, read_train_data
 
-from . import distributed
-from .batches import EpochBatches, count_short
-from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
+from . import distributed, negatives
+from .batches import EpochBatches, group_by_question
+from .checks import log_length_report
+from .config import ConfigError, TrainConfig, check_resume_config, resolve_encoder
 from .evaluate import evaluate
 from .state import load_training_state, save_training_state
 from .step import forward_backward, prepare_models
@@ -41,88 +43,191 @@ from .step import forward_backward, prepare_models
 log = logging.getLogger("trainer")
 
 LOWER_IS_BETTER = {"dev_nll"}
+EXAMPLES_TARGET = 2500  # default run length: about this many examples, 1 to 10 epochs (see default_epochs)
 
 
 class Interrupted(Exception):
     """Training stopped by a signal after saving a checkpoint; ``signum`` says which."""
 
-    def __init__(self, signum: int, step: int, main: bool = True):
-        self.signum, self.step, self.main = signum, step, main  # main: this process wrote the checkpoint
+    def __init__(self, signum: int, step: int, is_main: bool = True):
+        self.signum, self.step, self.is_main = signum, step, is_main  # is_main: this process wrote the checkpoint
         super().__init__(f"stopped by signal {signum} at step {step}")
 
 
+class NonFiniteLoss(Exception):
+    """The loss or the gradient norm of a step was NaN or infinite (``--on-nonfinite stop``)."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        self.step = step
+        super().__init__(
+            f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; training stopped before the "
+            "optimiser applied them (last/ holds the latest finite checkpoint, if any). Lower --lr, raise "
+            "--temperature, or pass --on-nonfinite skip to skip such steps")
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) a training job; returns the path of the final checkpoint."""
+    """Run (or resume) a training job; returns the path of the final checkpoint.
+
+    Raises ConfigError (bad settings, or --resume with changed ones), DataError (bad data, naming
+    file and line), CheckpointError, NonFiniteLoss, or Interrupted (SIGTERM/SIGINT, after saving)."""
     cfg.validate()
-    d = distributed.from_env()
+    dist = distributed.from_env()
     try:
-        return _train(cfg, d)
+        return _train(cfg, dist)
     finally:
         distributed.teardown()
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
-    if cfg.batch_size % d.world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {d.world} processes")
-    if not d.main:
-        log.setLevel(logging.WARNING)
+# ----------------------------------------------------------------------------- named steps
 
-    # ---- device, precision and process group: chosen once, here
+
+def setup_runtime(cfg: TrainConfig, dist: distributed.Dist) -> Runtime:
+    """Device and precision, chosen once; the process group under torchrun."""
     device = cfg.device
-    if d.enabled and device.startswith("cuda:"):
+    if dist.enabled and device.startswith("cuda:"):
         raise ConfigError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; "
                           "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
-    if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{d.local_rank}"
+    if dist.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{dist.local_rank}"
     try:
         runtime = pick_runtime(device, cfg.precision)
     except ValueError as e:
         raise ConfigError(f"--device {cfg.device} --precision {cfg.precision}: {e}") from None
     if runtime.device.type == "cuda":
         torch.cuda.set_device(runtime.device)
-    distributed.setup(d, runtime.device)
+    distributed.setup(dist, runtime.device)
+    return runtime
 
-    out = Path(cfg.output)
-    last_dir = out / "last"
-    if d.main:
+
+def prepare_run(cfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
+    """Decide fresh run or resume, resolve the encoder settings, and check a resume changes nothing
+    that matters. Returns the config to run with; writes nothing but the recovery of ``last/``."""
+    last_dir = Path(cfg.output) / "last"
+    if dist.is_main:
         recover_directory(last_dir)
-    distributed.barrier(d)
+    distributed.barrier(dist)
     if cfg.auto_resume and not cfg.resume and (last_dir / "training_state").is_dir():
-        log.info("--auto-resume: continuing the run in %s", out)
+        log.info("--auto-resume: continuing the run in %s", cfg.output)
         cfg = dataclasses.replace(cfg, resume=True)
-    if cfg.resume:
-        if not (last_dir / "training_state").is_dir():
-            raise ConfigError(f"--resume: no resumable checkpoint in {last_dir}")
-        _check_resume_config(cfg, last_dir / "train_config.yaml")
-    elif last_dir.exists():
+    if cfg.resume and not (last_dir / "training_state").is_dir():
+        raise ConfigError(f"--resume: no resumable checkpoint in {last_dir}")
+    if not cfg.resume and last_dir.exists():
         raise ConfigError(f"{last_dir} exists: pass --resume to continue that run, or choose another --output")
-    distributed.barrier(d)  # every rank has checked last/ before rank 0 writes anything
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(cfg.to_yaml())
-        if not cfg.resume:  # a run killed before its first checkpoint left lines nobody resumes
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    torch.manual_seed(cfg.seed)
+    cfg, sources = resolve_encoder(cfg, last_dir if cfg.resume else None)
+    log.info("encoder settings (%s): %s", sources.pop("kind"),
+             ", ".join(f"{k} {getattr(cfg, k)!r} ({sources[k]})" for k in sources))
+    if cfg.resume:
+        check_resume_config(cfg, last_dir / "train_config.yaml")
+    distributed.barrier(dist)  # every rank has checked last/ before rank 0 writes anything
+    return cfg
 
-    # ---- data
+
+def load_data(cfg: TrainConfig) -> tuple[TrainData, EvalData | None, TrainData | None]:
+    """The training data, and the dev data as queries (for retrieval metrics) and as pairs (dev NLL)."""
     data = read_train_data(cfg.train, cfg.train_split)
     log.info("training data: %d examples, %d passages in the pool, from %s", len(data.examples), len(data.corpus), data.source)
-    if len(data.examples) < cfg.batch_size:
-        raise ConfigError(f"{data.source}: {len(data.examples)} examples, fewer than --batch-size {cfg.batch_size}")
-    short = count_short(data.examples, cfg.hard_negatives)
-    if short:
-        log.warning("%d of %d questions have fewer than %d hard negatives: filled as DPR does, from their "
-                    "negative_ctxs and then random corpus passages", short, len(data.examples), cfg.hard_negatives)
-    eval_data = nll_data = None
-    if cfg.dev:
-        eval_data = read_eval_data(cfg.dev, cfg.dev_split)
-        nll_data = read_train_data(cfg.dev, cfg.dev_split)
-        if cfg.best_metric.endswith("_accuracy") and not eval_data.answers:
-            raise ConfigError(f"--best-metric {cfg.best_metric} needs answers in the dev data (DPR's "
-                              f"\"answers\" field); {eval_data.source} has none: use ndcg@10, mrr@10, recall@K or dev_nll")
-        log.info("dev data: %d queries over %d passages, from %s", len(eval_data.queries), len(eval_data.corpus), eval_data.source)
+    if not cfg.dev:
+        return data, None, None
+    eval_data = read_eval_data(cfg.dev, cfg.dev_split)
+    nll_data = read_train_data(cfg.dev, cfg.dev_split)
+    if cfg.best_metric.endswith("_accuracy") and not eval_data.answers:
+        raise ConfigError(f"--best-metric {cfg.best_metric} needs answers in the dev data (DPR's "
+                          f"\"answers\" field); {eval_data.source} has none: use ndcg@10, mrr@10, recall@K or dev_nll")
+    log.info("dev data: %d queries over %d passages, from %s", len(eval_data.queries), len(eval_data.corpus), eval_data.source)
+    return data, eval_data, nll_data
 
-    # ---- model
+
+def default_epochs(units: int) -> int:
+    """Epochs when neither --epochs nor --max-steps is given: about EXAMPLES_TARGET (2,500) examples,
+    at least 1 and at most 10 epochs. Small data sets need several passes (sentence-transformers
+    advises 3-10 epochs for small sets); a large one is seen once. SciFact's 809 questions: 3."""
+    return min(10, max(1, round(EXAMPLES_TARGET / max(1, units))))
+
+
+@dataclass
+class Plan:
+    """How long the run is: ``units`` examples per epoch (questions, or pairs with --pairs all)."""
+
+    units: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    why: str
+
+
+def plan_run(cfg: TrainConfig, units: int) -> Plan:
+    """Steps per epoch and in all, from --max-steps, --epochs or :func:`default_epochs`."""
+    if units < cfg.batch_size:
+        raise ConfigError(f"{cfg.train}: {units} training {'questions' if cfg.pairs == 'sample' else 'examples'}, "
+                          f"fewer than --batch-size {cfg.batch_size}")
+    steps_per_epoch = units // cfg.batch_size
+    if cfg.max_steps:
+        return Plan(units, steps_per_epoch, cfg.max_steps, cfg.max_steps / steps_per_epoch, "--max-steps")
+    epochs, why = (cfg.epochs, "--epochs") if cfg.epochs is not None else (default_epochs(units), f"about {EXAMPLES_TARGET} examples, 1-10 epochs")
+    return Plan(units, steps_per_epoch, max(1, math.ceil(epochs * steps_per_epoch)), epochs, why)
+
+
+def lr_multiplier(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total`` (DPR's schedule)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def make_optimizer(cfg: TrainConfig, encoder: torch.nn.Module, total_steps: int, runtime: Runtime):
+    """AdamW (no weight decay on biases and LayerNorm weights) and its LambdaLR schedule."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    decay, no_decay = [], []
+    for p in encoder.parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, eps=cfg.adam_eps, fused=runtime.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, warmup, total_steps))
+    return optimizer, scheduler
+
+
+class Checkpointer:
+    """Owns ``last/`` (model + training state, for --resume) and ``best/`` (model + eval.json).
+
+    Writes are atomic (a killed write leaves the previous checkpoint), rank 0 only, and refused for
+    non-finite weights (CheckpointError from write_checkpoint): a diverged model is never saved."""
+
+    def __init__(self, cfg: TrainConfig, encoder, tokenizer, base_model: str, is_main: bool):
+        self.cfg, self.encoder, self.tokenizer, self.base_model, self.is_main = cfg, encoder, tokenizer, base_model, is_main
+        self.out = Path(cfg.output)
+
+    def _write(self, name: str, extra) -> None:
+        with atomic_directory(self.out / name) as tmp:
+            write_checkpoint(tmp, self.encoder, self.tokenizer, self.base_model)
+            (tmp / "train_config.yaml").write_text(self.cfg.to_yaml())
+            extra(tmp)
+
+    def save_last(self, optimizer, scheduler, scaler, progress: dict) -> None:
+        if self.is_main:
+            self._write("last", lambda tmp: save_training_state(tmp, optimizer, scheduler, scaler, progress))
+
+    def save_best(self, step: int, metrics: dict) -> None:
+        if self.is_main:
+            self._write("best", lambda tmp: (tmp / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {dist.world_size} processes")
+    if not dist.is_main:
+        log.setLevel(logging.WARNING)
+    runtime = setup_runtime(cfg, dist)
+    cfg = prepare_run(cfg, dist)
+    out, last_dir = Path(cfg.output), Path(cfg.output) / "last"
+    torch.manual_seed(cfg.seed)
+
+    # ---- data, model, run length
+    data, eval_data, nll_data = load_data(cfg)
     if cfg.resume:
         loaded = load_checkpoint(last_dir, runtime.device)
         encoder, tokenizer, base_model = loaded.encoder, loaded.tokenizer, loaded.base_model
@@ -131,76 +236,85 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         base_model = cfg.model
     encoder.to(runtime.device).train()
     encoder.length_buckets = cfg.length_buckets
-    models = prepare_models(encoder, d, runtime.device)  # DDP wrappers under torchrun
+    models = prepare_models(encoder, dist, runtime.device)  # DDP wrappers under torchrun
+    groups = group_by_question(data.examples) if cfg.pairs == "sample" else None
+    plan = plan_run(cfg, len(groups) if groups is not None else len(data.examples))
+    method = negatives.choose_method(cfg.negatives, data)
+    if cfg.remine_every and method in ("given", "random"):
+        raise ConfigError(f"--remine-every mines with the model, but the negatives are {method!r}"
+                          f"{' (auto: the data has its own)' if cfg.negatives == 'auto' else ''}: pass --negatives model")
+    if dist.is_main and not cfg.resume:
+        log_length_report(data, tokenizer)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(cfg.to_yaml())  # only once data and model have loaded
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a run killed before its first checkpoint
+    log.info("plan: %d %s per epoch (%s), %s epochs (%s) = %d steps of %d; negatives: %s%s", plan.units,
+             "questions, one positive each" if groups is not None else "(question, positive) pairs", f"--pairs {cfg.pairs}",
+             f"{plan.epochs:g}", plan.why, plan.total_steps, cfg.batch_size, method,
+             f", re-mined every {cfg.remine_every} epoch(s)" if cfg.remine_every else "")
 
-    # ---- optimiser and schedule
-    steps_per_epoch = len(data.examples) // cfg.batch_size
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
-    decay, no_decay = [], []
-    for name, p in encoder.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)  # no decay for biases and LayerNorm weights
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, eps=cfg.adam_eps, fused=runtime.device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
-    )
+    # ---- optimiser, schedule, position
+    optimizer, scheduler = make_optimizer(cfg, encoder, plan.total_steps, runtime)
     scaler = runtime.grad_scaler()
-
-    step, best = 0, None
+    step, best, skipped = 0, None, 0
     if cfg.resume:
         progress = load_training_state(last_dir, optimizer, scheduler, scaler)
-        step, best = progress["step"], progress.get("best")
-        if progress.get("world_size", 1) != d.world:
+        step, best, skipped = progress["step"], progress.get("best"), progress.get("skipped_nonfinite", 0)
+        if progress.get("world_size", 1) != dist.world_size:
             log.warning("resuming a run of %d processes with %d: the same global batches, but dropout "
-                        "masks differ from the interrupted run's", progress.get("world_size", 1), d.world)
-        if d.main:
+                        "masks differ from the interrupted run's", progress.get("world_size", 1), dist.world_size)
+        if dist.is_main:
             _truncate_metrics(out / "metrics.jsonl", step)
-        log.info("resumed from %s at step %d of %d", last_dir, step, total_steps)
+        log.info("resumed from %s at step %d of %d", last_dir, step, plan.total_steps)
+    checkpointer = Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main)
 
-    def save_last() -> None:
-        if not d.main:
-            return
-        with atomic_directory(out / "last") as tmp:
-            write_checkpoint(tmp, encoder, tokenizer, base_model)
-            (tmp / "train_config.yaml").write_text(cfg.to_yaml())
-            save_training_state(tmp, optimizer, scheduler, scaler,
-                                {"step": step, "best": best, "total_steps": total_steps, "world_size": d.world})
+    def mining_round(epoch: int) -> int:
+        return epoch // cfg.remine_every if cfg.remine_every else 0
+
+    def prepare_negatives(round_: int) -> None:
+        negatives.prepare_round(method, round_, data, out, encoder, tokenizer, runtime, cfg.mine_depth, cfg.mine_ratio,
+                                cfg.eval_batch_size, cfg.progress, dist.is_main, lambda: distributed.barrier(dist))
 
     def run_eval() -> None:
         nonlocal best
-        if not d.main:
+        if not dist.is_main:
             return  # the other ranks wait for rank 0 in the next step's gather
         metrics = evaluate(encoder, tokenizer, eval_data, nll_data, runtime, cfg.batch_size,
                            cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress)
         value = metrics[cfg.best_metric]  # checked against the dev data before training started
-        improved = best is None or (value < best if cfg.best_metric in LOWER_IS_BETTER else value > best)
+        improved = math.isfinite(value) and (best is None or (value < best if cfg.best_metric in LOWER_IS_BETTER else value > best))
         _append(out / "metrics.jsonl", {"step": step, "eval": metrics, "best": improved})
         log.info("step %d eval: %s%s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                  " (best so far)" if improved else "")
         if improved:
             best = value
-            with atomic_directory(out / "best") as tmp:
-                write_checkpoint(tmp, encoder, tokenizer, base_model)
-                (tmp / "train_config.yaml").write_text(cfg.to_yaml())
-                (tmp / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n")
+            checkpointer.save_best(step, metrics)
+
+    def save_last() -> None:
+        checkpointer.save_last(optimizer, scheduler, scaler, {"step": step, "best": best, "total_steps": plan.total_steps,
+                                                               "world_size": dist.world_size, "skipped_nonfinite": skipped})
 
     # ---- stop cleanly on SIGTERM / SIGINT: finish the step, save, exit
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    current_round = mining_round(step // plan.steps_per_epoch)
+    prepare_negatives(current_round)
     if eval_data is not None and cfg.eval_before and step == 0:
         run_eval()
 
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (cfg.progress and d.main), dynamic_ncols=True)
+    bar = tqdm(total=plan.total_steps, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
     started_at, window_examples, window_start = step, 0, time.perf_counter()
     try:
-        while step < total_steps:
-            epoch, first = divmod(step, steps_per_epoch)
+        while step < plan.total_steps:
+            epoch, first = divmod(step, plan.steps_per_epoch)
+            if mining_round(epoch) != current_round:  # ANCE: new negatives from the model being trained
+                if eval_data is not None and step % cfg.eval_every:
+                    run_eval()  # the model that mines this round (unless this step was just evaluated)
+                current_round = mining_round(epoch)
+                prepare_negatives(current_round)
             batches = EpochBatches(data.examples, data.corpus, tokenizer, cfg.batch_size, cfg.hard_negatives,
-                                   cfg.seed, epoch, d.rank, d.world)
+                                   cfg.seed, epoch, dist.rank, dist.world_size, groups=groups)
             loader = DataLoader(
                 batches, batch_size=None, sampler=range(first, len(batches)), num_workers=cfg.num_workers,
                 pin_memory=runtime.device.type == "cuda", generator=torch.Generator(),  # leaves the global RNG alone
@@ -208,56 +322,77 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             )
             for batch in loader:
                 # dropout's RNG from (seed, step, rank): a resumed run replays the same masks
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + d.rank)
+                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + dist.rank)
                 # forward and backward: B questions and B * (1 + H) passages (over all ranks), DPR
                 # loss over all pairs (the function the dev evaluation and the server's /score use)
-                loss = forward_backward(encoder, models, batch, runtime, d, scaler, cfg.chunk_size)  # scalar
+                loss = forward_backward(encoder, models, batch, runtime, dist, scaler, cfg.chunk_size)  # scalar
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
-                scaler.step(optimizer)
+                # a NaN/inf loss or gradient never reaches the weights (fp16's scaler skips inf gradients itself)
+                finite = bool(torch.isfinite(loss)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+                if finite:
+                    scaler.step(optimizer)
+                elif cfg.on_nonfinite == "stop":
+                    raise NonFiniteLoss(step + 1, loss.item(), float(grad_norm))
+                else:
+                    skipped += 1
+                    log.warning("step %d: non-finite loss or gradient (%s, %s); step skipped (%d so far)",
+                                step + 1, loss.item(), float(grad_norm), skipped)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                window_examples += batch.size * d.world
+                window_examples += batch.size * dist.world_size
                 bar.update(1)
 
-                if d.main and (step % cfg.log_every == 0 or step == total_steps):
+                if dist.is_main and (step % cfg.log_every == 0 or step == plan.total_steps):
                     elapsed = time.perf_counter() - window_start
                     record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                               "grad_norm": float(grad_norm), "examples_per_s": window_examples / elapsed}
+                    if skipped:
+                        record["skipped_nonfinite"] = skipped
                     _append(out / "metrics.jsonl", record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     ex_s=f"{record['examples_per_s']:.1f}")
                     window_examples, window_start = 0, time.perf_counter()
-                if eval_data is not None and (step % cfg.eval_every == 0 or step == total_steps):
+                if eval_data is not None and (step % cfg.eval_every == 0 or step == plan.total_steps):
                     run_eval()
-                signalled = distributed.any_rank(bool(stop_signal), d, runtime.device)  # all ranks stop together
+                signalled = distributed.any_rank(bool(stop_signal), dist, runtime.device)  # all ranks stop together
                 stopping = signalled or (cfg.stop_after is not None and step - started_at >= cfg.stop_after)
-                if step % cfg.save_every == 0 or step == total_steps or stopping:
+                if step % cfg.save_every == 0 or step == plan.total_steps or stopping:
                     save_last()
                 if signalled:
                     # every rank waits for rank 0's last/: torchrun kills the others as soon as one exits
-                    distributed.barrier(d)
-                    raise Interrupted(stop_signal[0] if stop_signal else signal.SIGTERM, step, d.main)
+                    distributed.barrier(dist)
+                    raise Interrupted(stop_signal[0] if stop_signal else signal.SIGTERM, step, dist.is_main)
                 if stopping:
                     log.info("stopped after %d steps (--stop-after) at step %d; continue with --resume", cfg.stop_after, step)
-                    distributed.barrier(d)  # rank 0 has written last/
+                    distributed.barrier(dist)  # rank 0 has written last/
                     return out / "last"
-                if step >= total_steps:
+                if step >= plan.total_steps:
                     break
     finally:
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    distributed.barrier(d)  # rank 0 has evaluated and written last/
-    log.info("done: %d steps; checkpoint %s%s", step, out / "last", f", best {out / 'best'}" if eval_data else "")
+    distributed.barrier(dist)  # rank 0 has evaluated and written last/
+    log.info("done: %d steps%s; checkpoint %s%s", step, f" ({skipped} skipped as non-finite)" if skipped else "",
+             out / "last", f", best {out / 'best'}" if eval_data else "")
     return out / "last"
 
 
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
 def _append(path: Path, record: dict) -> None:
+    """One strict-JSON line (NaN and infinities written as null)."""
     with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -275,17 +410,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
-
-
-def _check_resume_config(cfg: TrainConfig, saved_path: Path) -> None:
-    import yaml
-
-    try:
-        saved = yaml.safe_load(saved_path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{saved_path}: cannot read the interrupted run's config ({e})") from None
-    now = yaml.safe_load(cfg.to_yaml())
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
-    if changed:
-        diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ConfigError(f"--resume with settings that differ from the interrupted run ({diffs})")

@@ -137,9 +137,12 @@ def _fingerprint(root: Path, config: dict) -> str:
 def write_checkpoint(directory: Path, encoder: BiEncoder, tokenizer: TextTokenizer, base_model: str = "") -> str:
     """Write the model part of a checkpoint into ``directory`` (normally an :func:`atomic_directory`).
 
-    Returns the fingerprint.
+    Returns the fingerprint. Raises CheckpointError, writing nothing, when a weight is NaN or infinite:
+    a diverged model is never saved.
     """
     directory = Path(directory)
+    if not is_finite(encoder):
+        raise CheckpointError(f"{directory}: not written, the weights are not finite (NaN or inf): the run diverged")
     encoder.query_model.save_pretrained(directory / QUERY_DIR, safe_serialization=True)
     if not encoder.config.shared:
         encoder.passage_model.save_pretrained(directory / PASSAGE_DIR, safe_serialization=True)
@@ -148,6 +151,11 @@ def write_checkpoint(directory: Path, encoder: BiEncoder, tokenizer: TextTokeniz
     fingerprint = _fingerprint(directory, meta)
     (directory / CONFIG_FILE).write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=2) + "\n")
     return fingerprint
+
+
+def is_finite(encoder: torch.nn.Module) -> bool:
+    """True when every parameter is finite (no NaN, no inf)."""
+    return all(bool(torch.isfinite(p).all()) for p in encoder.parameters())
 
 
 def save_checkpoint(directory: Path | str, encoder: BiEncoder, tokenizer: TextTokenizer, base_model: str = "") -> str:
@@ -205,10 +213,12 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
     query_model = _load_model(directory / QUERY_DIR, safetensors_only=True)
     passage_model = None if config.shared else _load_model(directory / PASSAGE_DIR, safetensors_only=True)
     encoder = _assemble(query_model, passage_model, tokenizer, config, str(directory))
+    if not is_finite(encoder):
+        raise CheckpointError(f"{directory}: the weights are not finite (NaN or inf): the run that wrote them diverged")
     encoder.to(device).eval()
     return Loaded(
         encoder=encoder,
-        tokenizer=TextTokenizer(tokenizer, config.query_max_length, config.passage_max_length),
+        tokenizer=TextTokenizer.for_config(tokenizer, config),
         config=config,
         path=directory,
         fingerprint=raw.get("fingerprint", ""),
@@ -217,15 +227,23 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
 
 
 def load_base_model(name_or_path: str, config: EncoderConfig) -> tuple[BiEncoder, TextTokenizer]:
-    """Start training from a pretrained transformers model (a local directory or, where the Hub is
-    reachable, a hub id such as ``bert-base-uncased``). Separate encoders start as two copies."""
-    tokenizer = _load_tokenizer(name_or_path)
-    query_model = _load_model(name_or_path)
-    passage_model = None
-    if not config.shared:
-        passage_model = _load_model(name_or_path)
-    encoder = _assemble(query_model, passage_model, tokenizer, config, name_or_path)
-    return encoder, TextTokenizer(tokenizer, config.query_max_length, config.passage_max_length)
+    """Start training from a pretrained model: a local transformers or sentence-transformers directory,
+    a dpr-service checkpoint (its encoders, with ``config``), or, where the Hub is reachable, a hub id
+    such as ``bert-base-uncased``. Separate encoders start as two copies of one model. Raises
+    CheckpointError for a model that cannot be loaded or does not fit ``config``."""
+    if (Path(name_or_path) / CONFIG_FILE).is_file():
+        loaded = load_checkpoint(name_or_path)
+        if loaded.config.shared != config.shared:
+            raise CheckpointError(f"{name_or_path}: a checkpoint with {'one shared encoder' if loaded.config.shared else 'two encoders'} "
+                                  f"cannot start a run with {'one' if config.shared else 'two'}")
+        query_model, passage_model = loaded.encoder.query_model, None if config.shared else loaded.encoder.passage_model
+        hf_tokenizer = loaded.tokenizer.hf
+    else:
+        hf_tokenizer = _load_tokenizer(name_or_path)
+        query_model = _load_model(name_or_path)
+        passage_model = None if config.shared else _load_model(name_or_path)
+    encoder = _assemble(query_model, passage_model, hf_tokenizer, config, name_or_path)
+    return encoder, TextTokenizer.for_config(hf_tokenizer, config)
 
 
 def _load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:

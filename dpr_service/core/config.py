@@ -27,6 +27,9 @@ class EncoderConfig:
     temperature: scores are divided by it; 1.0 for DPR's dot product, about 0.05 for cosine.
     query_max_length / passage_max_length: truncation lengths in tokens.
     shared: one encoder for questions and passages instead of two.
+    query_prompt / passage_prompt: text put before every question / passage (before its title when
+        it has one) wherever it is tokenised: training, indexing, ``/search``, ``/encode``, ``/score``.
+        Models such as e5 were trained with ``"query: "`` / ``"passage: "`` and expect them.
     """
 
     pooling: str = "cls"
@@ -35,6 +38,8 @@ class EncoderConfig:
     query_max_length: int = 64
     passage_max_length: int = 256
     shared: bool = False
+    query_prompt: str = ""
+    passage_prompt: str = ""
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -47,6 +52,9 @@ class EncoderConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+        for name in ("query_prompt", "passage_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}

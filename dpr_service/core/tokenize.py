@@ -2,7 +2,9 @@
 
 Passages with a title are encoded as the pair ``[CLS] title [SEP] text [SEP]``, as DPR does
 (``tokenizer(title, text)``); passages without one as ``[CLS] text [SEP]``. Batches are padded to
-their longest member (dynamic padding), and questions and passages have their own max lengths.
+their longest member (dynamic padding), and questions and passages have their own max lengths. A checkpoint's prompts
+(``query_prompt`` / ``passage_prompt``, e.g. e5's ``"query: "``) are put before each question and
+before each passage's title (its text when it has none), as sentence-transformers prepends them.
 """
 
 from __future__ import annotations
@@ -21,11 +23,18 @@ class TextTokenizer:
     server's threads take turns (a query tokenized while a passage batch re-set the state would
     silently get the passage max length)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, query_max_length: int, passage_max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, query_max_length: int, passage_max_length: int,
+                 query_prompt: str = "", passage_prompt: str = ""):
         self.hf = tokenizer
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length
+        self.query_prompt, self.passage_prompt = query_prompt, passage_prompt
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_config(cls, tokenizer: PreTrainedTokenizerBase, config) -> "TextTokenizer":
+        """The tokenizer with an :class:`~dpr_service.core.config.EncoderConfig`'s lengths and prompts."""
+        return cls(tokenizer, config.query_max_length, config.passage_max_length, config.query_prompt, config.passage_prompt)
 
     def __getstate__(self) -> dict:  # DataLoader workers started by spawn get a copy, and their own lock
         return {k: v for k, v in self.__dict__.items() if k != "_lock"}
@@ -40,12 +49,26 @@ class TextTokenizer:
 
     def passages(self, passages: Sequence[Passage]) -> dict:
         """Token ids for passages (title [SEP] text when a title exists): each (N, L)."""
+        passages = list(passages)
+        if self.passage_prompt:
+            passages = [Passage(p.text, self.passage_prompt + p.title, p.id) if p.title
+                        else Passage(self.passage_prompt + p.text, "", p.id) for p in passages]
         with self._lock:
-            return self._passages(list(passages))
+            return self._passages(passages)
+
+    def lengths(self, texts: Sequence[str], kind: str) -> list[int]:
+        """Untruncated token counts (with special tokens and prompt) of questions (``kind="query"``,
+        strings) or passages (``"passage"``, :class:`Passage`): what the max lengths cut."""
+        if kind == "query":
+            with self._lock:
+                return [len(ids) for ids in self.hf([self.query_prompt + t for t in texts], truncation=False)["input_ids"]]
+        titled = [(self.passage_prompt + p.title, p.text) if p.title else (self.passage_prompt + p.text, None) for p in texts]
+        with self._lock:
+            return [len(self.hf(a, b, truncation=False)["input_ids"]) for a, b in titled]
 
     def _queries(self, texts: Sequence[str]) -> dict:
         enc = self.hf(
-            list(texts),
+            [self.query_prompt + t for t in texts],
             max_length=self.query_max_length,
             truncation=True,
             padding="longest",

@@ -1,0 +1,266 @@
+"""Fine-tuning defaults (issue 15) and the trainer's guards (issue 14): settings inferred from the
+starting model, prompts, mined negatives and re-mining rounds, positive sampling, run length,
+non-finite losses, and --resume conveniences. Tiny random models, built here."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model, write_beir, write_plain
+
+from dpr_service.core.checkpoint import CheckpointError, load_base_model, load_checkpoint, save_checkpoint
+from dpr_service.core.config import EncoderConfig
+from dpr_service.core.formats import Passage, read_train_data
+from dpr_service.core.loss import in_batch_nll
+from dpr_service.core.pretrained import infer_encoder_settings, resolve_encoder_config
+from trainer.batches import EpochBatches, group_by_question
+from trainer.config import ConfigError, TrainConfig
+from trainer.train import NonFiniteLoss, default_epochs, lr_multiplier, train
+
+
+def make_st_model(root: Path, tiny_model: Path, prompts=None, normalize=True, pooling="mean", max_len=48) -> Path:
+    """The tiny BERT dressed as a sentence-transformers directory."""
+    shutil.copytree(tiny_model, root)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (root / "modules.json").write_text(json.dumps(modules))
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": pooling == "cls", "pooling_mode_mean_tokens": pooling == "mean"}))
+    (root / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_len, "do_lower_case": False}))
+    (root / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts or {}, "similarity_fn_name": None}))
+    return root
+
+
+def base_cfg(tmp_path, model, data, **kw) -> TrainConfig:
+    args = dict(model=str(model), train=str(data), output=str(tmp_path / "out"), batch_size=4, lr=1e-3,
+                log_every=1, progress=False, seed=3, max_steps=4)
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+# ----------------------------------------------------------------------------- settings from the model
+
+
+def test_sentence_transformers_directory_gives_its_own_settings(tmp_path, tiny_model):
+    st = make_st_model(tmp_path / "st", tiny_model, prompts={"query": "query: ", "document": "passage: "})
+    inferred = infer_encoder_settings(st)
+    assert inferred.kind == "sentence-transformers"
+    assert {k: inferred.values[k] for k in ("pooling", "similarity", "temperature", "query_max_length",
+                                            "passage_max_length", "shared", "query_prompt", "passage_prompt")} == {
+        "pooling": "mean", "similarity": "cosine", "temperature": 0.05, "query_max_length": 48,
+        "passage_max_length": 48, "shared": True, "query_prompt": "query: ", "passage_prompt": "passage: "}
+    assert inferred.sources["pooling"] == "1_Pooling/config.json"
+    assert "Normalize" in inferred.sources["similarity"]
+    # a value given by the user always wins; a similarity given by hand brings its own temperature
+    config, sources = resolve_encoder_config(st, {"pooling": "cls", "similarity": "dot"})
+    assert (config.pooling, config.similarity, config.temperature) == ("cls", "dot", 1.0)
+    assert sources["pooling"] == "given"
+
+
+def test_plain_transformers_model_keeps_dpr_defaults_and_a_checkpoint_its_own(tmp_path, tiny_model):
+    # DPR's defaults, the 256-token passages capped at the tiny model's 128 positions
+    assert resolve_encoder_config(tiny_model, {})[0] == EncoderConfig(passage_max_length=128)
+    st = make_st_model(tmp_path / "st", tiny_model, normalize=False, pooling="cls")
+    config = resolve_encoder_config(st, {})[0]
+    assert (config.pooling, config.similarity, config.temperature) == ("cls", "dot", 1.0)
+    custom = EncoderConfig(pooling="mean", similarity="cosine", temperature=0.07, query_max_length=20,
+                           passage_max_length=40, shared=True, query_prompt="q: ")
+    encoder, tokenizer = load_base_model(str(tiny_model), custom)
+    save_checkpoint(tmp_path / "ckpt", encoder, tokenizer)
+    assert resolve_encoder_config(tmp_path / "ckpt", {})[0] == custom
+    # and training starts from that checkpoint's weights
+    again, _ = load_base_model(str(tmp_path / "ckpt"), custom)
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), again.state_dict().values()))
+
+
+def test_prompts_are_tokenised_everywhere_and_kept_in_the_checkpoint(tmp_path, tiny_model):
+    config = EncoderConfig(query_prompt="apple ", passage_prompt="river ", query_max_length=16, passage_max_length=16)
+    encoder, tokenizer = load_base_model(str(tiny_model), config)
+    hf = tokenizer.hf
+    q = tokenizer.queries(["what is the comet"])["input_ids"][0].tolist()
+    assert q == hf("apple what is the comet")["input_ids"]
+    titled = tokenizer.passages([Passage("the comet story", "comet")])["input_ids"][0].tolist()
+    assert titled == hf("river comet", "the comet story")["input_ids"]
+    untitled = tokenizer.passages([Passage("the comet story")])["input_ids"][0].tolist()
+    assert untitled == hf("river the comet story")["input_ids"]
+    save_checkpoint(tmp_path / "ckpt", encoder, tokenizer)
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.tokenizer.queries(["what is the comet"])["input_ids"][0].tolist() == q
+
+
+def test_training_from_a_sentence_transformers_model_uses_its_settings(tmp_path, tiny_model, caplog):
+    st = make_st_model(tmp_path / "st", tiny_model, prompts={"query": "query: "})
+    data = write_plain(tmp_path / "train.jsonl", n=16)
+    caplog.set_level("INFO", logger="trainer")
+    out = train(base_cfg(tmp_path, st, data))
+    loaded = load_checkpoint(out)
+    assert (loaded.config.pooling, loaded.config.similarity, loaded.config.temperature, loaded.config.shared,
+            loaded.config.query_prompt) == ("mean", "cosine", 0.05, True, "query: ")
+    assert "pooling 'mean' (1_Pooling/config.json)" in caplog.text
+    saved = (tmp_path / "out" / "train_config.yaml").read_text()
+    assert "pooling: mean" in saved and "temperature: 0.05" in saved
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing", "no such directory"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "not a transformers model directory (no config.json)"),
+])
+def test_a_bad_model_directory_is_refused_before_the_data_and_leaves_nothing(tmp_path, make, message):
+    model = make(tmp_path)
+    with pytest.raises(ConfigError, match=r"--model .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        train(TrainConfig(model=str(model), train=str(tmp_path / "no-data.jsonl"), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "train_config.yaml").exists()
+
+
+# ----------------------------------------------------------------------------- data, length, negatives
+
+
+def test_one_positive_per_question_per_epoch(tmp_path, tiny_model):
+    root = write_beir(tmp_path / "beir", n=12, splits=("train",))
+    qrels = tmp_path / "beir" / "qrels" / "train.tsv"  # give every question a second positive
+    rows = qrels.read_text().splitlines()
+    extra = [f"{r.split(chr(9))[0]}\t{rows[1 + (i + 1) % (len(rows) - 1)].split(chr(9))[1]}\t1" for i, r in enumerate(rows[1:])]
+    qrels.write_text("\n".join(rows + extra) + "\n")
+    data = read_train_data(root, "train")
+    groups = group_by_question(data.examples)
+    assert len(data.examples) == 24 and len(groups) == 12
+    encoder, tokenizer = load_base_model(str(tiny_model), EncoderConfig(passage_max_length=64))
+    picks = []
+    for epoch in range(4):
+        batches = EpochBatches(data.examples, data.corpus, tokenizer, 4, 0, seed=1, epoch=epoch, groups=groups)
+        assert len(batches) == 3
+        chosen = [data.examples[i] for i in batches.order]
+        assert sorted(ex.query for ex in chosen) == sorted(data.examples[g[0]].query for g in groups)
+        picks.append(tuple(ex.positive.id for ex in chosen))
+    assert len(set(picks)) > 1  # the positive drawn changes between epochs
+    again = EpochBatches(data.examples, data.corpus, tokenizer, 4, 0, seed=1, epoch=2, groups=groups)
+    assert tuple(data.examples[i].positive.id for i in again.order) == picks[2]  # seeded
+
+
+def test_run_length_rule_and_schedule():
+    assert [default_epochs(n) for n in (50, 300, 809, 2590, 110_000)] == [10, 8, 3, 1, 1]
+    assert [round(lr_multiplier(s, 2, 10), 3) for s in (0, 1, 2, 6, 10, 11)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("method", ["model", "bm25"])
+def test_mined_negatives_skip_copies_of_positives_and_resume_reads_them(tmp_path, tiny_model, method):
+    root = write_beir(tmp_path / "beir", n=16, splits=("train",))
+    corpus = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines()]
+    copy = dict(corpus[0], _id="copy-of-" + corpus[0]["_id"])  # the same text under another id
+    (root / "corpus.jsonl").write_text("\n".join(json.dumps(c) for c in corpus + [copy]) + "\n")
+    cfg = base_cfg(tmp_path, tiny_model, root, negatives=method, pooling="mean", similarity="cosine", mine_ratio=1.0,
+                   stop_after=2)
+    train(cfg)
+    mined = tmp_path / "out" / "negatives" / "round-0.jsonl"
+    lines = [json.loads(line) for line in mined.read_text().splitlines()]
+    assert lines[0]["stats"]["questions"] == 16
+    # the question whose positive is corpus[0] never gets its copy
+    qrels = dict(r.split("\t")[:2][::-1] for r in (root / "qrels" / "train.tsv").read_text().splitlines()[1:])
+    queries = {json.loads(q)["_id"]: json.loads(q)["text"] for q in (root / "queries.jsonl").read_text().splitlines()}
+    owner = queries[qrels[corpus[0]["_id"]]]
+    assert copy["_id"] not in next(line["negatives"] for line in lines[1:] if line["query"] == owner)
+    assert lines[0]["stats"].get("skipped_copy_of_positive", 0) >= (1 if method == "model" else 0)
+    before = mined.stat().st_mtime_ns
+    train(base_cfg(tmp_path, tiny_model, root, negatives=method, pooling="mean", similarity="cosine", mine_ratio=1.0,
+                   resume=True))
+    assert mined.stat().st_mtime_ns == before  # read back, not mined again
+
+
+def test_remining_rounds_resume_exactly(tmp_path, tiny_model):
+    root = write_beir(tmp_path / "beir", n=16, splits=("train", "dev"))
+    kw = dict(negatives="model", remine_every=1, epochs=3, max_steps=None, pooling="mean", similarity="cosine")
+    straight = train(base_cfg(tmp_path / "a", tiny_model, root, output=str(tmp_path / "a"), **kw))
+    assert sorted(p.name for p in (tmp_path / "a" / "negatives").iterdir()) == ["round-0.jsonl", "round-1.jsonl", "round-2.jsonl"]
+    train(base_cfg(tmp_path / "b", tiny_model, root, output=str(tmp_path / "b"), stop_after=5, **kw))  # into round 1
+    resumed = train(base_cfg(tmp_path / "b", tiny_model, root, output=str(tmp_path / "b"), resume=True, **kw))
+    a, b = load_checkpoint(straight).encoder.state_dict(), load_checkpoint(resumed).encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("round-1.jsonl", "round-2.jsonl"):
+        assert (tmp_path / "a" / "negatives" / name).read_text() == (tmp_path / "b" / "negatives" / name).read_text()
+
+
+# ----------------------------------------------------------------------------- guards
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_writes_no_checkpoint(tmp_path, tiny_model):
+    data = write_plain(tmp_path / "train.jsonl", n=16)
+    with pytest.raises(NonFiniteLoss, match=r"step \d+: the loss is nan"):
+        train(base_cfg(tmp_path, tiny_model, data, lr=1e20, max_steps=8, save_every=1))
+    last = tmp_path / "out" / "last"
+    if last.exists():  # only checkpoints from before the divergence, and they load
+        load_checkpoint(last)
+    for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+
+
+def test_skipping_non_finite_steps_counts_them(tmp_path, tiny_model):
+    data = write_plain(tmp_path / "train.jsonl", n=16)
+    out = train(base_cfg(tmp_path, tiny_model, data, lr=1e20, max_steps=6, on_nonfinite="skip"))
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_nonfinite"] >= 1
+    load_checkpoint(out)  # the weights it kept are finite
+
+
+def test_non_finite_weights_are_never_written_nor_loaded(tmp_path, tiny_model, monkeypatch):
+    encoder, tokenizer = load_base_model(str(tiny_model), EncoderConfig(passage_max_length=64))
+    with torch.no_grad():
+        next(encoder.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match="not finite"):
+        save_checkpoint(tmp_path / "nan", encoder, tokenizer)
+    assert not (tmp_path / "nan").exists()
+    import dpr_service.core.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "is_finite", lambda _: True)  # a checkpoint written by something else
+    save_checkpoint(tmp_path / "nan", encoder, tokenizer)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="not finite"):
+        load_checkpoint(tmp_path / "nan")
+
+
+def test_resume_accepts_the_same_paths_written_differently_and_output_alone(tmp_path, tiny_model, monkeypatch):
+    from trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = write_plain(tmp_path / "train.jsonl", n=16)
+    shutil.copytree(tiny_model, tmp_path / "m")
+    assert main(["--model", "m", "--train", "./train.jsonl", "--output", "run", "--max-steps", "4", "--stop-after", "2",
+                 "--batch-size", "4", "--no-progress"]) == 0
+    assert main(["--model", str(tmp_path / "m"), "--train", "train.jsonl", "--output", "./run", "--max-steps", "4",
+                 "--batch-size", "4", "--resume", "--stop-after", "1", "--no-progress"]) == 0
+    assert main(["--output", "run", "--resume", "--no-progress"]) == 0  # from the run's saved config
+    state = json.loads((tmp_path / "run" / "last" / "training_state" / "state.json").read_text())
+    assert state["progress"]["step"] == 4
+
+
+def test_the_step_uses_the_checkpoint_temperature(tiny_model):
+    from dpr_service.core.device import pick_runtime
+    from trainer.distributed import Dist
+    from trainer.evaluate import batch_losses
+    from dpr_service.core.batches import collate
+    from dpr_service.core.formats import TrainExample
+
+    config = EncoderConfig(pooling="mean", similarity="cosine", temperature=0.05, query_max_length=16, passage_max_length=16)
+    encoder, tokenizer = load_base_model(str(tiny_model), config)
+    encoder.eval()
+    examples = [TrainExample(f"what is the {w}", Passage(f"the {w} story", id=w)) for w in ("comet", "river", "apple")]
+    batch = collate(examples, [[], [], []], tokenizer)
+    runtime = pick_runtime("cpu", "fp32")
+    with torch.no_grad():
+        q = encoder.encode_queries(**batch.queries)
+        p = encoder.encode_passages(**batch.passages)
+    by_hand = torch.nn.functional.cross_entropy(
+        torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(p, dim=-1).T / 0.05,
+        batch.positive_idx, reduction="none")
+    assert torch.allclose(batch_losses(encoder, batch, runtime), by_hand, atol=1e-5)  # dev loss and /score's
+    from trainer.step import forward_backward, prepare_models
+
+    scaler = runtime.grad_scaler()
+    step_loss = forward_backward(encoder, prepare_models(encoder, Dist(), runtime.device), batch, runtime, Dist(), scaler)
+    assert torch.allclose(step_loss, by_hand.mean(), atol=1e-5)  # the training step's
+    assert not torch.allclose(in_batch_nll(q, p, batch.positive_idx, similarity="cosine", temperature=1.0, reduction="none"), by_hand, atol=1e-3)
+    assert Dist().world_size == 1 and Dist().is_main

@@ -1,0 +1,153 @@
+"""Hard negatives for training data that has none: ``dpr train --negatives {given,random,bm25,model}``.
+
+* ``given``: the data's own (``hard_negative_ctxs`` / ``negatives``), then DPR's fallbacks.
+* ``random``: random passages of the pool (in-batch negatives plus one random passage each).
+* ``bm25``: the top BM25 passages of each question (DPR's hard negatives), by the project's BM25
+  (:mod:`dpr_service.core.bm25`, as ``dpr mine --method bm25``).
+* ``model``: the top passages by the model itself (the starting model, and the model being trained
+  in re-mining rounds, as ANCE does), pool encoded once and searched exactly.
+
+Both mining methods go through :func:`dpr_service.core.mining.select_negatives`, the rules ``dpr mine``
+applies: never a known positive, never a passage whose text equals a positive's, and (model) never a
+passage scoring above ``--mine-ratio`` (0.95, NV-Retriever) of the question's lowest-scoring positive.
+Each question keeps up to ``KEEP`` negatives; every epoch draws ``--hard-negatives`` of them at random.
+
+Mined negatives are written to ``<output>/negatives/round-<r>.jsonl`` (round 0 before the first step,
+round r after r * ``--remine-every`` epochs) and read back on ``--resume``, so a resumed run trains on
+exactly the negatives the interrupted one mined.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from dpr_service.core.bm25 import BM25
+from dpr_service.core.device import Runtime
+from dpr_service.core.encoder import BiEncoder
+from dpr_service.core.formats import TrainData
+from dpr_service.core.inference import encode_texts, exact_search
+from dpr_service.core.mining import MiningStats, select_negatives
+from dpr_service.core.tokenize import TextTokenizer
+
+log = logging.getLogger("trainer")
+
+KEEP = 20  # mined negatives kept per question; each epoch samples --hard-negatives of them
+
+
+def choose_method(requested: str, data: TrainData) -> str:
+    """``auto`` -> ``given`` when the data has hard negatives of its own, else ``model`` (the best of
+    the methods measured in BENCHMARKS.md, "Fine-tuning quality"). Other values are returned as is."""
+    if requested != "auto":
+        return requested
+    return "given" if any(ex.hard_negatives or ex.negatives for ex in data.examples) else "model"
+
+
+def round_path(output: Path, round_: int) -> Path:
+    return Path(output) / "negatives" / f"round-{round_}.jsonl"
+
+
+def mine(method: str, data: TrainData, encoder: BiEncoder | None, tokenizer: TextTokenizer | None,
+         runtime: Runtime | None, depth: int, ratio: float, batch_size: int = 128, progress: bool = True
+         ) -> tuple[dict[str, list[str]], dict]:
+    """Mine negatives for every question of ``data``: {query text: [passage ids, best first]} and
+    counts (:class:`MiningStats`). ``method`` is ``bm25`` or ``model`` (which needs the encoder)."""
+    by_id = {p.id: p for p in data.corpus}
+    positives: dict[str, list] = {}
+    for ex in data.examples:
+        known = positives.setdefault(ex.query, {})
+        for pid in ex.known_positive_ids | {ex.positive.id}:
+            if pid in by_id:
+                known[pid] = by_id[pid]
+            elif pid == ex.positive.id:
+                known[pid] = ex.positive
+    queries = list(positives)
+    k = min(len(data.corpus), depth + max(len(v) for v in positives.values()))
+    stats = MiningStats()
+    mined: dict[str, list[str]] = {}
+    if method == "bm25":
+        ranked = BM25(data.corpus).search(queries, k)
+        for q, hits in zip(queries, ranked):
+            cands = ((by_id[pid], score) for pid, score in hits)
+            mined[q] = [p.id for p in select_negatives(cands, list(positives[q].values()), KEEP, stats=stats)]
+    elif method == "model":
+        p_emb = encode_texts(encoder, tokenizer, data.corpus, "passage", runtime, batch_size, progress=progress)  # (N, D)
+        q_emb = encode_texts(encoder, tokenizer, queries, "query", runtime, batch_size, progress=progress)  # (Q, D)
+        scores, idx = exact_search(q_emb, p_emb, k, runtime.device)  # (Q, k) each
+        row = {p.id: i for i, p in enumerate(data.corpus)}
+        for i, q in enumerate(queries):
+            pos = list(positives[q].values())
+            in_pool = [row[p.id] for p in pos if p.id in row]
+            pos_score = float((q_emb[i] @ p_emb[in_pool].T).min()) if in_pool else None
+            cands = ((data.corpus[j], s) for s, j in zip(scores[i].tolist(), idx[i].tolist()))
+            mined[q] = [p.id for p in select_negatives(cands, pos, KEEP, positive_score=pos_score, ratio=ratio, stats=stats)]
+    else:
+        raise ValueError(f"method must be bm25 or model, got {method!r}")
+    return mined, stats.as_dict()
+
+
+def save_round(path: Path, mined: dict[str, list[str]], stats: dict) -> None:
+    """Write one round's negatives atomically: a JSON header line with the counts, then one
+    ``{"query", "negatives"}`` line per question."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"stats": stats}) + "\n")
+        for q, ids in mined.items():
+            fh.write(json.dumps({"query": q, "negatives": ids}, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def load_round(path: Path) -> tuple[dict[str, list[str]], dict]:
+    """Read a round written by :func:`save_round`; raises ValueError naming the line if it is damaged."""
+    mined, stats = {}, {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: damaged mined-negatives file ({e.msg})") from None
+            if lineno == 1:
+                stats = obj.get("stats", {})
+            else:
+                mined[obj["query"]] = obj["negatives"]
+    return mined, stats
+
+
+def apply(data: TrainData, mined: dict[str, list[str]] | None) -> None:
+    """Give every example its question's mined negatives (``None``: random pool passages only)."""
+    by_id = {p.id: p for p in data.corpus}
+    for ex in data.examples:
+        ex.hard_negatives = [by_id[i] for i in (mined or {}).get(ex.query, []) if i in by_id]
+        ex.negatives = []
+
+
+def prepare_round(method: str, round_: int, data: TrainData, output: Path, encoder: BiEncoder, tokenizer: TextTokenizer,
+                  runtime: Runtime, depth: int, ratio: float, batch_size: int, progress: bool, is_main: bool,
+                  barrier) -> None:
+    """Make round ``round_``'s negatives the examples' hard negatives: read them from the output
+    directory when a previous (interrupted) run wrote them, else mine and write them (rank 0 only;
+    the other ranks wait at ``barrier`` and read the file). ``given`` leaves the data as it is."""
+    if method == "given":
+        return
+    if method == "random":
+        apply(data, None)
+        return
+    path = round_path(output, round_)
+    if is_main and not path.is_file():
+        what = "the starting model" if round_ == 0 else f"the model after {round_} round(s) of training"
+        log.info("mining %s negatives (round %d) with %s over %d passages", method, round_,
+                 "BM25" if method == "bm25" else what, len(data.corpus))
+        with torch.inference_mode():
+            mined, stats = mine(method, data, encoder, tokenizer, runtime, depth, ratio, batch_size, progress)
+        save_round(path, mined, stats)
+        log.info("mined negatives, round %d: %s (written to %s)", round_, stats, path)
+    barrier()
+    mined, stats = load_round(path)
+    apply(data, mined)
