@@ -135,6 +135,44 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qrels", help="qrels TSV (default: the BEIR directory's --split)")
     parser.add_argument("--split", default="test", help="qrels split of a BEIR directory (default test)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    conv = parser.add_argument_group("evaluation conventions (docs/evaluation.md; BEIR's figures: "
+                                     "--measures beir --judged-queries all --ignore-identical-ids)")
+    conv.add_argument("--measures", type=_measures, default="default",
+                      help="comma-separated name@k of ndcg, mrr, recall, p, map (e.g. ndcg@10,map@100), 'beir' "
+                           "(ndcg/map/recall/p at 1,3,5,10,100,1000) or 'default' (ndcg@10, mrr@10, recall@1,5,20,100)")
+    conv.add_argument("--relevance-level", type=_positive_int, default=1,
+                      help="lowest grade that counts as relevant for mrr, recall, p and map (trec_eval -l; default 1)")
+    conv.add_argument("--judged-queries", choices=("relevant", "all"), default="relevant",
+                      help="average over the queries with a relevant passage (default), or over all judged "
+                           "queries, those without one scoring 0 (BEIR)")
+    conv.add_argument("--ignore-identical-ids", action="store_true",
+                      help="drop a retrieved passage whose id is the query's id (BEIR's default; ArguAna, Quora)")
+    conv.add_argument("--tie-tolerance", type=_tolerance, default=1e-5,
+                      help="scores this close (relative) tie and are ranked by id, descending; 0: only equal "
+                           "scores (trec_eval's rule on the scores given; default 1e-5)")
+
+
+def _measures(text: str) -> tuple[str, ...]:
+    from dpr_service.core.metrics import parse_measures
+
+    try:
+        return parse_measures(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _tolerance(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def _conventions(args: argparse.Namespace):
+    from dpr_service.core.metrics import Conventions
+
+    return Conventions(args.measures, args.relevance_level, args.judged_queries, args.ignore_identical_ids,
+                       args.tie_tolerance)
 
 
 def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
@@ -149,7 +187,8 @@ def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
         from .evaluate import evaluate_index, format_metrics
 
         print(format_metrics(evaluate_index(args.checkpoint, args.index, args.queries, args.qrels, args.split,
-                                            device=args.device, progress=not args.json), args.json))
+                                            device=args.device, progress=not args.json,
+                                            conventions=_conventions(args)), args.json))
 
     return _run(prog, go)
 
@@ -165,7 +204,8 @@ def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
 
         from .evaluate import evaluate_bm25, format_metrics
 
-        print(format_metrics(evaluate_bm25(read_corpus(args.corpus), args.queries, args.qrels, args.split), args.json))
+        print(format_metrics(evaluate_bm25(read_corpus(args.corpus), args.queries, args.qrels, args.split,
+                                           _conventions(args)), args.json))
 
     return _run(prog, go)
 

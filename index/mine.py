@@ -7,7 +7,7 @@
   against them teaches the wrong thing. The negatives are the index's stored passages (the texts
   that were encoded), so the index may hold passages that the corpus file lacks.
 
-Queries and judgements are read by :func:`index.evaluate.read_judged`, as for ``dpr eval``.
+Queries and judgements are read by :func:`dpr_service.core.formats.read_judged`, as for ``dpr eval``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from pathlib import Path
 from dpr_service.core.bm25 import BM25
 from dpr_service.core.checkpoint import load_checkpoint
 from dpr_service.core.device import pick_runtime
-from dpr_service.core.formats import DataError, Passage
+from dpr_service.core.formats import DataError, Passage, read_judged
 from dpr_service.core.inference import encode_texts
 
 from dpr_service.core.artifact import prepare_output
-from .evaluate import read_judged
 from dpr_service.core.search import Searcher
 
 log = logging.getLogger("index")

@@ -7,7 +7,9 @@ import sys
 import pytest
 from conftest import write_beir, write_dpr, write_plain
 
-from dpr_service.core.formats import DataError, content_id, read_corpus, read_eval_data, read_train_data
+from dpr_service.core.formats import (
+    DataError, content_id, read_corpus, read_eval_data, read_judged, read_train_data,
+)
 from dpr_service.core.metrics import retrieval_metrics
 
 
@@ -57,6 +59,22 @@ def test_beir_missing_split_names_the_splits(tmp_path):
     root = write_beir(tmp_path / "beir", n=4)
     with pytest.raises(DataError, match=r"qrels/test.tsv: missing: no 'test' split \(splits here: dev, train\)"):
         read_train_data(root, "test")
+    for read in (read_eval_data, read_judged):  # dpr eval/bm25/mine and the trainer's --dev say the same
+        with pytest.raises(DataError, match=r"qrels/test.tsv: missing: no 'test' split \(splits here: dev, train\)"):
+            read(root, split="test")
+
+
+def test_trainer_and_dpr_eval_read_a_beir_split_alike(tmp_path):
+    """Every judged query and every judgement, also of passages absent from the corpus (trec_eval
+    counts them in the ideal ranking and in recall) and of queries with nothing relevant (BEIR
+    averages those in as 0): the metrics' conventions decide, not the reader."""
+    root = write_beir(tmp_path / "beir", n=6)
+    with open(root / "qrels" / "dev.tsv", "a") as fh:
+        fh.write("q1\tgone\t2\nq0\td0\t0\n")
+    ev = read_eval_data(root, "dev")
+    queries, answers, qrels = read_judged(root, split="dev")
+    assert ev.qrels == qrels and ev.queries == queries and answers == {}
+    assert qrels["q1"] == {"d1": 1, "gone": 2} and qrels["q0"] == {"d0": 0}
 
 
 @pytest.mark.parametrize(
@@ -324,7 +342,7 @@ def test_repeated_dpr_question_shares_known_positives(tmp_path):
     assert ev.answers == {"0": ["a", "c"], "1": ["b"]}
     # every judged passage is in the corpus, also a record's second positive
     assert {p.id for p in ev.corpus} == {"p1", "p1b", "p2", "p3"}
-    ranked = {"0": ["p1", "p3", "p1b", "p2"], "1": ["p2", "p1", "p1b", "p3"]}
+    ranked = {"0": {"p1": 4.0, "p3": 3.0, "p1b": 2.0, "p2": 1.0}, "1": {"p2": 4.0, "p1": 3.0, "p1b": 2.0, "p3": 1.0}}
     assert retrieval_metrics(ranked, ev.qrels)["ndcg@10"] == pytest.approx(1.0)
 
 
@@ -333,7 +351,7 @@ def test_repeated_query_is_one_eval_query(tmp_path):
     ev = read_eval_data(path)
     assert ev.queries == {"0": "what is a walnut", "1": "what is a comet"}  # numbered in order of first appearance
     assert ev.qrels == {"0": {"p1": 1, "p3": 1}, "1": {"p2": 1}}
-    perfect = {"0": ["p1", "p3", "p2"], "1": ["p2", "p1", "p3"]}
+    perfect = {"0": {"p1": 3.0, "p3": 2.0, "p2": 1.0}, "1": {"p2": 3.0, "p1": 2.0, "p3": 1.0}}
     assert retrieval_metrics(perfect, ev.qrels)["ndcg@10"] == pytest.approx(1.0)
 
 
@@ -394,3 +412,32 @@ def test_answers_must_be_a_list_even_when_falsy(tmp_path):
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(DataError, match=r"train.jsonl:1: field 'answers' must be a list of strings"):
         read_train_data(path)
+
+
+# ----------------------------------------------------------------------------- packaging metadata (issue 14.14)
+
+
+def test_pyproject_reads_without_setuptools_deprecations():
+    """The license as an SPDX string: the TOML table form printed a deprecation banner on every install."""
+    import warnings
+    from pathlib import Path
+
+    setuptools = pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+
+    root = Path(__file__).resolve().parents[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(setuptools.Distribution(), str(root / "pyproject.toml"))
+    assert [str(w.message).splitlines()[0] for w in caught] == []
+
+
+def test_docker_env_file_is_ignored_by_git():
+    """docker/.env holds the API key (the README puts it there): it must never be committed."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=root)
+    assert r.returncode == 0

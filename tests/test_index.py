@@ -23,8 +23,11 @@ from dpr_service.core.formats import DataError, read_corpus, read_eval_data
 from dpr_service.core.inference import encode_texts, exact_search
 from dpr_service.core.artifact import ArtifactError
 from index.build import GpuPlan, add, build, choose_factory, gpu_faiss_available, gpu_plan, make_index, parse_size
-from index.cli import _run, bm25_main, index_main, mine_main
-from index.evaluate import BM25, evaluate_bm25, evaluate_index, read_queries
+from index.cli import _run, bm25_main, eval_main, index_main, mine_main
+from dpr_service.core.bm25 import BM25
+from dpr_service.core.formats import read_queries
+from dpr_service.core.metrics import BEIR_MEASURES, Conventions
+from index.evaluate import evaluate_bm25, evaluate_index
 from index.mine import mine
 from dpr_service.core.search import Searcher
 from trainer.evaluate import retrieval_eval
@@ -637,3 +640,85 @@ def test_searcher_sets_search_params_inside_pre_transforms_and_quantizers():
     Bare(ivf).set_search_params(nprobe=3, efSearch=77)
     assert ivf.nprobe == 3 and faiss.downcast_index(ivf.quantizer).hnsw.efSearch == 77
     Bare(faiss.IndexFlatIP(32)).set_search_params(nprobe=3, efSearch=77)  # nothing to set: no error
+
+
+# ----------------------------------------------------------------------------- evaluation conventions
+
+
+def _beir_dir(root: Path, corpus: list[dict], queries: dict[str, str], qrels: list[tuple[str, str, int]]) -> Path:
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(p) + "\n" for p in corpus))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t{s}\n" for q, p, s in qrels))
+    return root
+
+
+def _both_evaluations(tmp_path: Path, checkpoint: Path, data: Path, conventions: Conventions = Conventions()):
+    """dpr eval (a Flat index) and the trainer's evaluation of the same BEIR directory."""
+    out = build(checkpoint, data, tmp_path / f"idx-{data.name}", factory="Flat", progress=False)
+    by_index = evaluate_index(str(checkpoint), str(out), str(data), split="test", progress=False, conventions=conventions)
+    loaded = load_checkpoint(checkpoint)
+    by_trainer = retrieval_eval(loaded.encoder, loaded.tokenizer, read_eval_data(data, "test"), CPU, conventions=conventions)
+    return by_index, by_trainer
+
+
+def test_two_identical_passages_tie_by_id_in_dpr_eval_and_the_trainer(tmp_path, checkpoint):
+    """Issue 14.1: two identical passages, one relevant. trec_eval ranks the tie by id, descending
+    ("b" first), so nDCG@10 is 1/log2(3) = 0.631 whichever comes first in corpus.jsonl."""
+    same = {"title": "", "text": "apple river mountain"}
+    results = []
+    for order in (["a", "b"], ["b", "a"]):
+        data = _beir_dir(tmp_path / "".join(order), [{"_id": i, **same} for i in order],
+                         {"q": "apple river"}, [("q", "a", 1)])
+        results.extend(_both_evaluations(tmp_path, checkpoint, data))
+    for got in results:
+        assert got["ndcg@10"] == pytest.approx(1 / np.log2(3)) and got["mrr@10"] == pytest.approx(0.5)
+
+
+def _tricky_beir(root: Path, beir: Path, reverse: bool) -> Path:
+    """The test split of ``beir`` with copies of passages under other ids, graded judgements, a
+    query judged only 0, judged ids absent from the corpus, and a query whose id is a passage id."""
+    corpus = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
+    corpus += [{**p, "_id": f"copy-{p['_id']}"} for p in corpus[:12]] + [{"_id": "q3", "title": "", "text": "apple"}]
+    queries = {json.loads(line)["_id"]: json.loads(line)["text"] for line in (beir / "queries.jsonl").read_text().splitlines()}
+    qrels = [(f"q{i}", f"d{i}", 1 + i % 3) for i in range(1, 40, 2)]
+    qrels += [("q1", "copy-d3", 2), ("q3", "gone", 2), ("q5", "d6", -1), ("q0", "d0", 0), ("q3", "q3", 1)]
+    return _beir_dir(root, corpus[::-1] if reverse else corpus, queries, qrels)
+
+
+@pytest.mark.parametrize("conventions", [
+    Conventions(),
+    Conventions(BEIR_MEASURES + ("mrr@10",), judged_queries="all", ignore_identical_ids=True),
+    Conventions(("ndcg@3", "recall@5", "p@5", "map@20"), relevance_level=2),
+], ids=["default", "beir", "level2"])
+def test_dpr_eval_equals_the_trainer_in_edge_cases_whatever_the_corpus_order(tmp_path, checkpoint, beir, conventions):
+    results = [r for reverse in (False, True)
+               for r in _both_evaluations(tmp_path, checkpoint, _tricky_beir(tmp_path / f"t{reverse}", beir, reverse), conventions)]
+    reference = results[0]
+    assert set(conventions.measures) <= set(reference)
+    for got in results[1:]:
+        for key in conventions.measures:
+            assert got[key] == pytest.approx(reference[key], abs=1e-9), key
+
+
+def test_bm25_metrics_do_not_depend_on_corpus_order(tmp_path, beir):
+    forward = _tricky_beir(tmp_path / "f", beir, False)
+    backward = _tricky_beir(tmp_path / "b", beir, True)
+    c = Conventions(("ndcg@10", "mrr@10", "recall@5", "p@3"))
+    got = [evaluate_bm25(read_corpus(d), str(d), split="test", conventions=c) for d in (forward, backward)]
+    assert got[0] == got[1]
+
+
+def test_eval_cli_takes_the_conventions(tmp_path, checkpoint, beir, capsys):
+    data = _tricky_beir(tmp_path / "t", beir, False)
+    out = build(checkpoint, data, tmp_path / "idx", factory="Flat", progress=False)
+    args = ["--checkpoint", str(checkpoint), "--index", str(out), "--queries", str(data), "--json"]
+    assert eval_main(args + ["--measures", "beir", "--judged-queries", "all", "--ignore-identical-ids"]) == 0
+    assert set(BEIR_MEASURES) <= set(json.loads(capsys.readouterr().out))
+    with pytest.raises(SystemExit):
+        eval_main(args + ["--measures", "ndcg@ten"])
+    assert "unknown measure 'ndcg@ten'" in capsys.readouterr().err
+    assert eval_main(args + ["--tie-tolerance", "0"]) == 0
+    capsys.readouterr()
+    assert bm25_main(["--corpus", str(data), "--queries", str(data), "--measures", "map@5,p@2", "--json"]) == 0
+    assert {"map@5", "p@2"} <= set(json.loads(capsys.readouterr().out))

@@ -7,6 +7,9 @@
 * Plain JSONL: ``{"query": ..., "positive": ..., "negatives": [...]}``; a passage there is a
   string or ``{"title", "text", "id"}``.
 * DPR's passage TSV (``id``, ``text``, ``title``), for indexing.
+* Judged queries for ``dpr eval``/``bm25``/``mine`` (:func:`read_judged`): a BEIR directory or
+  queries.jsonl with a qrels TSV, DPR JSONL with ``answers``, or DPR's qas TSV/CSV
+  (``question <TAB> ['answer', ...]``).
 
 In DPR and plain files, lines that repeat a query text (triplet files list a query once per
 positive) stay one training example each, but every one of them knows all of that query's
@@ -19,8 +22,10 @@ lone surrogates), bad JSON or TSV, and fields of the wrong kind.
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -327,14 +332,17 @@ def _read_file(path: Path) -> tuple[list[TrainExample], list[Passage]]:
             corpus.setdefault(p.id, p)
     if not examples:
         raise DataError(path, None, "no examples in the file")
-    _share_known_positives(examples)
+    share_known_positives(examples)
     return examples, list(corpus.values())
 
 
-def _share_known_positives(examples: list[TrainExample]) -> None:
+def share_known_positives(examples: list[TrainExample]) -> None:
     """Lines with the same query text are one query: triplet files repeat a query once per
     positive. Each line stays a training example with its own positive, but knows all of the
-    query's positives, so the loss masks the other lines' positives instead of pushing them away."""
+    query's positives, so the loss masks the other lines' positives instead of pushing them away.
+
+    Changes ``known_positive_ids`` of ``examples`` in place. The readers apply it to every file and
+    ``POST /score`` to the items of a request, so a batch masks the same passages in both."""
     known: dict[str, set[str]] = {}
     for ex in examples:
         known.setdefault(ex.query, set()).update(ex.known_positive_ids)
@@ -395,14 +403,25 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def _beir_parts(root: Path, split: str) -> tuple[list[Passage], dict[str, str], dict[str, dict[str, int]]]:
+def split_qrels_path(root: Path, split: str) -> Path:
+    """``root/qrels/<split>.tsv``; a :class:`DataError` listing the splits present when it is missing."""
+    path = root / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        have = sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
+        raise DataError(path, None, f"missing: no '{split}' split (splits here: {', '.join(have) or 'none'})")
+    return path
+
+
+def check_beir_dir(root: Path) -> None:
+    """A :class:`DataError` naming the first of corpus.jsonl and queries.jsonl that ``root`` lacks."""
     for name in ("corpus.jsonl", "queries.jsonl"):
         if not (root / name).is_file():
             raise DataError(root / name, None, "missing (a BEIR directory holds corpus.jsonl, queries.jsonl, qrels/)")
-    qrels_path = root / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        have = sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
-        raise DataError(qrels_path, None, f"missing: no '{split}' split (splits here: {', '.join(have) or 'none'})")
+
+
+def _beir_parts(root: Path, split: str) -> tuple[list[Passage], dict[str, str], dict[str, dict[str, int]]]:
+    check_beir_dir(root)
+    qrels_path = split_qrels_path(root, split)
     corpus = read_beir_corpus(root / "corpus.jsonl")
     queries = read_beir_queries(root / "queries.jsonl")
     qrels = read_qrels(qrels_path)
@@ -430,6 +449,102 @@ def _read_beir_train(root: Path, split: str) -> TrainData:
     return TrainData(examples, corpus, f"{root} ({split})")
 
 
+# ----------------------------------------------------------------------------- judged queries
+
+
+def read_queries(path: str | Path, split: str = "test", need_split: bool = True
+                 ) -> tuple[dict[str, str], dict[str, list[str]], dict | None]:
+    """(queries, answers, qrels or None) from a BEIR directory (its ``qrels/<split>.tsv`` unless
+    ``need_split`` is false), a BEIR queries.jsonl, DPR JSONL (``question``, ``answers``, optional
+    ``id``) or DPR's qas TSV/CSV (``question <TAB> ['answer', ...]``). Every bad line is a
+    :class:`DataError` naming the file and the line."""
+    path = Path(path)
+    if path.is_dir():
+        check_beir_dir(path)
+        qrels = read_qrels(split_qrels_path(path, split)) if need_split else None
+        return read_beir_queries(path / "queries.jsonl"), {}, qrels
+    if not path.exists():
+        raise DataError(path, None, "no such file or directory")
+    if path.suffix in (".tsv", ".csv"):
+        return (*read_dpr_qas(path), None)
+    records = iter_jsonl(path)
+    first = next(records, None)
+    if first is None:
+        raise DataError(path, None, "no queries in the file")
+    if "question" not in first[1]:
+        if "_id" in first[1]:
+            return read_beir_queries(path), {}, None
+        raise DataError(path, first[0], "expected BEIR ('_id', 'text') or DPR ('question', 'answers') fields")
+    queries: dict[str, str] = {}
+    answers: dict[str, list[str]] = {}
+    line_of: dict[str, int] = {}
+    for lineno, obj in itertools.chain([first], records):
+        # a record without an id is named by its line; an id given twice is an error, never an overwrite
+        qid = field_id(obj["id"], path, lineno, "field 'id'") if obj.get("id") not in (None, "") else f"line {lineno}"
+        if qid in line_of:
+            raise DataError(path, lineno, f"query id {qid!r} already used on line {line_of[qid]}")
+        line_of[qid] = lineno
+        queries[qid] = field_text(obj, "question", path, lineno, "question")
+        if given := field_answers(obj, path, lineno):
+            answers[qid] = given
+    return queries, answers, None
+
+
+def read_dpr_qas(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """DPR's qas file (``nq-test.qa.csv``): ``question <TAB> ['answer', ...]`` (a Python list
+    literal, read with ``ast.literal_eval``, never ``eval``) per line -> (queries, answers), both
+    keyed by line number."""
+    queries, answers = {}, {}
+    for lineno, row in iter_tsv(path):  # a line that is not UTF-8 is a DataError naming it
+        if len(row) != 2:
+            raise DataError(path, lineno, f"expected 'question<TAB>answers', got {len(row)} columns")
+        if not row[0].strip():
+            raise DataError(path, lineno, "empty question")
+        try:
+            parsed = ast.literal_eval(row[1].strip())  # DPR writes Python list literals
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise DataError(path, lineno, f"answers {row[1][:60]!r} are not a list literal") from None
+        if not isinstance(parsed, (list, tuple)) or not all(isinstance(a, str) for a in parsed):
+            raise DataError(path, lineno, f"answers must be a list of strings, got {row[1][:60]!r}")
+        queries[str(lineno)] = row[0]
+        answers[str(lineno)] = list(parsed)
+    if not queries:
+        raise DataError(path, None, "no questions in the file")
+    return queries, answers
+
+
+def read_judged(queries_path: str | Path, qrels_path: str | Path | None = None, split: str = "test",
+                need_qrels: bool = False) -> tuple[dict[str, str], dict[str, list[str]], dict | None]:
+    """The judged queries for ``dpr eval``, ``dpr bm25`` and ``dpr mine``: (queries, answers,
+    qrels or None), reduced to the queries that have judgements (qrels, else answers).
+
+    ``--qrels`` replaces a BEIR directory's split. Judgements of queries missing from the queries
+    file, qrels without a relevant passage, and no judgements at all are :class:`DataError`s;
+    ``need_qrels`` (mining) does not accept answers alone."""
+    queries, answers, qrels = read_queries(queries_path, split, need_split=qrels_path is None)
+    source = Path(queries_path) / "qrels" / f"{split}.tsv" if qrels_path is None else Path(qrels_path)
+    if qrels_path is not None:
+        qrels = read_qrels(Path(qrels_path))
+    if qrels is None:
+        if need_qrels:
+            raise DataError(queries_path, None, "mining needs relevance judgements: give --qrels or a BEIR directory")
+        if not answers:
+            raise DataError(queries_path, None, "no relevance judgements: give --qrels, a BEIR directory with "
+                                                "qrels/<split>.tsv, or questions with answers")
+        return {q: queries[q] for q in answers}, answers, None
+    if not qrels:
+        raise DataError(source, None, "no judgements in the file")
+    missing = [q for q in qrels if q not in queries]
+    if len(missing) == len(qrels):
+        raise DataError(source, None, f"none of its {len(qrels)} judged query ids is in {queries_path} "
+                                      f"(first: {missing[0]!r}); do the files belong together?")
+    if missing:
+        raise DataError(source, None, f"{len(missing)} judged query ids are not in {queries_path} (first: {missing[0]!r})")
+    if not any(score > 0 for rel in qrels.values() for score in rel.values()):
+        raise DataError(source, None, "no judgement with a score > 0 (nothing is relevant)")
+    return ({q: queries[q] for q in qrels}, {q: a for q, a in answers.items() if q in qrels}, qrels)
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -445,12 +560,20 @@ def read_train_data(path: Path | str, split: str = "train") -> TrainData:
 
 
 def read_eval_data(path: Path | str, split: str = "dev") -> EvalData:
-    """Queries, qrels, corpus and answers for exact-search evaluation, from the same formats."""
+    """Queries, qrels, corpus and answers for the trainer's exact-search evaluation, from the same
+    formats. A BEIR split is read as ``dpr eval`` reads it (:func:`read_judged`): every judged
+    query and every judgement, also of passages missing from the corpus (the metrics decide, see
+    :mod:`dpr_service.core.metrics`)."""
     path = Path(path)
-    if path.is_dir():
-        corpus, queries, qrels = _beir_parts(path, split)
-        qrels = {q: rel for q, rel in qrels.items() if any(s > 0 for s in rel.values())}
-        return EvalData({q: queries[q] for q in qrels}, qrels, corpus, {}, f"{path} ({split})")
+    if path.is_dir():  # the queries and judgements of dpr eval (read_judged), so both score the same
+        queries, _, qrels = read_judged(path, None, split)
+        corpus = read_beir_corpus(path / "corpus.jsonl")
+        ids = {p.id for p in corpus}
+        absent = sum(1 for rel in qrels.values() for pid, s in rel.items() if s > 0 and pid not in ids)
+        if absent:
+            log.warning("%s: %d relevant judgements name passages missing from corpus.jsonl; they count as never "
+                        "retrieved (as trec_eval)", split_qrels_path(path, split), absent)
+        return EvalData(queries, qrels, corpus, {}, f"{path} ({split})")
     if not path.exists():
         raise DataError(path, None, "no such file or directory")
     examples, corpus = _read_file(path)
