@@ -264,3 +264,16 @@ def test_the_step_uses_the_checkpoint_temperature(tiny_model):
     assert torch.allclose(step_loss, by_hand.mean(), atol=1e-5)  # the training step's
     assert not torch.allclose(in_batch_nll(q, p, batch.positive_idx, similarity="cosine", temperature=1.0, reduction="none"), by_hand, atol=1e-3)
     assert Dist().world_size == 1 and Dist().is_main
+
+
+def test_a_plain_model_directory_loads_as_an_untrained_checkpoint(tmp_path, tiny_model):
+    """The zero-shot baseline is one command: `dpr index build --checkpoint MODEL_DIR` (issue 14.8)."""
+    st = make_st_model(tmp_path / "st", tiny_model)
+    loaded = load_checkpoint(st)
+    assert (loaded.config.pooling, loaded.config.similarity, loaded.config.shared) == ("mean", "cosine", True)
+    assert loaded.fingerprint == load_checkpoint(st).fingerprint  # stable
+    expected, _ = load_base_model(str(st), loaded.config)
+    assert all(torch.equal(a, b) for a, b in zip(expected.state_dict().values(), loaded.encoder.state_dict().values()))
+    plain = load_checkpoint(tiny_model)
+    assert (plain.config.pooling, plain.config.shared) == ("cls", False)
+    assert plain.fingerprint != loaded.fingerprint

@@ -191,9 +191,16 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
 
     Checks: the config parses; the encoder and tokenizer directories exist; the fingerprint
     matches the files (``verify``); the tokenizer's vocabulary fits the embedding matrix; both
-    encoders have the same width; the max lengths fit the position embeddings.
+    encoders have the same width; the max lengths fit the position embeddings; the weights are finite.
+
+    A plain transformers or sentence-transformers model directory (``config.json``, no
+    ``dpr_config.json``) loads too, with the settings it implies (:func:`load_model_dir`): so the
+    zero-shot baseline of a starting model is ``dpr index build --checkpoint MODEL_DIR``.
+    Raises CheckpointError naming the file at fault.
     """
     directory = Path(directory)
+    if directory.is_dir() and not (directory / CONFIG_FILE).exists() and (directory / "config.json").is_file():
+        return load_model_dir(directory, device)
     config, raw = read_config(directory)
     needed = [QUERY_DIR, TOKENIZER_DIR] + ([] if config.shared else [PASSAGE_DIR])
     for sub in needed:
@@ -224,6 +231,32 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
         fingerprint=raw.get("fingerprint", ""),
         base_model=raw.get("base_model", ""),
     )
+
+
+def load_model_dir(directory: Path | str, device: torch.device | str = "cpu") -> Loaded:
+    """A pretrained model directory as an untrained checkpoint: its encoder settings from
+    :func:`dpr_service.core.pretrained.resolve_encoder_config` (a sentence-transformers directory's
+    own pooling, similarity and lengths; DPR's otherwise), one model for both sides when it is a
+    sentence-transformers model. Its fingerprint hashes those settings and the model's weight files,
+    so an index built from it is tied to it as to any checkpoint."""
+    from .pretrained import ModelDirError, resolve_encoder_config
+
+    directory = Path(directory)
+    try:
+        config, _ = resolve_encoder_config(directory, {})
+    except (ModelDirError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    encoder, tokenizer = load_base_model(str(directory), config)
+    if not is_finite(encoder):
+        raise CheckpointError(f"{directory}: the weights are not finite (NaN or inf)")
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for f in sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            fsio.sha256_update(h, fh.read)
+    encoder.to(device).eval()
+    return Loaded(encoder=encoder, tokenizer=tokenizer, config=config, path=directory, fingerprint=h.hexdigest(),
+                  base_model=str(directory))
 
 
 def load_base_model(name_or_path: str, config: EncoderConfig) -> tuple[BiEncoder, TextTokenizer]:

@@ -61,10 +61,10 @@ class TextTokenizer:
         strings) or passages (``"passage"``, :class:`Passage`): what the max lengths cut."""
         if kind == "query":
             with self._lock:
-                return [len(ids) for ids in self.hf([self.query_prompt + t for t in texts], truncation=False)["input_ids"]]
+                return [len(ids) for ids in self.hf([self.query_prompt + t for t in texts], truncation=False, verbose=False)["input_ids"]]
         titled = [(self.passage_prompt + p.title, p.text) if p.title else (self.passage_prompt + p.text, None) for p in texts]
         with self._lock:
-            return [len(self.hf(a, b, truncation=False)["input_ids"]) for a, b in titled]
+            return [len(self.hf(a, b, truncation=False, verbose=False)["input_ids"]) for a, b in titled]
 
     def _queries(self, texts: Sequence[str]) -> dict:
         enc = self.hf(
