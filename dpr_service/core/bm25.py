@@ -7,12 +7,16 @@ Usage::
 
 Scoring is bm25s's default (Lucene's BM25, k1=1.5, b=0.75) over ``title + " " + text`` with English
 stop words and Snowball stemming (PyStemmer), the setting of BEIR's and Pyserini's BM25 baselines.
-Nothing is written to disk (bm25s can save an index, never pickled here: it is rebuilt each run).
+:meth:`BM25.save` / :meth:`BM25.load` keep an index in a directory (bm25s's numpy arrays and JSON
+vocabulary, ``allow_pickle=False`` both ways, plus ``ids.json``): the index artifact holds one beside
+the dense index, for hybrid search.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Sequence
 
 from .formats import Passage
@@ -31,11 +35,15 @@ def _import_bm25s():
 class BM25:
     """An in-memory BM25 index over ``corpus`` (N passages), built when constructed."""
 
-    def __init__(self, corpus: Sequence[Passage], progress: bool = False):
+    IDS_FILE = "ids.json"
+
+    def __init__(self, corpus: Sequence[Passage] | None, progress: bool = False):
         import Stemmer
 
         self._bm25s = _import_bm25s()
         self.stemmer = Stemmer.Stemmer("english")
+        if corpus is None:  # filled in by load()
+            return
         self.ids = [p.id for p in corpus]
         tokens = self._bm25s.tokenize([f"{p.title} {p.text}".strip() for p in corpus], stopwords="en",
                                       stemmer=self.stemmer, show_progress=progress)
@@ -49,3 +57,22 @@ class BM25:
         k = min(k, len(self.ids))
         docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=0)
         return [[(self.ids[d], float(s)) for d, s in zip(row_d, row_s) if s > 0] for row_d, row_s in zip(docs, scores)]
+
+    def save(self, directory: Path | str) -> list[str]:
+        """Write the index into ``directory`` (created); returns the file names written. No pickle."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        before = set(directory.iterdir())
+        self.retriever.save(str(directory), allow_pickle=False)
+        (directory / self.IDS_FILE).write_text(json.dumps(self.ids, ensure_ascii=False))
+        return sorted(p.name for p in set(directory.iterdir()) - before | {directory / self.IDS_FILE})
+
+    @classmethod
+    def load(cls, directory: Path | str, mmap: bool = True) -> "BM25":
+        """Read an index written by :meth:`save` (memory-mapped by default). Raises OSError or
+        ValueError for missing or damaged files."""
+        directory = Path(directory)
+        self = cls(None)
+        self.ids = json.loads((directory / cls.IDS_FILE).read_text())
+        self.retriever = self._bm25s.BM25.load(str(directory), mmap=mmap, allow_pickle=False, load_corpus=False)
+        return self

@@ -1,0 +1,54 @@
+"""Hybrid retrieval: fusions against hand-computed rankings, BM25 saved and loaded without pickle."""
+
+import pytest
+
+from dpr_service.core.bm25 import BM25
+from dpr_service.core.formats import Passage
+from dpr_service.core.fusion import convex, fuse, min_max, rrf, tune_alpha
+
+
+def test_rrf_by_hand():
+    dense = [("a", 0.9), ("b", 0.8), ("c", 0.1)]
+    bm25 = [("c", 12.0), ("a", 3.0)]
+    got = dict(rrf([dense, bm25], k=60))
+    assert got == pytest.approx({"a": 1 / 61 + 1 / 62, "b": 1 / 62, "c": 1 / 63 + 1 / 61})
+    assert [pid for pid, _ in rrf([dense, bm25])] == ["a", "c", "b"]
+    # equal fused scores: passage id descending (trec_eval)
+    assert [pid for pid, _ in rrf([[("x", 1.0)], [("y", 1.0)]])] == ["y", "x"]
+
+
+def test_convex_by_hand():
+    dense = [("a", 0.9), ("b", 0.7), ("c", 0.5)]  # normalised: a 1, b 0.5, c 0
+    bm25 = [("c", 10.0), ("d", 6.0), ("a", 2.0)]  # normalised: c 1, d 0.5, a 0
+    assert min_max(dense) == pytest.approx({"a": 1.0, "b": 0.5, "c": 0.0})
+    got = dict(convex(dense, bm25, alpha=0.3))
+    assert got == pytest.approx({"a": 0.3, "b": 0.15, "c": 0.7, "d": 0.35})
+    assert [pid for pid, _ in convex(dense, bm25, 0.3, top_k=2)] == ["c", "d"]
+    assert [pid for pid, _ in convex(dense, bm25, 1.0)][:3] == ["a", "b", "d"]  # ties at 0 by id, descending
+    with pytest.raises(ValueError):
+        convex(dense, bm25, 1.5)
+    with pytest.raises(ValueError):
+        fuse(dense, bm25, "convex")
+
+
+def test_tune_alpha_picks_the_best_on_dev():
+    dense = {"q1": [("a", 0.9), ("b", 0.8)], "q2": [("c", 0.9), ("d", 0.1)]}
+    bm25 = {"q1": [("b", 9.0), ("a", 1.0)], "q2": [("d", 5.0), ("c", 4.9), ("e", 0.0)]}
+    qrels = {"q1": "b", "q2": "c"}
+
+    def accuracy(run):
+        return sum(max(run[q], key=lambda p: (run[q][p], p)) == qrels[q] for q in run) / len(run)
+
+    alpha, table = tune_alpha(dense, bm25, accuracy, grid=(0.0, 0.5, 1.0))
+    assert table == {0.0: 0.5, 0.5: 1.0, 1.0: 0.5} and alpha == 0.5
+
+
+def test_bm25_saved_and_loaded_gives_the_same_hits(tmp_path):
+    corpus = [Passage("the red lighthouse flashes", "Ember", "d1"), Passage("a green harbour light", "", "d2"),
+              Passage("fishing boats in the harbour", "Port", "d3")]
+    bm25 = BM25(corpus)
+    files = bm25.save(tmp_path / "bm25")
+    assert "ids.json" in files and not any(f.endswith((".pkl", ".pickle")) for f in files)
+    loaded = BM25.load(tmp_path / "bm25")
+    queries = ["harbour light", "red flash lighthouse"]
+    assert loaded.search(queries, 3) == bm25.search(queries, 3)
