@@ -12,36 +12,23 @@ from dpr_service.core.device import Runtime
 from dpr_service.core.encoder import BiEncoder
 from dpr_service.core.formats import EvalData, TrainData
 from dpr_service.core.inference import encode_texts, exact_search
-from dpr_service.core.loss import in_batch_nll
 from dpr_service.core.metrics import Conventions, Hit, exact_scores, score_run, search_run
+from dpr_service.core.scoring import batch_log_probs
 from dpr_service.core.tokenize import TextTokenizer
 
 from .batches import fixed_batches
 
 
 def batch_losses(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: int | None = None) -> torch.Tensor:
-    """Per-question DPR losses (B,) for one batch: the computation of a training step's forward.
+    """Per-question DPR losses (B,) for one batch: the computation of a training step's forward,
+    through :func:`dpr_service.core.scoring.batch_log_probs`, the function ``POST /score`` calls.
 
     With ``chunk``, questions and passages are encoded ``chunk`` rows at a time (the batch's loss is
     unchanged: without gradients the embeddings do not depend on how the rows are grouped), so a
     dev batch as large as a gradient-cached training batch fits in memory.
     """
-    batch = batch.to(runtime.device)
-    with runtime.autocast():
-        q_emb = _encode_rows(encoder.encode_queries, batch.queries, chunk)  # (B, D)
-        p_emb = _encode_rows(encoder.encode_passages, batch.passages, chunk)  # (N, D)
-    cfg = encoder.config
-    return in_batch_nll(
-        q_emb, p_emb, batch.positive_idx,
-        similarity=cfg.similarity, temperature=cfg.temperature,
-        p_ids=batch.p_ids, candidate_mask=batch.candidate_mask(), reduction="none",
-    )
-
-
-def _encode_rows(encode, inputs: dict, chunk: int | None) -> torch.Tensor:
-    n = inputs["input_ids"].shape[0]
-    step = chunk or n
-    return torch.cat([encode(**{k: v[i : i + step] for k, v in inputs.items()}) for i in range(0, n, step)])
+    log_probs = batch_log_probs(encoder, batch, runtime, chunk)  # (B, N)
+    return -log_probs.gather(1, batch.positive_idx.to(log_probs.device).unsqueeze(1)).squeeze(1)
 
 
 @torch.no_grad()

@@ -1,16 +1,29 @@
-"""The DPR loss for question-passage sets, as ``POST /score`` returns it. Calls the trainer's loss
-function (:func:`dpr_service.core.loss.candidate_log_probs`) with the checkpoint's own settings."""
+"""The DPR loss of question-passage sets as ``POST /score`` returns it, computed as the trainer does.
+
+Usage::
+
+    items = [ScoreItem("who wrote X?", Passage("... wrote X ...", id="p1"), [Passage("...", id="n1")])]
+    score_items(loaded, runtime, items, in_batch=True)  # [ItemScore(loss=..., probabilities=[...], rank=1)]
+
+The request's items become :class:`~dpr_service.core.formats.TrainExample`\\ s by the readers' rule
+(items with the same question share their known positives: :func:`~dpr_service.core.formats.share_known_positives`),
+and one :func:`~dpr_service.core.batches.collate` call makes the batch, as the trainer's steps and
+its dev loss make theirs. :func:`batch_log_probs` then gives both the candidates' log-probabilities
+with the checkpoint's similarity and temperature, so every masking rule (the same passage twice,
+a question's other known positives) holds in ``/score`` and in training by construction.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .batches import Batch, collate
 from .checkpoint import Loaded
 from .device import Runtime
-from .formats import Passage, content_id
-from .inference import encode_texts
+from .encoder import BiEncoder
+from .formats import Passage, TrainExample, content_id, share_known_positives
 from .loss import candidate_log_probs
 
 
@@ -28,36 +41,67 @@ class ItemScore:
     rank: int  # 1 = the positive scores highest among the candidates
 
 
+def batch_log_probs(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: int | None = None,
+                    candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) log-probabilities of each question over its candidates in ``batch``: the forward of a
+    training step, with the encoder's similarity and temperature, passages of equal id as one
+    (``batch.p_ids``) and each question's other known positives masked (``batch.candidate_mask()``);
+    ``candidate_mask`` (B, N) restricts the candidates further. Dropout is as the caller left the
+    encoder. With ``chunk``, rows are encoded ``chunk`` at a time (the result is unchanged without
+    gradients), so a batch as large as a gradient-cached one fits in memory."""
+    batch = batch.to(runtime.device)
+    with runtime.autocast():
+        q_emb = _encode_rows(encoder.encode_queries, batch.queries, chunk)  # (B, D)
+        p_emb = _encode_rows(encoder.encode_passages, batch.passages, chunk)  # (N, D)
+    mask = batch.candidate_mask()
+    if candidate_mask is not None:
+        mask &= candidate_mask.to(mask.device)
+    cfg = encoder.config
+    return candidate_log_probs(q_emb, p_emb, batch.positive_idx, similarity=cfg.similarity, temperature=cfg.temperature,
+                               p_ids=batch.p_ids, candidate_mask=mask)
+
+
+def _encode_rows(encode, inputs: dict, chunk: int | None) -> torch.Tensor:
+    n = inputs["input_ids"].shape[0]
+    step = chunk or n
+    return torch.cat([encode(**{k: v[i : i + step] for k, v in inputs.items()}) for i in range(0, n, step)])
+
+
+def score_examples(items: list[ScoreItem]) -> tuple[list[TrainExample], list[list[Passage]]]:
+    """The items as training examples and their negatives, ready for :func:`collate`. A passage
+    without an id gets the hash of its title and text (so equal texts are one passage)."""
+    def with_id(p: Passage) -> Passage:
+        return p if p.id else replace(p, id=content_id(p.title, p.text))
+
+    examples, negatives = [], []
+    for it in items:
+        positive, negs = with_id(it.positive), [with_id(n) for n in it.negatives]
+        examples.append(TrainExample(query=it.question, positive=positive, hard_negatives=negs,
+                                     known_positive_ids=frozenset([positive.id])))
+        negatives.append(negs)
+    share_known_positives(examples)
+    return examples, negatives
+
+
 @torch.no_grad()
 def score_items(loaded: Loaded, runtime: Runtime, items: list[ScoreItem], in_batch: bool) -> list[ItemScore]:
-    """Per item: each question against its own positive and negatives, or, with ``in_batch``,
-    against every passage of the request exactly as a training batch (duplicates masked by id)."""
-    passages: list[Passage] = []
-    positive_idx, spans = [], []
-    for item in items:
-        positive_idx.append(len(passages))
-        passages.append(item.positive)
-        passages.extend(item.negatives)
-        spans.append((positive_idx[-1], len(passages)))
-    ids: dict[str, int] = {}
-    keys = [p.id or content_id(p.title, p.text) for p in passages]
-    p_ids = torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
-    mask = None
+    """Per item: its question against its own positive and negatives, or, with ``in_batch``, against
+    every passage of the request, exactly as a training batch of these items. Dropout is off."""
+    examples, negatives = score_examples(items)
+    batch = collate(examples, negatives, loaded.tokenizer)
+    spans = [(start, start + 1 + len(negs)) for start, negs in zip(batch.positive_idx.tolist(), negatives)]
+    own = None
     if not in_batch:
-        mask = torch.zeros(len(items), len(passages), dtype=torch.bool)
+        own = torch.zeros(len(items), batch.p_ids.shape[0], dtype=torch.bool)
         for i, (start, end) in enumerate(spans):
-            mask[i, start:end] = True
-    q_emb = encode_texts(loaded.encoder, loaded.tokenizer, [it.question for it in items], "query", runtime)
-    p_emb = encode_texts(loaded.encoder, loaded.tokenizer, passages, "passage", runtime)
-    log_probs = candidate_log_probs(
-        q_emb, p_emb, torch.tensor(positive_idx), similarity=loaded.config.similarity,
-        temperature=loaded.config.temperature, p_ids=p_ids, candidate_mask=mask,
-    )  # (B, N)
+            own[i, start:end] = True
+    loaded.encoder.eval()
+    log_probs = batch_log_probs(loaded.encoder, batch, runtime, candidate_mask=own).cpu()  # (B, N)
     out = []
     for i, (start, end) in enumerate(spans):
         row = log_probs[i]
         pos = row[start]
-        own = row[start:end].exp().tolist()
         allowed = torch.isfinite(row)
-        out.append(ItemScore(loss=float(-pos), probabilities=own, rank=int((row[allowed] > pos).sum()) + 1))
+        out.append(ItemScore(loss=float(-pos), probabilities=row[start:end].exp().tolist(),
+                             rank=int((row[allowed] > pos).sum()) + 1))
     return out
