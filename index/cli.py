@@ -235,6 +235,9 @@ def mine_main(argv: list[str], prog: str = "dpr mine") -> int:
 
         stats = mine(args.queries, read_corpus(args.corpus), args.output, args.qrels, args.split, args.method,
                      args.checkpoint, args.index, args.num_negatives, args.depth, args.skip_top, args.margin, args.device)
-        print(f"wrote {stats['examples']} examples to {args.output}")
+        print(f"wrote {stats['examples']} examples to {args.output}; skipped as negatives: "
+              f"{stats['skipped_copy_of_positive']} copies of a positive (same title and text), "
+              f"{stats['skipped_within_margin']} within the margin; "
+              f"{stats['examples_with_fewer_negatives']} examples have fewer than {args.num_negatives} negatives")
 
     return _run(prog, go)

@@ -7,6 +7,12 @@
   against them teaches the wrong thing. The negatives are the index's stored passages (the texts
   that were encoded), so the index may hold passages that the corpus file lacks.
 
+Either way, a known positive (by id) or a passage whose title and text equal a positive's (a copy
+under another id, FlagEmbedding#688) is never a negative. These rules are
+:func:`dpr_service.core.mining.select_negatives`, which the trainer's own mining applies too; the
+counts of what they skipped are returned and printed. Candidates are ranked by
+:func:`dpr_service.core.metrics.trec_order` (ties by id), so the corpus order changes nothing.
+
 Queries and judgements are read by :func:`dpr_service.core.formats.read_judged`, as for ``dpr eval``.
 """
 
@@ -15,15 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
+from dpr_service.core.artifact import prepare_output
 from dpr_service.core.bm25 import BM25
 from dpr_service.core.checkpoint import load_checkpoint
 from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import DataError, Passage, read_judged
 from dpr_service.core.inference import encode_texts
-
-from dpr_service.core.artifact import prepare_output
+from dpr_service.core.metrics import trec_order
+from dpr_service.core.mining import MiningStats, select_negatives
 from dpr_service.core.search import Searcher
 
 log = logging.getLogger("index")
@@ -32,10 +38,14 @@ log = logging.getLogger("index")
 def mine(queries_path: str, corpus: list[Passage], output: str, qrels_path: str | None = None, split: str = "train",
          method: str = "bm25", checkpoint: str | None = None, index_dir: str | None = None, num_negatives: int = 8,
          depth: int = 100, skip_top: int = 0, margin: float = 0.0, device: str = "auto") -> dict:
-    """Write one line per (question, positive) with up to ``num_negatives`` mined negatives; returns counts.
+    """Write one line per (question, positive) with up to ``num_negatives`` mined negatives.
 
     Positives come from ``corpus``; model-mined negatives come from the index's own passage store
-    (the texts that were encoded), so the index may hold passages that ``corpus`` lacks."""
+    (the texts that were encoded), so the index may hold passages that ``corpus`` lacks. ``margin``
+    (similarity units, model mining only) may be negative: negatives may then score up to
+    ``-margin`` above the positive. Returns counts: ``examples``, ``queries``, ``method``,
+    ``skipped_copy_of_positive``, ``skipped_within_margin``, ``examples_with_fewer_negatives``.
+    Raises ValueError (bad arguments, before any work) and DataError (files)."""
     if num_negatives < 1 or depth < 1 or skip_top < 0:
         raise ValueError(f"need num_negatives >= 1, depth >= 1 and skip_top >= 0, got {num_negatives}, {depth} and {skip_top}")
     if not math.isfinite(margin):
@@ -46,7 +56,7 @@ def mine(queries_path: str, corpus: list[Passage], output: str, qrels_path: str 
         raise ValueError("--method model needs --checkpoint and --index")
     out = prepare_output(output, directory=False)  # a bad --output fails before the mining, not after
     queries, _, qrels = read_judged(queries_path, qrels_path, split, need_qrels=True)
-    positives = {q: {p for p, s in rel.items() if s > 0} for q, rel in qrels.items()}
+    positives = {q: sorted(p for p, s in rel.items() if s > 0) for q, rel in qrels.items()}
     positives = {q: rel for q, rel in positives.items() if rel}
     by_id = {p.id: p for p in corpus}
     unknown = sorted({pid for rel in positives.values() for pid in rel if pid not in by_id})
@@ -54,51 +64,51 @@ def mine(queries_path: str, corpus: list[Passage], output: str, qrels_path: str 
         raise DataError(qrels_path or queries_path, None, f"{len(unknown)} judged passages are not in the corpus (first: {unknown[0]!r})")
     qids = list(positives)
     texts = [queries[q] for q in qids]
-
     if method == "bm25":
-        ranked = BM25(corpus).search(texts, depth + skip_top)
-        pos_scores = None
+        ranked, pos_scores = BM25(corpus).search(texts, depth + skip_top), None
         passages_of = lambda ids: {i: by_id[i] for i in ids}  # noqa: E731
     else:
-        runtime = pick_runtime(device, "auto")
-        loaded = load_checkpoint(checkpoint, runtime.device)
-        searcher = Searcher(index_dir, loaded.fingerprint)
-        q_emb = encode_texts(loaded.encoder, loaded.tokenizer, texts, "query", runtime, 128, progress=True)  # (Q, D)
-        hits = searcher.search(q_emb.numpy(), depth + skip_top)
-        ranked = [[(h.id, h.score) for h in hs] for hs in hits]
-        pos_list = sorted({pid for rel in positives.values() for pid in rel})
-        p_emb = encode_texts(loaded.encoder, loaded.tokenizer, [by_id[p] for p in pos_list], "passage", runtime, 64, progress=True)
-        p_row = {pid: i for i, pid in enumerate(pos_list)}
-        pos_scores = {
-            (q, pid): float(q_emb[i] @ p_emb[p_row[pid]]) for i, q in enumerate(qids) for pid in positives[q]
-        }
+        searcher, ranked, pos_scores = _model_candidates(checkpoint, index_dir, device, texts, qids, positives, by_id,
+                                                         depth + skip_top)
         passages_of = searcher.passages  # the indexed texts, which may differ from (or be missing in) --corpus
 
-    written = skipped_margin = short = 0
+    stats = MiningStats()
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         for q, hits in zip(qids, ranked):
+            hits = trec_order(hits)
             stored = passages_of([cand for cand, _ in hits])
-            for pid in sorted(positives[q]):
-                negatives = []
-                for rank, (cand, score) in enumerate(hits):
-                    if rank < skip_top or cand in positives[q] or cand not in stored:
-                        continue
-                    if pos_scores is not None and score > pos_scores[(q, pid)] - margin:
-                        skipped_margin += 1
-                        continue
-                    negatives.append(stored[cand])
-                    if len(negatives) == num_negatives:
-                        break
-                short += len(negatives) < num_negatives
+            candidates = [(stored[cand], score) for cand, score in hits if cand in stored]
+            known = [by_id[pid] for pid in positives[q]]
+            for pid in positives[q]:
+                # select_negatives takes margin >= 0: a negative margin shifts the positive's score instead
+                shifted = None if pos_scores is None else pos_scores[(q, pid)] - min(margin, 0.0)
+                negatives = select_negatives(candidates, known, num_negatives, positive_score=shifted,
+                                             skip_top=skip_top, margin=max(margin, 0.0), stats=stats)
                 record = {"query": queries[q], "positive": _passage(by_id[pid]), "negatives": [_passage(p) for p in negatives]}
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                written += 1
     tmp.replace(out)
-    stats = {"examples": written, "queries": len(qids), "method": method, "skipped_within_margin": skipped_margin,
-             "examples_with_fewer_negatives": short}
-    log.info("mined %s", stats)
-    return stats
+    result = {"examples": stats.questions, "queries": len(qids), "method": method,
+              "skipped_copy_of_positive": stats.skipped["copy_of_positive"],
+              "skipped_within_margin": stats.skipped["within_margin"], "examples_with_fewer_negatives": stats.short}
+    log.info("mined %s", result)
+    return result
+
+
+def _model_candidates(checkpoint: str, index_dir: str, device: str, texts: list[str], qids: list[str],
+                      positives: dict[str, list[str]], by_id: dict[str, Passage], depth: int):
+    """(searcher, the top ``depth`` (id, score) hits of each question, {(question, positive id): score})."""
+    runtime = pick_runtime(device, "auto")
+    loaded = load_checkpoint(checkpoint, runtime.device)
+    searcher = Searcher(index_dir, loaded.fingerprint)
+    q_emb = encode_texts(loaded.encoder, loaded.tokenizer, texts, "query", runtime, 128, progress=True)  # (Q, D)
+    hits = searcher.search(q_emb.numpy(), depth)
+    ranked = [[(h.id, h.score) for h in hs] for hs in hits]
+    pos_list = sorted({pid for rel in positives.values() for pid in rel})
+    p_emb = encode_texts(loaded.encoder, loaded.tokenizer, [by_id[p] for p in pos_list], "passage", runtime, 64, progress=True)
+    p_row = {pid: i for i, pid in enumerate(pos_list)}
+    pos_scores = {(q, pid): float(q_emb[i] @ p_emb[p_row[pid]]) for i, q in enumerate(qids) for pid in positives[q]}
+    return searcher, ranked, pos_scores
 
 
 def _passage(p: Passage) -> dict:

@@ -722,3 +722,23 @@ def test_eval_cli_takes_the_conventions(tmp_path, checkpoint, beir, capsys):
     capsys.readouterr()
     assert bm25_main(["--corpus", str(data), "--queries", str(data), "--measures", "map@5,p@2", "--json"]) == 0
     assert {"map@5", "p@2"} <= set(json.loads(capsys.readouterr().out))
+
+
+def test_mining_never_takes_a_copy_of_a_positive(tmp_path, checkpoint):
+    """Issue 14.5: two passages of identical text under different ids; the copy was the top BM25
+    (and dense) negative of the positive's question. It is skipped, and the skip is counted."""
+    same = {"title": "walnut", "text": "the walnut and the comet story"}
+    corpus = [{"_id": "pos", **same}, {"_id": "copy", **same}, {"_id": "Copy2", "title": "Walnut ", "text": "the  walnut and the comet story"}]
+    corpus += [{"_id": f"n{i}", "title": w, "text": f"the {w} and the comet story"} for i, w in enumerate(["apple", "river", "engine"])]
+    data = _beir_dir(tmp_path / "data", corpus, {"q": "walnut comet"}, [("q", "pos", 1)])
+    (data / "qrels" / "train.tsv").write_text((data / "qrels" / "test.tsv").read_text())
+    out = build(checkpoint, data, tmp_path / "idx", factory="Flat", progress=False)
+    for method, extra in (("bm25", {}), ("model", {"checkpoint": str(checkpoint), "index_dir": str(out), "margin": -10.0})):
+        path = tmp_path / f"{method}.jsonl"
+        stats = mine(str(data), read_corpus(data), str(path), split="train", method=method, num_negatives=5, device="cpu", **extra)
+        negatives = [n["id"] for n in json.loads(path.read_text())["negatives"]]
+        assert "copy" not in negatives and "Copy2" not in negatives and "pos" not in negatives, method
+        assert stats["skipped_copy_of_positive"] == 2, method
+    r = subprocess.run([sys.executable, "-m", "dpr_service.cli", "mine", "--queries", str(data), "--corpus", str(data),
+                        "--output", str(tmp_path / "cli.jsonl")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "2 copies of a positive" in r.stdout, r.stderr
