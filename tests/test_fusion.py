@@ -52,3 +52,40 @@ def test_bm25_saved_and_loaded_gives_the_same_hits(tmp_path):
     loaded = BM25.load(tmp_path / "bm25")
     queries = ["harbour light", "red flash lighthouse"]
     assert loaded.search(queries, 3) == bm25.search(queries, 3)
+
+
+def test_hybrid_evaluation_against_a_numpy_reference(tmp_path, tiny_model):
+    """dpr eval's hybrid mode: the fused ranking equals one computed here from numpy dense scores and
+    the BM25 of the same passages, and dense mode equals dpr eval's."""
+    import numpy as np
+    from conftest import write_beir
+
+    from dpr_service.core.checkpoint import load_checkpoint
+    from dpr_service.core.formats import read_beir_corpus, read_judged
+    from dpr_service.core.inference import encode_texts
+    from dpr_service.core.device import pick_runtime
+    from dpr_service.core.metrics import retrieval_metrics, trec_order
+    from index.build import build
+    from index.evaluate import evaluate_index
+    from index.hybrid import evaluate_modes
+
+    root = write_beir(tmp_path / "beir", n=24, splits=("train", "dev"))
+    corpus = read_beir_corpus(root / "corpus.jsonl")
+    build(str(tiny_model), str(root), str(tmp_path / "index"), progress=False)
+    got = evaluate_modes(str(tiny_model), str(tmp_path / "index"), str(root), split="dev", progress=False)
+    plain = evaluate_index(str(tiny_model), str(tmp_path / "index"), str(root), split="dev", progress=False)
+    assert got["dense"] == {k: v for k, v in plain.items() if k in got["dense"]}
+    loaded = load_checkpoint(tiny_model)
+    queries, _, qrels = read_judged(str(root), None, "dev")
+    qids = list(queries)
+    runtime = pick_runtime("cpu", "fp32")
+    q = encode_texts(loaded.encoder, loaded.tokenizer, [queries[i] for i in qids], "query", runtime).numpy().astype(np.float64)
+    p = encode_texts(loaded.encoder, loaded.tokenizer, corpus, "passage", runtime).numpy().astype(np.float64)
+    dense_scores = q @ p.T
+    bm25 = BM25(corpus).search([queries[i] for i in qids], 100)
+    run = {}
+    for i, qid in enumerate(qids):
+        dense = trec_order([(p.id, float(dense_scores[i, j])) for j, p in enumerate(corpus)])[:100]
+        run[qid] = dict(rrf([dense, trec_order(bm25[i])], top_k=100))
+    expected = retrieval_metrics(run, qrels)
+    assert {k: pytest.approx(v, abs=1e-9) for k, v in expected.items()} == {k: got["hybrid"][k] for k in expected}
