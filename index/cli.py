@@ -181,14 +181,39 @@ def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
     parser.add_argument("--index", required=True)
     _eval_args(parser)
     parser.add_argument("--device", default="auto")
+    hybrid = parser.add_argument_group("hybrid retrieval (docs/index.md)")
+    hybrid.add_argument("--mode", choices=("dense", "bm25", "hybrid", "all"), default="dense",
+                        help="rank by the index (dense), by BM25 over the same passages, by both fused, or report all three")
+    hybrid.add_argument("--fusion", choices=("rrf", "convex"), default="rrf",
+                        help="reciprocal rank fusion (k=60), or alpha * dense + (1 - alpha) * BM25 over min-max normalised scores")
+    hybrid.add_argument("--alpha", type=float, help="weight of the dense side for --fusion convex, in [0, 1]")
+    hybrid.add_argument("--tune-split", help="choose alpha (convex fusion) by nDCG@10 on this split of --queries "
+                                             "(a dev split, or part of train held out from training)")
     args = parser.parse_args(argv)
+    if args.qrels and (args.mode != "dense" or args.tune_split):
+        parser.error("--qrels works with --mode dense only; use a BEIR directory's splits for hybrid evaluation")
 
     def go():
         from .evaluate import evaluate_index, format_metrics
 
-        print(format_metrics(evaluate_index(args.checkpoint, args.index, args.queries, args.qrels, args.split,
-                                            device=args.device, progress=not args.json,
-                                            conventions=_conventions(args)), args.json))
+        if args.mode == "dense" and not args.tune_split:
+            print(format_metrics(evaluate_index(args.checkpoint, args.index, args.queries, args.qrels, args.split,
+                                                device=args.device, progress=not args.json,
+                                                conventions=_conventions(args)), args.json))
+            return
+        from .hybrid import evaluate_modes
+
+        modes = ("dense", "bm25", "hybrid") if args.mode == "all" else (args.mode,)
+        result = evaluate_modes(args.checkpoint, args.index, args.queries, args.split, modes, args.fusion, args.alpha,
+                                args.tune_split, args.device, not args.json, _conventions(args))
+        if args.json:
+            print(format_metrics(result, True))
+            return
+        if "tuned" in result:
+            print(f"alpha {result['tuned']['alpha']:.2f} (chosen on {result['tuned']['split']})")
+        for mode in modes:
+            print(f"== {mode}" + (f" ({result['fusion']['fusion']}, alpha {result['fusion']['alpha']})" if mode == "hybrid" else ""))
+            print(format_metrics(result[mode], False))
 
     return _run(prog, go)
 

@@ -89,3 +89,22 @@ def test_hybrid_evaluation_against_a_numpy_reference(tmp_path, tiny_model):
         run[qid] = dict(rrf([dense, trec_order(bm25[i])], top_k=100))
     expected = retrieval_metrics(run, qrels)
     assert {k: pytest.approx(v, abs=1e-9) for k, v in expected.items()} == {k: got["hybrid"][k] for k in expected}
+
+
+def test_dpr_eval_hybrid_command(tmp_path, tiny_model, capsys):
+    import json
+
+    from conftest import write_beir
+
+    from index.cli import eval_main, index_main
+
+    root = write_beir(tmp_path / "beir", n=24, splits=("train", "dev"))
+    assert index_main(["build", "--checkpoint", str(tiny_model), "--corpus", str(root), "--output", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    args = ["--checkpoint", str(tiny_model), "--index", str(tmp_path / "idx"), "--queries", str(root), "--split", "dev"]
+    assert eval_main(args + ["--mode", "all", "--tune-split", "train", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"dense", "bm25", "hybrid", "tuned"} and result["fusion"]["fusion"] == "convex"
+    assert 0 <= result["tuned"]["alpha"] <= 1 and len(result["tuned"]["ndcg@10_by_alpha"]) == 21
+    assert eval_main(args + ["--mode", "hybrid", "--fusion", "convex"]) == 2  # no alpha: one-line error
+    assert "needs --alpha" in capsys.readouterr().err
