@@ -18,8 +18,9 @@ import torch
 from conftest import write_beir
 from fastapi.testclient import TestClient
 
-import dpr_service.api.app as app_module
-from dpr_service.api.app import OPEN_ROUTES, create_app, current_resources
+import dpr_service.api.resources as resources_module
+from dpr_service.api.app import OPEN_ROUTES, app_routes, create_app
+from dpr_service.api.deps import current_resources
 from dpr_service.api.batching import QueryBatcher, Stopped
 from dpr_service.api.guard import Guard
 from dpr_service.api.settings import Settings
@@ -191,10 +192,47 @@ def test_limits_and_bad_input_get_4xx_naming_the_field(artifact, path, body, sta
     assert field in r.json()["detail"]
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[" * 500 + b"]" * 500, b"null"])
-def test_malformed_bodies_are_4xx(api, content):
+@pytest.mark.parametrize("content, status, detail", [
+    (b"{not json", 400, "body: not valid JSON (Expecting property name enclosed in double quotes at character 1)"),
+    (b'{"query": "apple"', 400, "body: not valid JSON (Expecting \',\' delimiter at character 17)"),
+    (b"\xff\xfe\x00garbage", 400, "body: not valid JSON (Expecting value at character 0)"),
+    (b"[" * 500 + b"]" * 500, 422, "body: must be a JSON object, got an array"),
+    (b"null", 422, "body: must be a JSON object, got null"),
+    (b'"apple"', 422, "body: must be a JSON object, got a string"),
+])
+def test_malformed_bodies_get_their_status_and_name_the_body(api, content, status, detail):
+    """Not JSON: 400 saying where it stops being JSON (was 422 "1: JSON decode error"); JSON of the
+    wrong shape: 422 naming the body."""
     r = api.post("/search", content=content, headers={"content-type": "application/json"})
-    assert 400 <= r.status_code < 500, r.text
+    assert r.status_code == status, r.text
+    assert r.json()["detail"] == detail
+    assert r.json()["errors"][0]["field"] == "body"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", None, "application/x-www-form-urlencoded", "application/xml"])
+@pytest.mark.parametrize("path", ["/search", "/score", "/encode"])
+def test_a_body_not_sent_as_json_is_415(api, path, content_type):
+    """JSON sent as text/plain (or with no Content-Type) got 422 "Input should be a valid dictionary"."""
+    headers = {"content-type": content_type} if content_type else {}
+    r = api.post(path, content=json.dumps({"query": "apple"}).encode(), headers=headers)
+    assert r.status_code == 415, r.text
+    shown = repr(content_type) if content_type else "none"
+    assert r.json()["detail"] == f"content-type: the body must be JSON sent with Content-Type: application/json (got {shown})"
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "application/vnd.api+json"])
+def test_every_json_content_type_is_accepted(api, content_type):
+    r = api.post("/search", content=b'{"query": "apple", "top_k": 1}', headers={"content-type": content_type})
+    assert r.status_code == 200, r.text
+
+
+def test_the_schema_documents_400_and_415_for_every_body(api):
+    for path, operations in api.get("/openapi.json").json()["paths"].items():
+        for method, operation in operations.items():
+            if "requestBody" in operation:
+                assert {"400", "415", "422"} <= set(operation["responses"]), (method, path)
+                assert "not valid JSON" in operation["responses"]["400"]["description"]
+                assert "application/json" in operation["responses"]["415"]["description"]
 
 
 def test_oversized_body_is_refused_from_its_header(artifact):
@@ -259,8 +297,8 @@ def test_an_empty_api_key_is_no_key(artifact, monkeypatch, value):
 
 def test_auth_on_every_route(artifact):
     with client(artifact, api_key=KEY) as c:
-        routes = [(r.path, sorted(r.methods)[0]) for r in c.app.routes
-                  if hasattr(r, "methods") and not r.path.startswith(("/docs", "/redoc", "/openapi"))]
+        routes = [(path, sorted(methods)[0]) for path, methods in app_routes(c.app).items()
+                  if methods and not path.startswith(("/docs", "/redoc", "/openapi"))]
         assert len(routes) >= 8
         bodies = {"/search": {"query": "apple"}, "/score": {"items": [{"question": "q", "positive": "p"}]},
                   "/encode": {"texts": ["a"]}}
@@ -309,7 +347,7 @@ def test_a_reload_answers_every_search_in_flight(artifact, tmp_path, monkeypatch
     import shutil
 
     shutil.copytree(artifact / "index", tmp_path / "index")
-    gate, encode = threading.Event(), app_module.Resources.encode_queries
+    gate, encode = threading.Event(), resources_module.Resources.encode_queries
 
     def slow(self, texts):
         if texts != ["warm-up query"]:
@@ -317,7 +355,7 @@ def test_a_reload_answers_every_search_in_flight(artifact, tmp_path, monkeypatch
             time.sleep(0.8)  # and every batch takes longer than the old 0.5 s retire grace
         return encode(self, texts)
 
-    monkeypatch.setattr(app_module.Resources, "encode_queries", slow)
+    monkeypatch.setattr(resources_module.Resources, "encode_queries", slow)
     app = create_app(Settings(index=tmp_path / "index", checkpoint=artifact / "ckpt", device="cpu",
                               batch_max_size=4, batch_max_wait_ms=20))
 
@@ -494,3 +532,117 @@ def test_real_uvicorn_process_with_reload_under_load(artifact, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- one table of limits
+
+
+def test_every_row_of_the_limits_table_is_published_with_its_setting(artifact):
+    """The schema's maxItems / maximum / maxLength come from the same rows that check requests."""
+    from dpr_service.api.limits import LIMITS
+
+    settings = Settings(index=None, **LIMITED)
+    with client(artifact, **LIMITED) as c:
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+    key = {"items": "maxItems", "maximum": "maximum", "characters": "maxLength"}
+    for limit in LIMITS:
+        text = json.dumps(schemas[limit.model.__name__]["properties"][limit.field])
+        assert f'"{key[limit.bound]}": {getattr(settings, limit.setting)}' in text, (limit, text)
+    # every string a passage, question or query can be has a maxLength (none left out of the table)
+    def strings(node):
+        if isinstance(node, dict):
+            if node.get("type") == "string" and "enum" not in node and "const" not in node:
+                yield node
+            for v in node.values():
+                yield from strings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+    for name in ("SearchRequest", "ScoreRequest", "ScoreItemIn", "PassageIn", "EncodeRequest"):
+        props = {k: v for k, v in schemas[name]["properties"].items() if k != "kind"}
+        assert all(s.get("maxLength") == 50 for s in strings(props)), name
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"items": [{"question": "q", "positive": {"title": "t", "text": "p" * 51}}]}, "items[0].positive.text"),
+    ({"items": [{"question": "q" * 51, "positive": "p"}]}, "items[0].question"),
+    ({"items": [{"question": "q", "positive": "p"}, {"question": "q", "positive": "p", "negatives": ["n", {"text": "n" * 51}]}]},
+     "items[1].negatives[1].text"),
+])
+def test_a_limit_names_the_field_as_the_client_wrote_it(artifact, body, field):
+    with client(artifact, **LIMITED) as c:
+        r = c.post("/score", json=body)
+    assert r.status_code == 422 and r.json()["detail"] == f"{field}: longer than 50 characters"
+    assert r.json()["errors"] == [{"field": field, "message": "longer than 50 characters"}]
+
+
+def test_validation_errors_name_list_items_like_limits_do(api):
+    r = api.post("/score", json={"items": [{"question": "q", "positive": "p"}, {"question": " ", "positive": "p"}]})
+    assert r.status_code == 422 and r.json()["detail"] == "items[1].question: Value error, must not be empty"
+
+
+# ----------------------------------------------------------------------------- dpr serve and a missing index
+
+
+def _serve(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(sys.executable).parent / "dpr"), "serve", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.parametrize("which", ["missing", "checkpoint", "not an index"])
+def test_serve_refuses_an_index_it_cannot_serve_with_exit_2(artifact, tmp_path, which):
+    """`dpr serve --index <typo>` logged one line and served 503 forever."""
+    path = {"missing": tmp_path / "typo", "checkpoint": artifact / "ckpt", "not an index": tmp_path}[which]
+    proc = _serve("--index", str(path), "--port", str(_free_port()))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpr serve: error: --index ") and "--wait-for-index" in lines[0]
+    assert {"missing": "no such index directory", "checkpoint": "is a checkpoint, not an index",
+            "not an index": "is not a dpr-service index"}[which] in lines[0]
+
+
+def test_serve_with_wait_for_index_starts_and_loads_the_index_once_it_appears(artifact, tmp_path):
+    """--wait-for-index (DPR_WAIT_FOR_INDEX=1): the server starts on a missing index, is not ready,
+    and serves the index once it appears, with nobody calling /admin/reload."""
+    import shutil
+
+    port = _free_port()
+    proc = _serve("--index", str(tmp_path / "later"), "--checkpoint", str(artifact / "ckpt"), "--wait-for-index",
+                  "--port", str(port), "--log-level", "warning", env={"DPR_DEVICE": "cpu", "OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                r = httpx.get(f"{base}/readyz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "the server never answered"
+                time.sleep(0.2)
+        assert r.status_code == 503 and "no such index directory" in r.json()["reason"]
+        shutil.copytree(artifact / "index", tmp_path / "later")
+        deadline = time.time() + 60
+        while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
+            assert time.time() < deadline and proc.poll() is None, "the index was never loaded"
+            time.sleep(0.5)
+        assert httpx.post(f"{base}/search", json={"query": "apple", "top_k": 1}, timeout=30).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_wait_for_index_loads_without_requests(artifact, tmp_path):
+    """In-process: the watcher alone (no request to trigger the reload check) loads a late index."""
+    import shutil
+
+    with TestClient(create_app(Settings(index=tmp_path / "later", checkpoint=artifact / "ckpt", device="cpu",
+                                        wait_for_index=True))) as c:
+        assert c.app.state.resources is None
+        shutil.copytree(artifact / "index", tmp_path / "later")
+        deadline = time.monotonic() + 30
+        while c.app.state.resources is None:
+            assert time.monotonic() < deadline, "the late index was never loaded"
+            time.sleep(0.2)
+        assert c.get("/readyz").status_code == 200

@@ -94,6 +94,60 @@ def test_page_is_package_data():
     assert PAGE.is_file() and any(fnmatch.fnmatch(rel, g) for g in globs), (rel, globs)
 
 
+def local_references(page: str) -> list[str]:
+    """Every src/href of a page's tags, after checking that none names another host."""
+    refs = re.findall(r"""(?i)\b(?:src|href)\s*=\s*["']([^"']+)["']""", page)
+    assert refs, "no assets referenced"
+    return refs
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_api_docs_reference_only_assets_this_server_serves(artifact, path):
+    """/docs and /redoc loaded Swagger UI and ReDoc from a CDN: blank offline."""
+    with TestClient(create_app(settings(artifact))) as c:
+        r = c.get(path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        page = r.text
+        assert re.findall(r"(?i)\b(?:https?:)?//[\w.-]+", page) == [], "a URL to another host"
+        assert "fonts.googleapis" not in page and "cdn" not in page.lower()
+        refs = local_references(page)
+        assert all(ref.startswith("/") and not ref.startswith("//") for ref in refs), refs
+        scripts = [ref for ref in refs if ref.endswith(".js")]
+        assert scripts, refs
+        for ref in refs:
+            asset = c.get(ref)
+            assert asset.status_code == 200 and len(asset.content) > 1000, ref
+        types = {ref.rsplit(".", 1)[1]: c.get(ref).headers["content-type"] for ref in refs}
+        assert types.get("js", "text/javascript").startswith("text/javascript")
+        assert types.get("css", "text/css").startswith("text/css")
+        assert '"/openapi.json"' in page or "'/openapi.json'" in page
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "img-src 'self' data:" in csp and "connect-src 'self'" in csp
+        assert "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+        assert c.get("/docs-assets/../pyproject.toml").status_code == 404
+        assert c.get("/docs-assets/core.py").status_code == 404
+
+
+def test_docs_assets_come_from_a_declared_and_pinned_package():
+    from dpr_service.api.routes.web import ASSET_DIR, ASSETS
+
+    assert all((ASSET_DIR / name).is_file() for name in ASSETS)
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("fastapi-offline") for d in deps), deps
+    from importlib.metadata import version
+
+    pins = (ROOT / "docker" / "constraints.txt").read_text().splitlines()
+    assert f"fastapi-offline=={version('fastapi-offline')}" in pins
+
+
+def test_docs_need_the_key_like_the_schema(artifact):
+    with TestClient(create_app(settings(artifact, api_key=KEY))) as c:
+        for path in ("/docs", "/redoc", "/docs-assets/swagger-ui-bundle.js", "/openapi.json"):
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"X-API-Key": KEY}).status_code == 200, path
+
+
 # ---- in a real browser
 
 
@@ -391,3 +445,27 @@ def test_api_key_missing_wrong_and_right(browser, keyed_server, tmp_path):
     assert browser.execute_script("return localStorage.length") == 0
     browser.refresh()
     wait_for(browser, lambda d: by_id(d, "status").text == "ready", what="ready after a reload")
+
+
+@pytest.mark.parametrize("path, rendered", [
+    ("/docs", "#swagger-ui .information-container .title"),
+    ("/redoc", "redoc h1"),
+])
+def test_api_docs_render_offline_from_local_assets(browser, server, tmp_path, path, rendered):
+    """Chromium loads the docs with every request outside this server refused: the page renders
+    the schema's title, and every resource it loaded came from this server."""
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["https://*"]})  # every CDN; this server is plain http
+    try:
+        browser.get(server.base + path)
+        wait_for(browser, lambda d: "dpr-service" in " ".join(e.text for e in d.find_elements("css selector", rendered)),
+                 what=f"{path} to render")
+        # every resource that got an answer came from this server (ReDoc's sidebar logo, its one
+        # reference to another host, is refused by the page's Content-Security-Policy, unanswered)
+        loaded = browser.execute_script(
+            "return performance.getEntriesByType('resource').filter(e => e.responseStatus > 0).map(e => e.name)")
+        assert loaded and all(u.startswith(server.base + "/") for u in loaded), loaded
+        assert any(u.endswith(".js") for u in loaded) and any(u.endswith("/openapi.json") for u in loaded), loaded
+        screenshot(browser, tmp_path, "docs" if path == "/docs" else "redoc")
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})

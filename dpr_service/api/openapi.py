@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from .schemas import document_limits
+from .limits import document_limits
 
 SECURITY_SCHEMES = {
     "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -19,6 +19,9 @@ SECURITY_SCHEMES = {
 
 
 def install_openapi(app: FastAPI, settings, open_routes: set[str]) -> None:
+    """Make ``app.openapi()`` publish FastAPI's schema with the ``DPR_MAX_*`` limits of ``settings``
+    (:func:`~dpr_service.api.limits.document_limits`) and, when a key is set, the key requirement of
+    every route outside ``open_routes``. Generated once, on first use."""
     generate = app.openapi  # FastAPI's generator; it caches its result in app.openapi_schema
 
     def openapi() -> dict:

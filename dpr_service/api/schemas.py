@@ -1,8 +1,11 @@
 """Request and response bodies (OpenAPI documented, with examples).
 
 Request models are strict (no coercion: ``"5"`` is not an integer, ``"yes"`` not a boolean) and
-forbid unknown fields, so the published schema says exactly what is accepted. The limits that come
-from the settings (``DPR_MAX_*``) are written into the published schema by :func:`document_limits`.
+forbid unknown fields, so the published schema says exactly what is accepted. The rules that do not
+depend on the settings (non-blank text, exactly one of ``query``/``queries``, string queries for
+``/encode``) are checked by validators here and written into the schema beside them
+(``NonBlank``, ``json_schema_extra``); the limits that come from the settings (``DPR_MAX_*``) are
+one table in :mod:`dpr_service.api.limits`, which checks them and writes them into the schema.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 # Python's whitespace (str.isspace, what str.strip removes), written out so that the JSON Schema
@@ -18,6 +21,10 @@ from pydantic.json_schema import SkipJsonSchema
 _SPACE = "".join(f"\\u{c:04x}" for c in range(0x3001) if chr(c).isspace())
 NON_BLANK = f"[^{_SPACE}]"
 _NON_BLANK = re.compile(NON_BLANK)
+
+# A string that must hold a non-space character: checked by ``_not_blank`` (in the validators below,
+# so that the error names the field, not a union branch), published as this pattern.
+NonBlank = Annotated[str, WithJsonSchema({"type": "string", "pattern": NON_BLANK})]
 
 
 def _valid_text(value: str) -> str:
@@ -58,18 +65,28 @@ Integer = Annotated[int, BeforeValidator(_integral)]
 
 
 class PassageIn(BaseModel):
+    """A passage with a title (``title`` may be empty; ``text`` must not be blank)."""
+
     model_config = STRICT
     title: str = Field("", description="at most DPR_MAX_TEXT_CHARS characters, like the text")
-    text: str
+    text: NonBlank
 
     _text = field_validator("text")(_not_blank)
     _title = field_validator("title")(_valid_text)
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{"queries": ["who built the Ember Light?"], "top_k": 5}]})
-    queries: list[str] | SkipJsonSchema[None] = Field(None, description="questions, one ranked list each")
-    query: str | SkipJsonSchema[None] = Field(None, description="a single question (instead of queries)")
+    """``POST /search``: one question (``query``) or several (``queries``), never both.
+
+    ``query`` is shorthand for ``queries: [query]``: after validation ``queries`` holds the texts
+    either way, and limits and errors speak of ``queries``."""
+
+    model_config = ConfigDict(**STRICT, json_schema_extra={
+        "examples": [{"queries": ["who built the Ember Light?"], "top_k": 5}],
+        "oneOf": [{"required": ["query"]}, {"required": ["queries"]}]})
+    queries: list[NonBlank] | SkipJsonSchema[None] = Field(None, description="questions, one ranked list each",
+                                                           json_schema_extra={"minItems": 1})
+    query: NonBlank | SkipJsonSchema[None] = Field(None, description="a single question (instead of queries)")
     top_k: Integer = Field(10, ge=1)
     with_text: bool = True
 
@@ -87,13 +104,23 @@ class SearchRequest(BaseModel):
 
     _query = field_validator("query")(lambda v: v if v is None else _not_blank(v))
 
-    def texts(self) -> list[str]:
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchRequest":
         if (self.queries is None) == (self.query is None):
             raise ValueError("give exactly one of 'query' and 'queries'")
-        return self.queries if self.queries is not None else [self.query]
+        if self.query is not None:
+            self.queries = [self.query]
+        return self
+
+    def texts(self) -> list[str]:
+        """The questions, in request order (one for ``query``)."""
+        return self.queries
 
 
 class Hit(BaseModel):
+    """A retrieved passage: its id and score (inner product, higher is better), with its title and
+    text when the request asked for them."""
+
     id: str
     score: float
     title: str | None = None
@@ -101,15 +128,19 @@ class Hit(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    """One ranked list of hits per question, in request order; ``took_ms`` in milliseconds."""
+
     results: list[list[Hit]]
     took_ms: float
 
 
 class ScoreItemIn(BaseModel):
+    """A question, its positive passage and its negatives (plain strings or passages with titles)."""
+
     model_config = STRICT
-    question: str
-    positive: str | PassageIn
-    negatives: list[str | PassageIn] = []
+    question: NonBlank
+    positive: NonBlank | PassageIn
+    negatives: list[NonBlank | PassageIn] = []
 
     _question = field_validator("question")(_not_blank)
 
@@ -122,6 +153,8 @@ class ScoreItemIn(BaseModel):
 
 
 class ScoreRequest(BaseModel):
+    """``POST /score``: items to score with the DPR loss, alone or as one in-batch training batch."""
+
     model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
         "items": [{"question": "when was Greywatch lit?", "positive": {"title": "Greywatch Light", "text": "Lit in 1712 ..."},
                    "negatives": ["The Ember Light flashes red ..."]}],
@@ -131,26 +164,43 @@ class ScoreRequest(BaseModel):
 
 
 class ScoreResult(BaseModel):
+    """The loss of one item (natural log), the softmax over its candidates and the positive's rank."""
+
     loss: float = Field(description="-log softmax of the positive among the item's candidates")
     probabilities: list[float] = Field(description="softmax of the positive, then of each negative, in order")
     rank: int = Field(description="rank of the positive among the candidates (1 = best)")
 
 
 class ScoreResponse(BaseModel):
+    """One result per item, in request order, their mean loss, and ``took_ms`` in milliseconds."""
+
     results: list[ScoreResult]
     mean_loss: float
     took_ms: float
 
 
 class EncodeRequest(BaseModel):
-    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{"texts": ["who built the Ember Light?"], "kind": "query"}]})
-    texts: list[str | PassageIn] = Field(..., min_length=1)
-    kind: Literal["query", "passage"] = "query"
+    """``POST /encode``: texts to embed as queries (strings) or as passages (strings or passages)."""
 
-    _texts = field_validator("texts")(_strings_not_blank)
+    model_config = ConfigDict(**STRICT, json_schema_extra={
+        "examples": [{"texts": ["who built the Ember Light?"], "kind": "query"}],
+        "anyOf": [{"properties": {"kind": {"const": "passage"}}, "required": ["kind"]},
+                  {"properties": {"kind": {"const": "query"}, "texts": {"items": {"type": "string"}}}}]})
+    kind: Literal["query", "passage"] = "query"
+    texts: list[NonBlank | PassageIn] = Field(..., min_length=1)
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, value: list, info: ValidationInfo) -> list:
+        _strings_not_blank(value)
+        if info.data.get("kind", "query") == "query" and not all(isinstance(t, str) for t in value):
+            raise ValueError("queries are strings (a passage with a title needs kind 'passage')")
+        return value
 
 
 class EncodeResponse(BaseModel):
+    """One embedding (``dim`` floats) per text, in request order, and the checkpoint's similarity."""
+
     embeddings: list[list[float]]
     dim: int
     similarity: str
@@ -160,17 +210,21 @@ class EncodeResponse(BaseModel):
 
 
 class ErrorField(BaseModel):
+    """One field at fault, written as a client writes it (``items[0].positive.title``), and what is wrong."""
+
     field: str
     message: str
 
 
 class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
     detail: str = Field(description="what is wrong, naming the field or the limit")
-    errors: list[ErrorField] = Field(None, description="validation errors (422 only): every field at fault")
+    errors: list[ErrorField] = Field(None, description="invalid requests (400 and 422): every field at fault")
 
 
 ERROR_RESPONSES = {
-    400: {"model": ErrorResponse, "description": "the body is not JSON the server can parse, or Content-Length is not a number"},
+    400: {"model": ErrorResponse, "description": "the body is not valid JSON (the detail says where), or Content-Length is not a number"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key (when DPR_API_KEY is set)"},
     413: {"model": ErrorResponse, "description": "request body over DPR_MAX_BODY_BYTES"},
     422: {"model": ErrorResponse, "description": "invalid request; the detail names the field"},
@@ -179,30 +233,6 @@ ERROR_RESPONSES = {
                                       "schema": {"type": "integer"}}}},
 }
 
-
-def document_limits(openapi: dict, settings) -> dict:
-    """Write the limits of ``settings`` (``DPR_MAX_*``) and the rules checked in code (non-blank
-    text, exactly one of ``query``/``queries``, string queries for ``/encode``) into the published
-    schema, so that it describes exactly the requests the app accepts."""
-    c = openapi["components"]["schemas"]
-    text = {"maxLength": settings.max_text_chars, "pattern": NON_BLANK}
-    c["PassageIn"]["properties"]["text"].update(text)
-    c["PassageIn"]["properties"]["title"]["maxLength"] = settings.max_text_chars  # titles: the same limit, may be empty
-    search = c["SearchRequest"]
-    search["properties"]["queries"].update(minItems=1, maxItems=settings.max_queries)
-    search["properties"]["queries"]["items"].update(text)
-    search["properties"]["query"].update(text)
-    search["properties"]["top_k"]["maximum"] = settings.max_top_k
-    search["oneOf"] = [{"required": ["query"]}, {"required": ["queries"]}]
-    c["ScoreRequest"]["properties"]["items"]["maxItems"] = settings.max_items
-    item = c["ScoreItemIn"]["properties"]
-    item["question"].update(text)
-    item["positive"]["anyOf"][0].update(text)
-    item["negatives"]["maxItems"] = settings.max_passages_per_item
-    item["negatives"]["items"]["anyOf"][0].update(text)
-    encode = c["EncodeRequest"]
-    encode["properties"]["texts"]["maxItems"] = settings.max_queries
-    encode["properties"]["texts"]["items"]["anyOf"][0].update(text)
-    encode["anyOf"] = [{"properties": {"kind": {"const": "passage"}}, "required": ["kind"]},
-                       {"properties": {"kind": {"const": "query"}, "texts": {"items": {"type": "string"}}}}]
-    return openapi
+BODY_RESPONSES = {  # the routes that take a JSON body
+    415: {"model": ErrorResponse, "description": "the body was not sent as JSON: Content-Type must be application/json"},
+}

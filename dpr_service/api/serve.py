@@ -1,4 +1,10 @@
-"""``dpr serve``: run the app under uvicorn. Flags become ``DPR_*`` settings for the workers."""
+"""``dpr serve``: run the app under uvicorn. Flags become ``DPR_*`` settings for the workers.
+
+The index is checked before uvicorn starts: a path that does not exist, a checkpoint given for an
+index, or a directory without a readable manifest is a one-line error and exit status 2, unless
+``--wait-for-index`` (``DPR_WAIT_FOR_INDEX=1``) says it may appear later (then the server starts,
+answers 503 on ``/readyz`` and checks every second until it loads).
+"""
 
 from __future__ import annotations
 
@@ -7,29 +13,49 @@ import os
 import sys
 
 
-def main(argv: list[str] | None = None, prog: str = "dpr serve") -> int:
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    """The command line of ``dpr serve`` (argparse exits 2 on a bad flag)."""
     parser = argparse.ArgumentParser(prog=prog, description="Serve retrieval and the DPR loss over REST (uvicorn).")
     parser.add_argument("--index", help="index artifact directory (or DPR_INDEX)")
     parser.add_argument("--checkpoint", help="checkpoint directory (default: the one named in the manifest; or DPR_CHECKPOINT)")
+    parser.add_argument("--wait-for-index", action="store_true",
+                        help="start even when the index is missing or unreadable, and load it once it is there "
+                             "(or DPR_WAIT_FOR_INDEX=1); without it such an index is an error (exit 2)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
     parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str = "dpr serve") -> int:
+    """Check the settings and the index, then serve until stopped. Returns 0, or 2 (with one line
+    on stderr) for a missing ``--index``, a bad ``DPR_*`` value or an index that cannot be served."""
+    args = parse_args(argv, prog)
     if args.index:
         os.environ["DPR_INDEX"] = args.index
     if args.checkpoint:
         os.environ["DPR_CHECKPOINT"] = args.checkpoint
+    if args.wait_for_index:
+        os.environ["DPR_WAIT_FOR_INDEX"] = "1"
     if not os.environ.get("DPR_INDEX"):
         print(f"{prog}: error: give --index or set DPR_INDEX", file=sys.stderr)
         return 2
     from .settings import get_settings
 
     try:
-        get_settings()
+        settings = get_settings()
     except Exception as e:  # pydantic ValidationError for a bad DPR_* value
         print(f"{prog}: error: bad DPR_* setting: {e}", file=sys.stderr)
         return 2
+    if not settings.wait_for_index:
+        from dpr_service.core.artifact import ArtifactError, read_manifest
+
+        try:
+            read_manifest(settings.index)
+        except ArtifactError as e:
+            print(f"{prog}: error: --index {e} (or pass --wait-for-index to wait for it)", file=sys.stderr)
+            return 2
     import uvicorn
 
     uvicorn.run("dpr_service.api.app:create_app", factory=True, host=args.host, port=args.port,

@@ -14,12 +14,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
+    """Every setting of the service; each field ``name`` is read from ``DPR_<NAME>``. Limits are
+    counts (queries, items, passages), characters or bytes, as named; times in ms or s as named.
+    Raises pydantic's ValidationError for a value of the wrong type or out of range."""
+
     model_config = SettingsConfigDict(env_prefix="DPR_", env_file=None, env_ignore_empty=True)
 
     index: Path | None = Field(None, description="index artifact directory (dpr index build's --output)")
     checkpoint: Path | None = Field(None, description="checkpoint; default: the one named in the index manifest")
     api_key: SecretStr | None = Field(None, description="when set (and not empty), every route but /healthz, /readyz and / needs it")
     device: str = "auto"
+    wait_for_index: bool = Field(False, description="an index missing (or unloadable) at start-up is waited for: "
+                                 "checked every second, 503 until it loads; without it `dpr serve` exits 2")
     # limits: requests over them get a 4xx naming the field
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_queries: int = Field(64, ge=1)
@@ -47,4 +53,5 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
+    """The settings from the environment, read once (tests pass their own to ``create_app``)."""
     return Settings()

@@ -162,11 +162,22 @@ def resolve_artifact(directory: Path | str) -> Path:
     return found
 
 
+CHECKPOINT_CONFIG = "dpr_config.json"  # checkpoint.CONFIG_FILE: what tells a checkpoint given for an index
+
+
 def read_manifest(directory: Path | str) -> Manifest:
+    """Read and check ``manifest.json`` of the artifact at ``directory`` (or of the previous
+    artifact, after an interrupted replacement: :func:`resolve_artifact`). The files it lists are
+    not checked here (:class:`PinnedDirectory` does that). Raises ArtifactError naming the path: no
+    such directory, a checkpoint rather than an index, no manifest, or a manifest that is not JSON,
+    of another format, or with a missing or bad field."""
     directory = resolve_artifact(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: no such index directory")
+    if not path.is_file() and (directory / CHECKPOINT_CONFIG).is_file():
+        raise ArtifactError(f"{directory}: is a checkpoint, not an index (build one with: dpr index build --checkpoint "
+                            f"{directory} --corpus ... --output ...)")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {directory} is not a dpr-service index")
     try:

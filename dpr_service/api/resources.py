@@ -1,0 +1,195 @@
+"""What requests are served with (checkpoint, index, device, query batcher) and its reloader.
+
+:func:`load_resources` loads and checks them (blocking); :class:`Reloader` swaps a new set in at
+start-up, on ``POST /admin/reload`` and by itself when the artifact at ``DPR_INDEX`` changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI
+
+from dpr_service.core.artifact import MANIFEST, ArtifactError, read_manifest
+from dpr_service.core.checkpoint import Loaded, load_checkpoint
+from dpr_service.core.device import Runtime, pick_runtime
+from dpr_service.core.fsio import readable_directory
+from dpr_service.core.inference import encode_texts
+from dpr_service.core.search import Searcher
+
+from .batching import QueryBatcher, Stopped
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("dpr_service.api")
+WARM_UP_QUERY = "warm-up query"
+ENCODE_ATTEMPTS = 3  # a search re-routed to new resources this often before it gives up (503)
+
+
+@dataclass
+class Resources:
+    """What a request needs, loaded together and swapped together on reload."""
+
+    loaded: Loaded
+    searcher: Searcher
+    runtime: Runtime
+    batcher: QueryBatcher | None
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Query embeddings, (len(texts), D) float32, encoded now (blocking: call it off the event loop)."""
+        return encode_texts(self.loaded.encoder, self.loaded.tokenizer, texts, "query", self.runtime).numpy()
+
+
+def load_resources(settings: Settings, metrics: Metrics) -> Resources:
+    """Load and verify checkpoint and index, then search once (blocking; run it in a thread).
+
+    The checkpoint is ``DPR_CHECKPOINT`` or the one the manifest names. Raises ArtifactError (no
+    index configured, a missing or damaged index, an index of another checkpoint), CheckpointError
+    (a missing or damaged checkpoint) or ValueError (a bad device setting)."""
+    if settings.index is None:
+        raise ArtifactError("no index configured: set DPR_INDEX or pass --index")
+    runtime = pick_runtime(settings.device, "auto")
+    manifest = read_manifest(settings.index)
+    checkpoint = settings.checkpoint or manifest.extra.get("checkpoint")
+    if not checkpoint:
+        raise ArtifactError(f"{settings.index}: the manifest names no checkpoint; set DPR_CHECKPOINT")
+    loaded = load_checkpoint(checkpoint, runtime.device)
+    searcher = Searcher(settings.index, loaded.fingerprint)
+    res = Resources(loaded, searcher, runtime, None)
+    res.searcher.search(res.encode_queries([WARM_UP_QUERY]), 1, with_text=True)  # warm-up: /readyz waits for this
+    metrics.index_size.set(searcher.count)
+    return res
+
+
+def start_batcher(res: Resources, settings: Settings, metrics: Metrics) -> None:
+    """Give ``res`` a running :class:`QueryBatcher` when ``DPR_BATCHING`` is on (call on the event loop)."""
+    if settings.batching:
+        res.batcher = QueryBatcher(res.encode_queries, settings.batch_max_size, settings.batch_max_wait_ms,
+                                   settings.queue_max, observe=metrics.batch.observe)
+        res.batcher.start()
+
+
+async def encode_for_search(app: FastAPI, res: Resources, texts: list[str]) -> tuple[Resources, np.ndarray]:
+    """Query embeddings (Q, D) for ``texts``, through the batcher when there is one, and the
+    resources that encoded them: when a reload retired ``res`` meanwhile, the texts are encoded by
+    (and must be searched on) the new resources. Raises Stopped after :data:`ENCODE_ATTEMPTS` reloads
+    in a row, Overloaded when the queue is full."""
+    metrics: Metrics = app.state.metrics
+    for _ in range(ENCODE_ATTEMPTS):
+        try:
+            if res.batcher is None:
+                return res, await asyncio.get_running_loop().run_in_executor(None, res.encode_queries, texts)
+            metrics.queue.set(res.batcher.depth)
+            return res, await res.batcher.submit(texts)
+        except Stopped:
+            fresh = app.state.resources
+            if fresh is None or fresh is res:
+                raise
+            res = fresh
+    raise Stopped("reloaded again and again")
+
+
+def artifact_stamp(index: Path | None) -> tuple | None:
+    """What identifies the artifact at ``index`` now (a cheap stat): a rebuild or ``dpr index add``
+    renames a new directory into place; a manifest rewritten in place changes its inode or mtime.
+    None when there is none to read."""
+    if index is None:
+        return None
+    directory = readable_directory(index)  # resolve_artifact's choice, without its log line
+    try:
+        d, m = os.stat(directory), os.stat(directory / MANIFEST)
+    except OSError:
+        return None
+    return str(directory), d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size
+
+
+class Reloader:
+    """Loads the artifact at ``DPR_INDEX`` and swaps it in: at start, on ``POST /admin/reload``, and
+    by itself when the artifact there changes (checked on requests, at most once a second).
+
+    The check is what keeps every worker of ``dpr serve --workers N`` on the new artifact:
+    ``/admin/reload`` reaches only the worker that got it; the others each notice the new artifact
+    at their next request. A load that fails keeps the previous resources serving and is not retried
+    until the artifact changes again. The batcher of the retired resources drains: everything
+    queued on it is answered, and requests that reach it after the swap go to the new resources.
+    """
+
+    check_every_s = 1.0
+
+    def __init__(self, app: FastAPI, settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.seen: tuple | None = None  # the stamp of the artifact last loaded, or last tried
+        self._lock = asyncio.Lock()
+        self._checked = float("-inf")
+        self._background: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # background reloads and retiring batchers, kept referenced
+
+    async def load(self) -> Resources:
+        """Load, verify and swap in the artifact; raises (and keeps the old one serving) when it
+        fails: ArtifactError, CheckpointError or ValueError as :func:`load_resources`."""
+        async with self._lock:
+            stamp = artifact_stamp(self.settings.index)  # before loading: a change during the load is seen next time
+            try:
+                res = await asyncio.get_running_loop().run_in_executor(None, load_resources, self.settings, self.metrics)
+            finally:
+                self.seen = stamp
+            start_batcher(res, self.settings, self.metrics)
+            old, self.app.state.resources = self.app.state.resources, res
+            self.app.state.load_error = None
+            if old is not None and old.batcher is not None:
+                self._spawn(old.batcher.stop())  # drains: what is queued on it is still answered
+            return res
+
+    def check(self) -> None:
+        """Start a reload in the background when the artifact changed (cheap; at most once a second)."""
+        now = time.monotonic()
+        if now - self._checked < self.check_every_s or self._lock.locked() or (self._background and not self._background.done()):
+            return
+        self._checked = now
+        stamp = artifact_stamp(self.settings.index)
+        if stamp is not None and stamp != self.seen:
+            self._background = self._spawn(self._reload_changed())
+
+    def watch_until_loaded(self) -> None:
+        """``DPR_WAIT_FOR_INDEX``: check every second, without waiting for requests, until an
+        artifact is serving (it may not exist yet when the server starts)."""
+
+        async def watch() -> None:
+            while self.app.state.resources is None:
+                self.check()
+                await asyncio.sleep(self.check_every_s)
+
+        self._watch = self._spawn(watch())
+
+    async def _reload_changed(self) -> None:
+        try:
+            res = await self.load()
+        except Exception as e:  # logged; the previous artifact (if any) keeps serving
+            log.error("the artifact at %s changed but does not load; still serving the previous one: %s", self.settings.index, e)
+            if self.app.state.resources is None:
+                self.app.state.load_error = str(e)
+        else:
+            log.info("the artifact at %s changed: now serving %d passages", self.settings.index, res.searcher.count)
+
+    async def close(self) -> None:
+        """At shutdown: no more reloads; every batcher drains."""
+        for task in (self._background, self._watch):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        res = self.app.state.resources
+        if res is not None and res.batcher is not None:
+            await res.batcher.stop()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
