@@ -355,7 +355,11 @@ def share_known_positives(examples: list[TrainExample]) -> None:
 
 
 def read_beir_corpus(path: Path) -> list[Passage]:
-    corpus, ids = [], set()
+    """A BEIR ``corpus.jsonl``: ``_id``, ``title``, ``text`` per line (one of title and text non-empty)."""
+    return _unique_passages(path, _beir_passages(path))
+
+
+def _beir_passages(path: Path) -> Iterator[tuple[int, Passage]]:
     for lineno, obj in iter_jsonl(path):
         if "_id" not in obj:
             raise DataError(path, lineno, "missing field '_id'")
@@ -364,10 +368,17 @@ def read_beir_corpus(path: Path) -> list[Passage]:
         title = field_text(obj, "title", path, lineno, f"passage {pid}", required=False)
         if not text.strip() and not title.strip():
             raise DataError(path, lineno, f"passage {pid}: both 'title' and 'text' are empty")
-        if pid in ids:
-            raise DataError(path, lineno, f"duplicate passage id {pid!r}")
-        ids.add(pid)
-        corpus.append(Passage(text=text, title=title, id=pid))
+        yield lineno, Passage(text=text, title=title, id=pid)
+
+
+def _unique_passages(path: Path, rows: Iterator[tuple[int, Passage]]) -> list[Passage]:
+    """The passages in file order; an id given twice, or no passage at all, is a DataError."""
+    corpus, ids = [], set()
+    for lineno, p in rows:
+        if p.id in ids:
+            raise DataError(path, lineno, f"duplicate passage id {p.id!r}")
+        ids.add(p.id)
+        corpus.append(p)
     if not corpus:
         raise DataError(path, None, "empty corpus")
     return corpus
@@ -600,7 +611,10 @@ def read_eval_data(path: Path | str, split: str = "dev") -> EvalData:
 
 def read_dpr_tsv(path: Path) -> list[Passage]:
     """DPR's passage file (``psgs_w100.tsv``): ``id <TAB> text <TAB> title`` with a header line."""
-    corpus, ids = [], set()
+    return _unique_passages(path, _dpr_tsv_passages(path))
+
+
+def _dpr_tsv_passages(path: Path) -> Iterator[tuple[int, Passage]]:
     # strictly decoded UTF-8 holds no lone surrogates: iter_lines is this format's Unicode check
     for lineno, row in iter_tsv(path):
         if lineno == 1 and row[0].strip().lower() == "id":
@@ -612,13 +626,7 @@ def read_dpr_tsv(path: Path) -> list[Passage]:
             raise DataError(path, lineno, "empty passage id")
         if not text.strip():
             raise DataError(path, lineno, f"passage {pid}: empty text")
-        if pid in ids:
-            raise DataError(path, lineno, f"duplicate passage id {pid!r}")
-        ids.add(pid)
-        corpus.append(Passage(text=text, title=title, id=pid))
-    if not corpus:
-        raise DataError(path, None, "empty corpus")
-    return corpus
+        yield lineno, Passage(text=text, title=title, id=pid)
 
 
 def read_corpus(path: Path | str) -> list[Passage]:
