@@ -23,7 +23,7 @@ import numpy as np
 
 
 class Overloaded(Exception):
-    pass
+    """The queue holds ``queue_max`` texts already: the request is answered 503 with Retry-After."""
 
 
 class Stopped(Exception):
@@ -35,6 +35,11 @@ _STOP = object()  # queued by stop(): everything queued before it is still answe
 
 
 class QueryBatcher:
+    """Encodes the texts of concurrent :meth:`submit` calls together: batches of at most
+    ``max_size`` texts, each started at most ``max_wait_ms`` after its first text arrived, at most
+    ``queue_max`` texts waiting. ``encode`` maps a list of N texts to an (N, D) array (it runs in a
+    worker thread); ``observe`` is called with each batch's size."""
+
     def __init__(self, encode: Callable[[list[str]], np.ndarray], max_size: int, max_wait_ms: float, queue_max: int,
                  observe: Callable[[int], None] | None = None):
         self.encode, self.max_size, self.max_wait = encode, max_size, max_wait_ms / 1000
@@ -47,11 +52,13 @@ class QueryBatcher:
         self._pending: set[asyncio.Future] = set()  # every future handed out and not resolved yet
 
     def start(self) -> None:
+        """Start the worker task (call on the event loop that will submit)."""
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._task.add_done_callback(self._worker_ended)
 
     @property
     def stopped(self) -> bool:
+        """Whether :meth:`stop` was called (submit raises Stopped from then on)."""
         return self._stopped
 
     async def stop(self, timeout: float | None = 60.0) -> None:

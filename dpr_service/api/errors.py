@@ -1,16 +1,13 @@
 """Every error a client can cause is a 4xx whose ``detail`` names the field (or header) at fault;
 the server's own troubles are 503 (retry) or a bare 500 (logged, never a traceback to the client).
 
-==========================================  ======  ==========================================
-what                                        status  detail
-==========================================  ======  ==========================================
-a body that is not JSON                     400     ``body: not valid JSON (... at character N)``
-a body that is not JSON by its Content-Type 415     ``content-type: ...`` (see deps.json_body)
-a field that fails its schema or a limit    422     ``items[0].negatives[1]: ...``
-the query queue is full, a reload retired   503     with Retry-After
-the encoder (or DPR_WAIT_FOR_INDEX)
-anything unexpected                         500     ``internal error`` (the traceback is logged)
-==========================================  ======  ==========================================
+- 400: a body that is not JSON: ``body: not valid JSON (<reason> at character N)``;
+  (the Guard middleware: a Content-Length that is not a number).
+- 415: a body not sent as JSON by its Content-Type: ``content-type: ...`` (``deps.json_body``).
+- 422: a field that fails its schema or a ``DPR_MAX_*`` limit: ``items[0].negatives[1]: ...``;
+  a body that is not a JSON object: ``body: must be a JSON object, got an array``.
+- 503 with Retry-After: not ready, the query queue is full, or a reload retired the encoder.
+- 500: anything unexpected: ``internal error`` (the traceback is logged, never sent).
 
 Field names are written as a client writes them: ``items[0].positive.title``.
 """

@@ -41,6 +41,8 @@ class ArtifactError(Exception):
 
 
 def create_passage_store(path: Path) -> sqlite3.Connection:
+    """A new, empty passage store at ``path`` (the ``passages`` table of the layout above); raises
+    sqlite3.OperationalError when the table exists already."""
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, title TEXT NOT NULL, text TEXT NOT NULL)")
     return db
@@ -76,6 +78,7 @@ class PassageStore:
             yield self._db
 
     def count(self) -> int:
+        """How many passages the store holds."""
         with self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
 
@@ -124,6 +127,11 @@ def prepare_output(path: Path | str, directory: bool) -> Path:
 
 @dataclass(frozen=True)
 class Manifest:
+    """``manifest.json``: the checkpoint's fingerprint (sha256 hex), the vector width ``dim``, the
+    similarity the vectors were made for, the passage ``count``, the FAISS factory string, the
+    creation time (ISO 8601), ``files`` (name -> sha256 hex) and any further fields (``extra``:
+    ``checkpoint``, ``search_params``, ...)."""
+
     checkpoint_fingerprint: str
     dim: int
     similarity: str
@@ -134,6 +142,7 @@ class Manifest:
     extra: dict
 
     def to_dict(self) -> dict:
+        """The JSON object written to ``manifest.json`` (and shown by ``GET /info``)."""
         return {
             "format": FORMAT, "checkpoint_fingerprint": self.checkpoint_fingerprint, "dim": self.dim,
             "similarity": self.similarity, "metric": "inner_product", "count": self.count,
@@ -142,6 +151,8 @@ class Manifest:
 
 
 def write_manifest(directory: Path, **fields) -> Manifest:
+    """Write ``manifest.json`` into ``directory`` with the sha256 of its index and passage files and
+    the :class:`Manifest` ``fields`` (``extra`` optional); returns it. Raises OSError for a missing file."""
     files = {name: sha256_file(directory / name) for name in (INDEX_FILE, PASSAGES_FILE)}
     extra = fields.pop("extra", {})
     manifest = Manifest(files=files, extra=extra, **fields)
@@ -190,6 +201,9 @@ SEARCH_PARAMS = ("nprobe", "efSearch")
 
 
 def parse_manifest(data: bytes, path: Path) -> Manifest:
+    """The manifest in ``data`` (the bytes of ``path``, named in errors). Raises ArtifactError: not
+    UTF-8 JSON, another format, a missing or mistyped field, bad ``search_params``, a file entry
+    that is not a plain name, or no checksum for the index or the passage store."""
     try:
         raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -254,6 +268,7 @@ class PinnedDirectory:
         self.close()
 
     def close(self) -> None:
+        """Close every descriptor opened (idempotent)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -262,6 +277,7 @@ class PinnedDirectory:
             self._dir_fd = None
 
     def inode(self) -> tuple[int, int]:
+        """(device, inode) of the directory opened: another one at the same path is another artifact."""
         st = os.fstat(self._dir_fd) if self._dir_fd is not None else os.stat(self.directory)
         return st.st_dev, st.st_ino
 
@@ -280,6 +296,7 @@ class PinnedDirectory:
         return self._fds[name]
 
     def read(self, name: str) -> bytes:
+        """The whole file ``name`` through this handle; raises ArtifactError when it is missing."""
         fd = self.open(name)
         chunks = []
         os.lseek(fd, 0, os.SEEK_SET)
@@ -300,6 +317,7 @@ class PinnedDirectory:
         return str(self.directory / name)  # no descriptor paths: fall back to the name
 
     def manifest(self) -> Manifest:
+        """This directory's manifest (:func:`parse_manifest`); raises ArtifactError naming the file."""
         path = self.directory / MANIFEST
         try:
             data = self.read(MANIFEST)

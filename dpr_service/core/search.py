@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Hit:
+    """One search result: passage id, score (inner product of the embeddings; higher is better),
+    row in the index, and the title and text when asked for."""
+
     id: str
     score: float
     row: int
@@ -95,6 +98,7 @@ class Searcher:
 
     @property
     def count(self) -> int:
+        """Passages in the index."""
         return self.manifest.count
 
     def search(self, q_emb: np.ndarray, k: int, with_text: bool = False) -> list[list[Hit]]:
@@ -115,6 +119,7 @@ class Searcher:
         ]
 
     def passages(self, ids: list[str]) -> dict[str, Passage]:
+        """id -> Passage for the ids in the index (ids it does not hold are absent)."""
         return {pid: Passage(text=text, title=title, id=pid) for pid, (_, title, text) in self.store.by_ids(ids).items()}
 
 
