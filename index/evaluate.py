@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
-
 from dpr_service.core.bm25 import BM25
 from dpr_service.core.checkpoint import load_checkpoint
 from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import Passage, read_judged
 from dpr_service.core.inference import encode_texts
-from dpr_service.core.metrics import Conventions, Hit, exact_scores, score_run, search_run
+from dpr_service.core.metrics import Conventions, score_run, search_run
 from dpr_service.core.search import Searcher
 
+from .hybrid import Retriever
+
 log = logging.getLogger("index")
+
 
 def evaluate_index(checkpoint: str, index_dir: str, queries_path: str, qrels_path: str | None = None,
                    split: str = "test", device: str = "auto", progress: bool = True,
@@ -39,25 +40,10 @@ def evaluate_index(checkpoint: str, index_dir: str, queries_path: str, qrels_pat
     qids = list(queries)
     q_emb = encode_texts(loaded.encoder, loaded.tokenizer, [queries[q] for q in qids], "query", runtime, 128, progress)
     q_emb = q_emb.numpy()  # (Q, D)
-
-    def search(rows: list[int], depth: int) -> list[list[Hit]]:
-        hits = searcher.search(q_emb[rows], depth)
-        return [_rescored(searcher, q_emb[r], hs) for r, hs in zip(rows, hits)]
-
-    run = search_run(qids, search, searcher.count, conventions, bool(answers))
+    dense = Retriever(searcher, None).dense  # scores recomputed from the index's vectors: copies tie exactly
+    run = search_run(qids, lambda rows, depth: dense(q_emb[rows], depth), searcher.count, conventions, bool(answers))
     texts_of = lambda ids: {pid: p.text for pid, p in searcher.passages(ids).items()}  # noqa: E731
     return score_run(run, qrels, answers, texts_of, conventions) | {"queries": len(qids), "passages": searcher.count}
-
-
-def _rescored(searcher: Searcher, q: np.ndarray, hits: list) -> list[Hit]:
-    """The hits with their scores recomputed by :func:`exact_scores` from the index's own vectors,
-    so that copies of a passage tie exactly, as in the trainer's evaluation. Indexes that cannot
-    give vectors back (IVF without a direct map) keep FAISS's scores."""
-    try:
-        vectors = searcher.index.reconstruct_batch(np.array([h.row for h in hits], dtype=np.int64))  # (M, D)
-    except RuntimeError:
-        return [(h.id, h.score) for h in hits]
-    return [(h.id, float(s)) for h, s in zip(hits, exact_scores(q, vectors))]
 
 
 def evaluate_bm25(corpus: list[Passage], queries_path: str, qrels_path: str | None = None, split: str = "test",
