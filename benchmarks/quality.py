@@ -13,6 +13,13 @@ A row is a name and the flags it adds to the default command (``model``, ``train
     default:seed=7     the same with --seed 7
     negatives=random   --negatives random   (any name=value pair becomes --name value)
     remine             --remine-every 1
+    holdout            the default command on 90% of the train questions (seeded); the other 10% tune
+                       the hybrid alpha (for data sets without a dev split, such as SciFact)
+
+Every row with an index is also scored in hybrid mode (``dpr eval --mode all``): RRF, and the convex
+fusion with alpha tuned on the data set's dev split (zero-shot: on train, which it never saw;
+holdout: on the held-out questions). Rows trained on all of train get no tuned alpha when the data
+set has no dev split (tuning on training questions would flatter the dense side).
 
 Each row's result is written to ``<out>/<data set>/<row>/result.json`` as soon as it is measured and
 skipped when it exists, so a killed run continues where it stopped. Training CPU time is the
@@ -71,14 +78,51 @@ def row_flags(row: str) -> list[str]:
     return [f"--{name}", value]
 
 
+def holdout_data(data: Path, out: Path, share: float = 0.1, seed: int = 0) -> Path:
+    """A BEIR directory beside the run: links to ``data``'s corpus, queries and test qrels, and its
+    train qrels split by query into ``train`` (90%) and ``holdout`` (10%, seeded)."""
+    import random
+
+    root = out / "data"
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        if not (root / name).exists():
+            (root / name).symlink_to((data / name).resolve())
+    header, *rows = (data / "qrels" / "train.tsv").read_text().splitlines()
+    qids = sorted({r.split("\t")[0] for r in rows})
+    held = set(random.Random(seed).sample(qids, max(1, int(share * len(qids)))))
+    for name, keep in (("train", lambda q: q not in held), ("holdout", lambda q: q in held)):
+        (root / "qrels" / f"{name}.tsv").write_text("\n".join([header] + [r for r in rows if keep(r.split("\t")[0])]) + "\n")
+    return root
+
+
+def hybrid(checkpoint: str, index: Path, data: Path, tune_split: str | None, log) -> dict:
+    """Dense, BM25 and hybrid on test: RRF, and convex with alpha tuned on ``tune_split``."""
+    base = DPR + ["eval", "--checkpoint", checkpoint, "--index", str(index), "--queries", str(data), "--split", "test", "--json"]
+    out = {"rrf": eval_json(json.dumps(json.loads(run(base + ["--mode", "hybrid", "--fusion", "rrf"], log)[0])["hybrid"]))}
+    if tune_split:
+        tuned = json.loads(run(base + ["--mode", "all", "--tune-split", tune_split], log)[0])
+        out["convex_tuned"] = eval_json(json.dumps(tuned["hybrid"]))
+        out["bm25"] = eval_json(json.dumps(tuned["bm25"]))
+        out["alpha"] = tuned["tuned"]["alpha"]
+        out["tune_split"] = tune_split
+    return out
+
+
 def measure(row: str, data: Path, model: str, out: Path, log) -> dict:
+    has_dev = (data / "qrels" / "dev.tsv").is_file()
+    tune_split = "dev" if has_dev else None
+    if row == "holdout":
+        data, tune_split = holdout_data(data, out), "holdout"
+    elif row == "zeroshot":
+        tune_split = "dev" if has_dev else "train"
     split = ["--queries", str(data), "--split", "test", "--json"]
     if row == "bm25":
         stdout, cpu = run(DPR + ["bm25", "--corpus", str(data)] + split, log)
         return {"metrics": eval_json(stdout), "eval_cpu_s": cpu}
     checkpoint, train_cpu, train_wall, flags = model, None, None, []
     if row != "zeroshot":
-        flags = row_flags(row)
+        flags = row_flags(row) if row != "holdout" else []
         resume = ["--resume"] if (out / "run" / "last" / "training_state").is_dir() else []
         t0 = time.perf_counter()
         _, train_cpu = run(DPR + ["train", "--model", model, "--train", str(data), "--output", str(out / "run"),
@@ -88,7 +132,8 @@ def measure(row: str, data: Path, model: str, out: Path, log) -> dict:
     if not (out / "index" / "manifest.json").exists():
         run(DPR + ["index", "build", "--checkpoint", checkpoint, "--corpus", str(data), "--output", str(out / "index")], log)
     stdout, _ = run(DPR + ["eval", "--checkpoint", checkpoint, "--index", str(out / "index")] + split, log)
-    result = {"metrics": eval_json(stdout), "flags": flags, "train_cpu_s": train_cpu, "train_wall_s": train_wall}
+    result = {"metrics": eval_json(stdout), "flags": flags, "train_cpu_s": train_cpu, "train_wall_s": train_wall,
+              "hybrid": hybrid(checkpoint, out / "index", data, tune_split, log)}
     plan = out / "run" / "train_config.yaml"
     if plan.exists():
         result["train_config"] = plan.read_text()
@@ -96,12 +141,16 @@ def measure(row: str, data: Path, model: str, out: Path, log) -> dict:
 
 
 def table(out: Path) -> str:
-    lines = ["| data set | row | " + " | ".join(MEASURES) + " | training CPU time |", "|---" * (len(MEASURES) + 3) + "|"]
+    lines = ["| data set | row | " + " | ".join(MEASURES) + " | hybrid RRF nDCG@10 | hybrid tuned nDCG@10 (alpha) | training CPU time |",
+             "|---" * (len(MEASURES) + 5) + "|"]
     for path in sorted(out.glob("*/*/result.json")):
         r = json.loads(path.read_text())
         cpu = f"{r['train_cpu_s'] / 60:.0f} min" if r.get("train_cpu_s") else "-"
+        h = r.get("hybrid", {})
+        rrf_ = f"{h['rrf']['ndcg@10']:.4f}" if "rrf" in h else "-"
+        tuned = f"{h['convex_tuned']['ndcg@10']:.4f} ({h['alpha']:.2f}, on {h['tune_split']})" if "convex_tuned" in h else "-"
         lines.append(f"| {path.parent.parent.name} | {path.parent.name} | "
-                     + " | ".join(f"{r['metrics'].get(m, float('nan')):.4f}" for m in MEASURES) + f" | {cpu} |")
+                     + " | ".join(f"{r['metrics'].get(m, float('nan')):.4f}" for m in MEASURES) + f" | {rrf_} | {tuned} | {cpu} |")
     return "\n".join(lines)
 
 
