@@ -277,3 +277,11 @@ def test_a_plain_model_directory_loads_as_an_untrained_checkpoint(tmp_path, tiny
     plain = load_checkpoint(tiny_model)
     assert (plain.config.pooling, plain.config.shared) == ("cls", False)
     assert plain.fingerprint != loaded.fingerprint
+
+
+def test_missing_hard_negatives_warning_says_what_happens(tmp_path, tiny_model, caplog):
+    data = write_plain(tmp_path / "train.jsonl", n=16, hard_negatives=1)
+    caplog.set_level("INFO", logger="trainer")
+    train(base_cfg(tmp_path, tiny_model, data, hard_negatives=2, max_steps=1))
+    assert "16 of 16 examples have fewer than 2 hard negatives of their own: each is topped up with its DPR " \
+           "negative_ctxs, then random passages of the pool" in caplog.text

@@ -113,7 +113,7 @@ def test_dev_evaluation_keeps_the_best(tmp_path, tiny_model):
 def test_beir_training_with_random_negative_fallback(tmp_path, tiny_model, caplog):
     root = write_beir(tmp_path / "beir", n=16)
     with caplog.at_level("WARNING"):
-        train(cfg(tmp_path, tiny_model, root, max_steps=2, hard_negatives=2, dev=str(root)))
+        train(cfg(tmp_path, tiny_model, root, max_steps=2, hard_negatives=2, dev=str(root), negatives="given"))
     fallback = [r for r in caplog.records if "fewer than 2 hard negatives" in r.getMessage()]
     assert len(fallback) == 1 and "16 of 16" in fallback[0].getMessage()
 

@@ -39,11 +39,6 @@ def pick_negatives(ex: TrainExample, h: int, rng: random.Random, corpus: list[Pa
     return chosen
 
 
-def count_short(examples: list[TrainExample], h: int) -> int:
-    """Questions with fewer than ``h`` hard negatives of their own."""
-    return sum(1 for ex in examples if len(ex.hard_negatives) < h)
-
-
 def group_by_question(examples: list[TrainExample]) -> list[list[int]]:
     """Indices of the examples of each question (same query text), in first-seen order: the unit of
     ``--pairs sample``, which trains on one positive of each question per epoch."""

@@ -130,11 +130,16 @@ def apply(data: TrainData, mined: dict[str, list[str]] | None) -> None:
 
 def prepare_round(method: str, round_: int, data: TrainData, output: Path, encoder: BiEncoder, tokenizer: TextTokenizer,
                   runtime: Runtime, depth: int, ratio: float, batch_size: int, progress: bool, is_main: bool,
-                  barrier) -> None:
+                  barrier, hard_negatives: int = 1) -> None:
     """Make round ``round_``'s negatives the examples' hard negatives: read them from the output
     directory when a previous (interrupted) run wrote them, else mine and write them (rank 0 only;
     the other ranks wait at ``barrier`` and read the file). ``given`` leaves the data as it is."""
     if method == "given":
+        short = sum(1 for ex in data.examples if len(ex.hard_negatives) < hard_negatives)
+        if short and is_main:
+            log.warning("%d of %d examples have fewer than %d hard negatives of their own: each is topped up with its "
+                        "DPR negative_ctxs, then random passages of the pool (--negatives model mines them instead)",
+                        short, len(data.examples), hard_negatives)
         return
     if method == "random":
         apply(data, None)
@@ -151,3 +156,8 @@ def prepare_round(method: str, round_: int, data: TrainData, output: Path, encod
     barrier()
     mined, stats = load_round(path)
     apply(data, mined)
+    short = sum(1 for ex in data.examples if len(ex.hard_negatives) < hard_negatives)
+    if short and is_main and round_ == 0:
+        log.info("%d of %d examples got fewer than %d mined negatives (none passed the false-negative rules in the "
+                 "top %d): random passages of the pool stand in for the missing ones", short, len(data.examples),
+                 hard_negatives, depth)

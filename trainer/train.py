@@ -273,7 +273,8 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
 
     def prepare_negatives(round_: int) -> None:
         negatives.prepare_round(method, round_, data, out, encoder, tokenizer, runtime, cfg.mine_depth, cfg.mine_ratio,
-                                cfg.eval_batch_size, cfg.progress, dist.is_main, lambda: distributed.barrier(dist))
+                                cfg.eval_batch_size, cfg.progress, dist.is_main, lambda: distributed.barrier(dist),
+                                cfg.hard_negatives)
 
     def run_eval() -> None:
         nonlocal best
