@@ -36,7 +36,7 @@ def _finite_float(text: str) -> float:
 
 
 def _size(text: str) -> str:
-    from .build import parse_size
+    from .factory import parse_size
 
     try:
         size = parse_size(text)

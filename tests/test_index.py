@@ -22,7 +22,10 @@ from dpr_service.core.device import pick_runtime
 from dpr_service.core.formats import DataError, read_corpus, read_eval_data
 from dpr_service.core.inference import encode_texts, exact_search
 from dpr_service.core.artifact import ArtifactError
-from index.build import GpuPlan, add, build, choose_factory, gpu_faiss_available, gpu_plan, make_index, parse_size
+import index.factory as factory_mod
+import index.workdir as workdir_mod
+from index.build import add, build
+from index.factory import GpuPlan, choose_factory, gpu_faiss_available, gpu_plan, make_index, parse_size
 from index.cli import _run, bm25_main, eval_main, index_main, mine_main
 from dpr_service.core.bm25 import BM25
 from dpr_service.core.formats import read_queries
@@ -339,7 +342,7 @@ def test_search_params_reach_inside_quantizers_and_pre_transforms(vectors, facto
     IndexPreTransform) built fine only through ParameterSpace; the values survive write/read."""
     xb, xq = vectors
     index = make_index(factory, 32, xb, use_gpu=False, progress=False)
-    assert build_mod.tune_search(index) == params
+    assert factory_mod.tune_search(index) == params
     again = faiss.deserialize_index(faiss.serialize_index(index))
     assert inner(again) == 128
     if "nprobe" in params:
@@ -441,7 +444,7 @@ def test_index_from_chunks_equals_index_from_one_array(vectors, factory):
     for a, b in zip(whole.search(xq, 10), parts.search(xq, 10)):
         np.testing.assert_array_equal(a, b)
     rows = np.sort(np.random.default_rng(1).choice(3000, 700, replace=False))  # a training sample, read across chunks
-    np.testing.assert_array_equal(build_mod._take_rows([xb[:1000], xb[1000:1001], xb[1001:]], rows), xb[rows])
+    np.testing.assert_array_equal(factory_mod._take_rows([xb[:1000], xb[1000:1001], xb[1001:]], rows), xb[rows])
 
 
 def test_manifest_names_the_checkpoint_by_absolute_path(tmp_path, checkpoint, beir, monkeypatch):
@@ -514,7 +517,7 @@ def test_concurrent_starts_agree_on_one_work_directory(tmp_path):
         def start(i):
             try:
                 barrier.wait()
-                build_mod._prepare_work(work, job)
+                workdir_mod.prepare_work(work, job)
                 (work / f"mine-{i}").write_text("x")  # each one's chunk
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
@@ -774,3 +777,19 @@ def test_build_progress_moves_per_encoder_batch_and_reports_the_whole_time(tmp_p
     assert updates == [8] * 5  # 40 passages in one chunk, five encoder batches
     reported = float(re.search(r"built .* in ([0-9.]+)s", caplog.text).group(1))
     assert reported >= 0.5 * wall - 0.05, (reported, wall)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF64,PQ8", "PCA16,IVF64,Flat"])
+def test_bytes_per_vector_comes_from_faiss_and_matches_a_filled_index(vectors, factory):
+    """--factory auto's memory estimate against what filling an index adds to its serialized size
+    (fixed costs, such as centroids and codebooks, measured before the vectors are added)."""
+    from index.factory import bytes_per_vector
+
+    xb, _ = vectors
+    index = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(xb)
+    empty = len(faiss.serialize_index(index))
+    index.add(xb)
+    measured = (len(faiss.serialize_index(index)) - empty) / len(xb)
+    estimate = bytes_per_vector(factory, 32)
+    assert estimate * 0.97 <= measured <= estimate * 1.03, (estimate, measured)
