@@ -793,3 +793,11 @@ def test_bytes_per_vector_comes_from_faiss_and_matches_a_filled_index(vectors, f
     measured = (len(faiss.serialize_index(index)) - empty) / len(xb)
     estimate = bytes_per_vector(factory, 32)
     assert estimate * 0.97 <= measured <= estimate * 1.03, (estimate, measured)
+
+
+def test_bm25_prints_no_debug_lines(beir, caplog):
+    """Issue 14.14: importing bm25s set its logger to DEBUG, so every `dpr bm25`/`dpr mine` printed
+    'DEBUG bm25s: Building index from IDs objects' under the CLI's INFO handler."""
+    with caplog.at_level(logging.DEBUG):
+        BM25(read_corpus(beir)).search(["the the the", "apple river"], 3)  # a query without a searchable word too
+    assert [r for r in caplog.records if r.name.startswith("bm25s")] == []
