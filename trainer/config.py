@@ -94,6 +94,9 @@ class TrainConfig:
         return EncoderConfig(**settings)
 
     def validate(self) -> "TrainConfig":
+        """Check every setting on its own (required ones present, numbers in range, names known);
+        returns self. Raises ConfigError naming the flag. Encoder settings left None are checked
+        once the starting model has filled them in (:func:`resolve_encoder`)."""
         for name in ("model", "train", "output"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required (on the command line or in the config file)")
@@ -139,6 +142,7 @@ class TrainConfig:
         return self
 
     def to_yaml(self) -> str:
+        """The settings as YAML (train_config.yaml), without the per-invocation ones (resume, stop_after)."""
         data = dataclasses.asdict(self)
         data.pop("resume")
         data.pop("auto_resume")

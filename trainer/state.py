@@ -17,6 +17,10 @@ STATE_DIR = "training_state"
 
 def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler, scaler,
                         progress: dict) -> None:
+    """Write ``directory/training_state/``: ``optimizer.safetensors`` (every per-parameter optimizer
+    tensor, keyed ``state.<param index>.<name>``, e.g. AdamW's ``exp_avg``) and ``state.json`` (the
+    optimizer's param groups, the scheduler's and scaler's state dicts, and ``progress``: step, best
+    metric, total steps, world size, skipped non-finite steps). Raises OSError when it cannot write."""
     d = Path(directory) / STATE_DIR
     d.mkdir(parents=True, exist_ok=True)
     opt = optimizer.state_dict()

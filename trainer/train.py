@@ -216,7 +216,92 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Run:
+    """Everything the loop reads and updates: set up by :func:`_train`, advanced by :func:`train_loop`."""
+
+    cfg: TrainConfig
+    dist: distributed.Dist
+    runtime: Runtime
+    data: TrainData
+    eval_data: EvalData | None
+    nll_data: TrainData | None
+    encoder: torch.nn.Module
+    tokenizer: object
+    models: object  # step.Models: the (DDP-wrapped) encoders
+    groups: list | None  # examples per question (--pairs sample), or None (every pair)
+    plan: Plan
+    method: str  # the negatives: given, random, bm25 or model
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    checkpointer: Checkpointer
+    step: int = 0
+    best: float | None = None
+    skipped: int = 0  # non-finite steps skipped (--on-nonfinite skip)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output)
+
+    def mining_round(self, epoch: int) -> int:
+        """Which negatives an epoch trains on: round 0 (the starting model's) unless --remine-every."""
+        return epoch // self.cfg.remine_every if self.cfg.remine_every else 0
+
+    def prepare_negatives(self, round_: int) -> None:
+        cfg = self.cfg
+        negatives.prepare_round(self.method, round_, self.data, self.out, self.encoder, self.tokenizer, self.runtime,
+                                cfg.mine_depth, cfg.mine_ratio, cfg.eval_batch_size, cfg.progress, self.dist.is_main,
+                                lambda: distributed.barrier(self.dist), cfg.hard_negatives)
+
+    def evaluate(self) -> None:
+        """Evaluate on --dev (rank 0), log the metrics and keep best/."""
+        if not self.dist.is_main:
+            return  # the other ranks wait for rank 0 in the next step's gather
+        cfg = self.cfg
+        metrics = evaluate(self.encoder, self.tokenizer, self.eval_data, self.nll_data, self.runtime, cfg.batch_size,
+                           cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress)
+        value = metrics[cfg.best_metric]  # checked against the dev data before training started
+        if self.best is None:
+            better = True
+        else:
+            better = value < self.best if cfg.best_metric in LOWER_IS_BETTER else value > self.best
+        improved = math.isfinite(value) and better
+        _append(self.out / "metrics.jsonl", {"step": self.step, "eval": metrics, "best": improved})
+        log.info("step %d eval: %s%s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                 " (best so far)" if improved else "")
+        if improved:
+            self.best = value
+            self.checkpointer.save_best(self.step, metrics)
+
+    def save_last(self) -> None:
+        self.checkpointer.save_last(self.optimizer, self.scheduler, self.scaler, {
+            "step": self.step, "best": self.best, "total_steps": self.plan.total_steps,
+            "world_size": self.dist.world_size, "skipped_nonfinite": self.skipped})
+
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """Clip, then step the optimiser unless the loss or gradient is not finite; returns the
+        gradient norm. A NaN/inf never reaches the weights (fp16's scaler skips inf gradients itself):
+        NonFiniteLoss (--on-nonfinite stop), or the step is skipped and counted (skip)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.cfg.max_grad_norm)
+        finite = bool(torch.isfinite(loss)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+        if finite:
+            self.scaler.step(self.optimizer)
+        elif self.cfg.on_nonfinite == "stop":
+            raise NonFiniteLoss(self.step + 1, loss.item(), float(grad_norm))
+        else:
+            self.skipped += 1
+            log.warning("step %d: non-finite loss or gradient (%s, %s); step skipped (%d so far)",
+                        self.step + 1, loss.item(), float(grad_norm), self.skipped)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(grad_norm)
+
+
 def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
+    """Set up (settings, data, model, plan, optimiser, position) and hand over to :func:`train_loop`."""
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {dist.world_size} processes")
     if not dist.is_main:
@@ -236,7 +321,6 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
         base_model = cfg.model
     encoder.to(runtime.device).train()
     encoder.length_buckets = cfg.length_buckets
-    models = prepare_models(encoder, dist, runtime.device)  # DDP wrappers under torchrun
     groups = group_by_question(data.examples) if cfg.pairs == "sample" else None
     plan = plan_run(cfg, len(groups) if groups is not None else len(data.examples))
     method = negatives.choose_method(cfg.negatives, data)
@@ -255,130 +339,92 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
 
     # ---- optimiser, schedule, position
     optimizer, scheduler = make_optimizer(cfg, encoder, plan.total_steps, runtime)
-    scaler = runtime.grad_scaler()
-    step, best, skipped = 0, None, 0
+    run = Run(cfg, dist, runtime, data, eval_data, nll_data, encoder, tokenizer,
+              prepare_models(encoder, dist, runtime.device), groups, plan, method, optimizer, scheduler,
+              runtime.grad_scaler(), Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main))
     if cfg.resume:
-        progress = load_training_state(last_dir, optimizer, scheduler, scaler)
-        step, best, skipped = progress["step"], progress.get("best"), progress.get("skipped_nonfinite", 0)
+        progress = load_training_state(last_dir, optimizer, scheduler, run.scaler)
+        run.step, run.best, run.skipped = progress["step"], progress.get("best"), progress.get("skipped_nonfinite", 0)
         if progress.get("world_size", 1) != dist.world_size:
             log.warning("resuming a run of %d processes with %d: the same global batches, but dropout "
                         "masks differ from the interrupted run's", progress.get("world_size", 1), dist.world_size)
         if dist.is_main:
-            _truncate_metrics(out / "metrics.jsonl", step)
-        log.info("resumed from %s at step %d of %d", last_dir, step, plan.total_steps)
-    checkpointer = Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main)
+            _truncate_metrics(out / "metrics.jsonl", run.step)
+        log.info("resumed from %s at step %d of %d", last_dir, run.step, plan.total_steps)
+    return train_loop(run)
 
-    def mining_round(epoch: int) -> int:
-        return epoch // cfg.remine_every if cfg.remine_every else 0
 
-    def prepare_negatives(round_: int) -> None:
-        negatives.prepare_round(method, round_, data, out, encoder, tokenizer, runtime, cfg.mine_depth, cfg.mine_ratio,
-                                cfg.eval_batch_size, cfg.progress, dist.is_main, lambda: distributed.barrier(dist),
-                                cfg.hard_negatives)
-
-    def run_eval() -> None:
-        nonlocal best
-        if not dist.is_main:
-            return  # the other ranks wait for rank 0 in the next step's gather
-        metrics = evaluate(encoder, tokenizer, eval_data, nll_data, runtime, cfg.batch_size,
-                           cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress)
-        value = metrics[cfg.best_metric]  # checked against the dev data before training started
-        improved = math.isfinite(value) and (best is None or (value < best if cfg.best_metric in LOWER_IS_BETTER else value > best))
-        _append(out / "metrics.jsonl", {"step": step, "eval": metrics, "best": improved})
-        log.info("step %d eval: %s%s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-                 " (best so far)" if improved else "")
-        if improved:
-            best = value
-            checkpointer.save_best(step, metrics)
-
-    def save_last() -> None:
-        checkpointer.save_last(optimizer, scheduler, scaler, {"step": step, "best": best, "total_steps": plan.total_steps,
-                                                               "world_size": dist.world_size, "skipped_nonfinite": skipped})
-
-    # ---- stop cleanly on SIGTERM / SIGINT: finish the step, save, exit
+def train_loop(run: Run) -> Path:
+    """The loop: batches of each epoch (new negatives at each mining round), forward and backward,
+    optimiser step, logs, evaluations, checkpoints; stops cleanly on SIGTERM/SIGINT (finish the step,
+    save last/, raise Interrupted) and after --stop-after steps. Returns the final checkpoint's path."""
+    cfg, dist, plan, out = run.cfg, run.dist, run.plan, run.out
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    current_round = mining_round(step // plan.steps_per_epoch)
-    prepare_negatives(current_round)
-    if eval_data is not None and cfg.eval_before and step == 0:
-        run_eval()
-
-    bar = tqdm(total=plan.total_steps, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
-    started_at, window_examples, window_start = step, 0, time.perf_counter()
+    current_round = run.mining_round(run.step // plan.steps_per_epoch)
+    run.prepare_negatives(current_round)
+    if run.eval_data is not None and cfg.eval_before and run.step == 0:
+        run.evaluate()
+    bar = tqdm(total=plan.total_steps, initial=run.step, desc="training", unit="step", disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
+    started_at, window_examples, window_start = run.step, 0, time.perf_counter()
     try:
-        while step < plan.total_steps:
-            epoch, first = divmod(step, plan.steps_per_epoch)
-            if mining_round(epoch) != current_round:  # ANCE: new negatives from the model being trained
-                if eval_data is not None and step % cfg.eval_every:
-                    run_eval()  # the model that mines this round (unless this step was just evaluated)
-                current_round = mining_round(epoch)
-                prepare_negatives(current_round)
-            batches = EpochBatches(data.examples, data.corpus, tokenizer, cfg.batch_size, cfg.hard_negatives,
-                                   cfg.seed, epoch, dist.rank, dist.world_size, groups=groups)
+        while run.step < plan.total_steps:
+            epoch, first = divmod(run.step, plan.steps_per_epoch)
+            if run.mining_round(epoch) != current_round:  # ANCE: new negatives from the model being trained
+                if run.eval_data is not None and run.step % cfg.eval_every:
+                    run.evaluate()  # the model that mines this round (unless this step was just evaluated)
+                current_round = run.mining_round(epoch)
+                run.prepare_negatives(current_round)
+            batches = EpochBatches(run.data.examples, run.data.corpus, run.tokenizer, cfg.batch_size, cfg.hard_negatives,
+                                   cfg.seed, epoch, dist.rank, dist.world_size, groups=run.groups)
             loader = DataLoader(
                 batches, batch_size=None, sampler=range(first, len(batches)), num_workers=cfg.num_workers,
-                pin_memory=runtime.device.type == "cuda", generator=torch.Generator(),  # leaves the global RNG alone
+                pin_memory=run.runtime.device.type == "cuda", generator=torch.Generator(),  # leaves the global RNG alone
                 persistent_workers=False,
             )
             for batch in loader:
                 # dropout's RNG from (seed, step, rank): a resumed run replays the same masks
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4099 + dist.rank)
+                torch.manual_seed((cfg.seed * 1_000_003 + run.step) * 4099 + dist.rank)
                 # forward and backward: B questions and B * (1 + H) passages (over all ranks), DPR
                 # loss over all pairs (the function the dev evaluation and the server's /score use)
-                loss = forward_backward(encoder, models, batch, runtime, dist, scaler, cfg.chunk_size)  # scalar
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
-                # a NaN/inf loss or gradient never reaches the weights (fp16's scaler skips inf gradients itself)
-                finite = bool(torch.isfinite(loss)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
-                if finite:
-                    scaler.step(optimizer)
-                elif cfg.on_nonfinite == "stop":
-                    raise NonFiniteLoss(step + 1, loss.item(), float(grad_norm))
-                else:
-                    skipped += 1
-                    log.warning("step %d: non-finite loss or gradient (%s, %s); step skipped (%d so far)",
-                                step + 1, loss.item(), float(grad_norm), skipped)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
+                loss = forward_backward(run.encoder, run.models, batch, run.runtime, dist, run.scaler, cfg.chunk_size)  # scalar
+                grad_norm = run.optimizer_step(loss)
+                run.step += 1
                 window_examples += batch.size * dist.world_size
                 bar.update(1)
 
-                if dist.is_main and (step % cfg.log_every == 0 or step == plan.total_steps):
+                if dist.is_main and (run.step % cfg.log_every == 0 or run.step == plan.total_steps):
                     elapsed = time.perf_counter() - window_start
-                    record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": float(grad_norm), "examples_per_s": window_examples / elapsed}
-                    if skipped:
-                        record["skipped_nonfinite"] = skipped
+                    record = {"step": run.step, "epoch": epoch, "loss": loss.item(), "lr": run.scheduler.get_last_lr()[0],
+                              "grad_norm": grad_norm, "examples_per_s": window_examples / elapsed}
+                    if run.skipped:
+                        record["skipped_nonfinite"] = run.skipped
                     _append(out / "metrics.jsonl", record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    ex_s=f"{record['examples_per_s']:.1f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.1f}")
                     window_examples, window_start = 0, time.perf_counter()
-                if eval_data is not None and (step % cfg.eval_every == 0 or step == plan.total_steps):
-                    run_eval()
-                signalled = distributed.any_rank(bool(stop_signal), dist, runtime.device)  # all ranks stop together
-                stopping = signalled or (cfg.stop_after is not None and step - started_at >= cfg.stop_after)
-                if step % cfg.save_every == 0 or step == plan.total_steps or stopping:
-                    save_last()
+                if run.eval_data is not None and (run.step % cfg.eval_every == 0 or run.step == plan.total_steps):
+                    run.evaluate()
+                signalled = distributed.any_rank(bool(stop_signal), dist, run.runtime.device)  # all ranks stop together
+                stopping = signalled or (cfg.stop_after is not None and run.step - started_at >= cfg.stop_after)
+                if run.step % cfg.save_every == 0 or run.step == plan.total_steps or stopping:
+                    run.save_last()
                 if signalled:
                     # every rank waits for rank 0's last/: torchrun kills the others as soon as one exits
                     distributed.barrier(dist)
-                    raise Interrupted(stop_signal[0] if stop_signal else signal.SIGTERM, step, dist.is_main)
+                    raise Interrupted(stop_signal[0] if stop_signal else signal.SIGTERM, run.step, dist.is_main)
                 if stopping:
-                    log.info("stopped after %d steps (--stop-after) at step %d; continue with --resume", cfg.stop_after, step)
+                    log.info("stopped after %d steps (--stop-after) at step %d; continue with --resume", cfg.stop_after, run.step)
                     distributed.barrier(dist)  # rank 0 has written last/
                     return out / "last"
-                if step >= plan.total_steps:
+                if run.step >= plan.total_steps:
                     break
     finally:
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     distributed.barrier(dist)  # rank 0 has evaluated and written last/
-    log.info("done: %d steps%s; checkpoint %s%s", step, f" ({skipped} skipped as non-finite)" if skipped else "",
-             out / "last", f", best {out / 'best'}" if eval_data else "")
+    log.info("done: %d steps%s; checkpoint %s%s", run.step, f" ({run.skipped} skipped as non-finite)" if run.skipped else "",
+             out / "last", f", best {out / 'best'}" if run.eval_data else "")
     return out / "last"
 
 
