@@ -285,3 +285,19 @@ def test_missing_hard_negatives_warning_says_what_happens(tmp_path, tiny_model, 
     train(base_cfg(tmp_path, tiny_model, data, hard_negatives=2, max_steps=1))
     assert "16 of 16 examples have fewer than 2 hard negatives of their own: each is topped up with its DPR " \
            "negative_ctxs, then random passages of the pool" in caplog.text
+
+
+def test_non_finite_embeddings_are_refused(tiny_model, monkeypatch):
+    from dpr_service.core.device import pick_runtime
+    from dpr_service.core.inference import NonFiniteEmbeddings, encode_texts
+
+    encoder, tokenizer = load_base_model(str(tiny_model), EncoderConfig(passage_max_length=64))
+    real = encoder.encode_passages
+
+    def overflowing(**inputs):
+        emb = real(**inputs)
+        return torch.where(torch.arange(emb.shape[0])[:, None] == 1, torch.tensor(float("inf")), emb)
+
+    monkeypatch.setattr(encoder, "encode_passages", overflowing)
+    with pytest.raises(NonFiniteEmbeddings, match="1 passage"):
+        encode_texts(encoder, tokenizer, [Passage("the comet story"), Passage("the river")], "passage", pick_runtime("cpu", "fp32"))

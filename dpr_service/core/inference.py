@@ -13,6 +13,10 @@ from .formats import Passage
 from .tokenize import TextTokenizer
 
 
+class NonFiniteEmbeddings(ValueError):
+    """An embedding came out NaN or infinite."""
+
+
 @torch.inference_mode()  # lighter than no_grad: embeddings here never take part in autograd
 def encode_texts(
     encoder: BiEncoder,
@@ -26,7 +30,9 @@ def encode_texts(
     """Embed queries (``kind="query"``, strings) or passages (``kind="passage"``, :class:`Passage`).
 
     Items are sorted by length so each batch pads little, encoded without dropout, and returned
-    as float32 (N, D) on the CPU in the input order.
+    as float32 (N, D) on the CPU in the input order. Raises NonFiniteEmbeddings (a ValueError) when
+    the model gives a NaN or infinite embedding (e.g. fp16 overflow): an index, a mined negative or
+    a served answer is never computed from one.
     """
     if kind not in ("query", "passage"):
         raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
@@ -48,7 +54,12 @@ def encode_texts(
         enc = {k: v.to(runtime.device, non_blocking=True) for k, v in enc.items()}
         with runtime.autocast():
             emb = encoder.encode_queries(**enc) if kind == "query" else encoder.encode_passages(**enc)
-        out[torch.tensor(idx)] = emb.float().cpu()
+        emb = emb.float().cpu()
+        if not bool(torch.isfinite(emb).all()):
+            bad = [i for i, row in zip(idx, torch.isfinite(emb).all(dim=1).tolist()) if not row]
+            raise NonFiniteEmbeddings(f"the model gave non-finite (NaN or inf) embeddings for {len(bad)} {kind}(s), "
+                                      f"the first at position {bad[0]} of the input")
+        out[torch.tensor(idx)] = emb
         bar.update(len(idx))
     bar.close()
     encoder.train(was_training)
