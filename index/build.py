@@ -15,7 +15,8 @@ only for the same corpus; an edited corpus starts over.
 The factory is checked against the corpus size before anything is encoded. The merge trains the
 index on a sample and adds the memory-mapped chunks a slice at a time, so it holds the index, the
 sample and one slice, never all n x D floats. The artifact is assembled in a temporary directory
-and renamed into place when complete.
+and renamed into place when complete; it holds a BM25 index of the same passages (``bm25/``, for
+hybrid search) unless ``--no-bm25``.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpr_service.core.artifact import (INDEX_FILE, PASSAGES_FILE, ArtifactError, create_passage_store, insert_passages,
-                                       prepare_output, write_manifest)
+from dpr_service.core.artifact import (BM25_DIR, INDEX_FILE, PASSAGES_FILE, ArtifactError, create_passage_store,
+                                       insert_passages, prepare_output, write_manifest)
+from dpr_service.core.bm25 import BM25
 from dpr_service.core.checkpoint import Loaded, atomic_directory, load_checkpoint, recover_directory
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.formats import Passage, read_corpus
+from dpr_service.core.hybrid import stored_passages
 from dpr_service.core.inference import encode_texts
 
 from .factory import check_factory, choose_factory, gpu_faiss_available, make_index, parse_size, tune_search
@@ -78,8 +81,9 @@ def _encode_chunks(loaded: Loaded, corpus: list[Passage], work: Path, chunks: li
 
 def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, factory: str = "auto",
           batch_size: int | None = 0, shard: tuple[int, int] | None = None, memory_budget: str = "8GB",
-          device: str = "auto", progress: bool = True, chunk: int | None = 0) -> Path | None:
-    """Encode (this shard of) the corpus and, when every shard is encoded, build the artifact.
+          device: str = "auto", progress: bool = True, chunk: int | None = 0, bm25: bool = True) -> Path | None:
+    """Encode (this shard of) the corpus and, when every shard is encoded, build the artifact (with
+    a BM25 index of the same passages unless ``bm25`` is False: ``--no-bm25``).
 
     ``chunk`` passages (default ``CHUNK``) go to each resumable embeddings file; shard i of n
     encodes the chunks c with c % n == i. ``batch_size`` 0 or None: 512 on a GPU, 64 on the CPU.
@@ -121,7 +125,7 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
         return None
     try:
         t0 = time.perf_counter()
-        _merge(loaded, corpus, work, n_chunks, output, factory, Path(checkpoint), runtime, progress)
+        _merge(loaded, corpus, work, n_chunks, output, factory, Path(checkpoint), runtime, progress, bm25)
         log.info("built %s (%s, %d passages) in %.1fs (FAISS and saving: %.1fs)", output, factory, n,
                  time.perf_counter() - started, time.perf_counter() - t0)
     except BaseException:
@@ -132,8 +136,9 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
 
 
 def _merge(loaded: Loaded, corpus: list[Passage], work: Path, n_chunks: int, output: Path, factory: str,
-           checkpoint: Path, runtime: Runtime, progress: bool) -> None:
-    """Build the FAISS index from every chunk of ``work`` and write the artifact at ``output``."""
+           checkpoint: Path, runtime: Runtime, progress: bool, bm25: bool = True) -> None:
+    """Build the FAISS index from every chunk of ``work`` and write the artifact at ``output`` (with
+    its BM25 index when ``bm25``)."""
     n, dim = len(corpus), loaded.encoder.dim
     # memory-mapped: the index is trained on a sample and filled a slice at a time, never from all n x D floats at once
     parts = [np.load(chunk_path(work, c), mmap_mode="r") for c in range(n_chunks)]  # (<=chunk, D) each
@@ -151,6 +156,8 @@ def _merge(loaded: Loaded, corpus: list[Passage], work: Path, n_chunks: int, out
                 insert_passages(db, 0, corpus)
         finally:
             db.close()
+        if bm25:
+            _write_bm25(corpus, tmp, progress)
         write_manifest(
             tmp, checkpoint_fingerprint=loaded.fingerprint, dim=dim, similarity=loaded.config.similarity,
             count=n, factory=factory, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -159,11 +166,20 @@ def _merge(loaded: Loaded, corpus: list[Passage], work: Path, n_chunks: int, out
         )
 
 
+def _write_bm25(corpus: list[Passage], artifact: Path, progress: bool) -> None:
+    """``bm25/`` of a new artifact: BM25 over ``corpus`` (the passage rows, in order), no pickle."""
+    t0 = time.perf_counter()
+    BM25(corpus, progress=progress).save(artifact / BM25_DIR)
+    log.info("BM25 index of %d passages written in %.1fs", len(corpus), time.perf_counter() - t0)
+
+
 def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path | None = None,
         output: str | Path | None = None, batch_size: int | None = 0, device: str = "auto", progress: bool = True) -> Path:
     """Add passages to an artifact, producing a new verified artifact (in place unless ``output``).
 
     Duplicate ids (already indexed, or repeated in the new file) are an error, never an overwrite.
+    An artifact with a BM25 index gets a new one over all its passages (BM25's statistics are
+    corpus-wide); one without stays without.
     """
     from dpr_service.core.search import Searcher
 
@@ -197,6 +213,8 @@ def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path |
         index = old.index
         index.add(np.ascontiguousarray(emb, dtype=np.float32))
         faiss.write_index(index, str(tmp / INDEX_FILE))
+        if old.manifest.has_bm25:
+            _write_bm25(stored_passages(old) + new, tmp, progress)
         m = old.manifest
         write_manifest(
             tmp, checkpoint_fingerprint=m.checkpoint_fingerprint, dim=m.dim, similarity=m.similarity, count=count,

@@ -96,6 +96,8 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     b.add_argument("--shard", type=_shard, help="encode only slice i of n (i/n); the last shard to finish builds the index "
                    "(under torchrun: RANK/WORLD_SIZE, one GPU per rank)")
     b.add_argument("--chunk", type=_positive_int, help="passages per resumable embeddings file (default 8192)")
+    b.add_argument("--no-bm25", dest="bm25", action="store_false",
+                   help="leave out the BM25 index of the same passages (then /search serves mode dense only; docs/index.md)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: the encoder's device, and FAISS's GPU for "
                    "Flat and IVF indexes when faiss-gpu is installed (default auto)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
@@ -122,7 +124,7 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
                 if device == "auto" and torch.cuda.is_available():
                     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             out = build(args.checkpoint, args.corpus, args.output, args.factory, args.batch_size, shard,
-                        args.memory_budget, device, args.progress, args.chunk)
+                        args.memory_budget, device, args.progress, args.chunk, args.bm25)
             print(f"index: {out}" if out else "shard encoded; the index is built when every shard is done")
         else:
             print(f"index: {add(args.index, args.corpus, args.checkpoint, args.output, args.batch_size, args.device, args.progress)}")
@@ -189,9 +191,13 @@ def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
     hybrid.add_argument("--alpha", type=float, help="weight of the dense side for --fusion convex, in [0, 1]")
     hybrid.add_argument("--tune-split", help="choose alpha (convex fusion) by nDCG@10 on this split of --queries "
                                              "(a dev split, or part of train held out from training)")
+    hybrid.add_argument("--store-alpha", action="store_true",
+                        help="with --tune-split: store the chosen alpha in the index as the fusion POST /search serves by default")
     args = parser.parse_args(argv)
     if args.qrels and (args.mode != "dense" or args.tune_split):
         parser.error("--qrels works with --mode dense only; use a BEIR directory's splits for hybrid evaluation")
+    if args.store_alpha and not args.tune_split:
+        parser.error("--store-alpha stores the alpha --tune-split chooses: give --tune-split")
 
     def go():
         from .evaluate import evaluate_index, format_metrics
@@ -205,12 +211,13 @@ def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
 
         modes = ("dense", "bm25", "hybrid") if args.mode == "all" else (args.mode,)
         result = evaluate_modes(args.checkpoint, args.index, args.queries, args.split, modes, args.fusion, args.alpha,
-                                args.tune_split, args.device, not args.json, _conventions(args))
+                                args.tune_split, args.device, not args.json, _conventions(args), args.store_alpha)
         if args.json:
             print(format_metrics(result, True))
             return
         if "tuned" in result:
-            print(f"alpha {result['tuned']['alpha']:.2f} (chosen on {result['tuned']['split']})")
+            print(f"alpha {result['tuned']['alpha']:.2f} (chosen on {result['tuned']['split']})"
+                  + (f"; stored in {result['tuned']['stored_in']} as the served default" if "stored_in" in result["tuned"] else ""))
         for mode in modes:
             print(f"== {mode}" + (f" ({result['fusion']['fusion']}, alpha {result['fusion']['alpha']})" if mode == "hybrid" else ""))
             print(format_metrics(result[mode], False))

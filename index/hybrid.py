@@ -1,95 +1,53 @@
 """``dpr eval --mode {dense,bm25,hybrid}``: an index's dense ranking, its BM25 ranking, or both fused.
 
-The BM25 side is the artifact's own BM25 index (``bm25/``, written by ``dpr index build``) or, for an
-artifact built without one, a BM25 index built here over the artifact's passage store: both rank the
-passages that were encoded, so the two sides always share their ids. Fusion is
-:mod:`dpr_service.core.fusion` (RRF with k = 60, or a convex combination of min-max normalised
-scores with weight ``alpha`` on the dense side). ``tune_split`` picks alpha on other judged queries
-(a dev split, or a part of train held out from training) by nDCG@10, as :func:`tune_alpha` does.
+The rankings are :class:`dpr_service.core.hybrid.Retriever`'s, the very code ``POST /search``
+runs: the BM25 side is the artifact's own BM25 index (``bm25/``, written by ``dpr index build``) or,
+for an artifact built with ``--no-bm25``, one built over the artifact's passage store
+(:func:`~dpr_service.core.hybrid.artifact_bm25`). Fusion is :mod:`dpr_service.core.fusion` (RRF
+with k = 60, or a convex combination of min-max normalised scores with weight ``alpha`` on the
+dense side). ``tune_split`` picks alpha on other judged queries (a dev split, or a part of train
+held out from training) by nDCG@10, as :func:`tune_alpha` does.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-import numpy as np
-
-from dpr_service.core.bm25 import BM25
+from dpr_service.core.artifact import store_served_fusion
 from dpr_service.core.checkpoint import load_checkpoint
 from dpr_service.core.device import pick_runtime
-from dpr_service.core.formats import Passage, read_judged
-from dpr_service.core.fusion import FUSIONS, MODES, fuse, tune_alpha
+from dpr_service.core.formats import read_judged
+from dpr_service.core.fusion import FUSIONS, MODES, tune_alpha
+from dpr_service.core.hybrid import FUSION_DEPTH, Retriever, artifact_bm25
 from dpr_service.core.inference import encode_texts
-from dpr_service.core.metrics import Conventions, Hit, exact_scores, retrieval_metrics, score_run, search_run, trec_order
+from dpr_service.core.metrics import Conventions, retrieval_metrics, score_run, search_run
 from dpr_service.core.search import Searcher
 
+__all__ = ["Retriever", "evaluate_modes"]  # Retriever: the core's, for index/evaluate.py
+
 log = logging.getLogger("index")
-
-BM25_DIR = "bm25"
-FUSION_DEPTH = 100  # each side contributes its top 100 (or the run depth, when larger)
-
-
-def artifact_bm25(searcher: Searcher) -> BM25:
-    """The artifact's BM25 index, or one built over its passage store (same ids, same texts)."""
-    path = searcher.directory / BM25_DIR
-    if path.is_dir():
-        return BM25.load(path)
-    log.info("%s has no BM25 index (built without it): building one over its %d passages", searcher.directory, searcher.count)
-    rows = searcher.store.by_rows(range(searcher.count))
-    return BM25([Passage(text=text, title=title, id=pid) for _, (pid, title, text) in sorted(rows.items())])
-
-
-@dataclass
-class Retriever:
-    """Dense, BM25 and hybrid rankings of one artifact for a checkpoint's query embeddings."""
-
-    searcher: Searcher
-    bm25: BM25 | None
-
-    def dense(self, q_emb: np.ndarray, k: int) -> list[list[Hit]]:
-        """(Q, D) -> per query, up to k (id, score) best first; scores recomputed exactly (float64)
-        from the index's vectors where the index can give them back, so copies tie exactly."""
-        out = []
-        for q, hits in zip(q_emb, self.searcher.search(q_emb, k)):
-            try:
-                vectors = self.searcher.index.reconstruct_batch(np.array([h.row for h in hits], dtype=np.int64))
-                out.append(trec_order([(h.id, float(s)) for h, s in zip(hits, exact_scores(q, vectors))]))
-            except RuntimeError:  # IVF without a direct map
-                out.append(trec_order([(h.id, h.score) for h in hits]))
-        return out
-
-    def sparse(self, texts: list[str], k: int) -> list[list[Hit]]:
-        """Per query, up to k BM25 (id, score), ranked by the same rule as the dense side."""
-        return [trec_order(hits) for hits in self.bm25.search(texts, k)]
-
-    def rank(self, mode: str, q_emb: np.ndarray, texts: list[str], k: int, fusion: str = "rrf",
-             alpha: float | None = None) -> list[list[Hit]]:
-        """Per query, the top ``k`` of ``mode`` (dense, bm25 or hybrid with ``fusion``)."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "dense":
-            return self.dense(q_emb, k)
-        if mode == "bm25":
-            return self.sparse(texts, k)
-        depth = max(k, FUSION_DEPTH)
-        return [fuse(d, b, fusion, alpha, top_k=k) for d, b in zip(self.dense(q_emb, depth), self.sparse(texts, depth))]
 
 
 def evaluate_modes(checkpoint: str, index_dir: str, queries_path: str, split: str = "test", modes=MODES,
                    fusion: str = "rrf", alpha: float | None = None, tune_split: str | None = None,
-                   device: str = "auto", progress: bool = True, conventions: Conventions = Conventions()) -> dict:
+                   device: str = "auto", progress: bool = True, conventions: Conventions = Conventions(),
+                   store_alpha: bool = False) -> dict:
     """The metrics of each of ``modes`` on ``split`` ({mode: metrics}). With ``tune_split``, alpha is
     first tuned on that split's queries (convex fusion; the choice and its table are returned under
-    ``"tuned"``). Raises DataError, CheckpointError, ArtifactError, ValueError (bad options)."""
+    ``"tuned"``) and, with ``store_alpha``, stored in the artifact as the fusion hybrid search serves
+    by default (:func:`~dpr_service.core.artifact.store_served_fusion`: a new artifact swapped in
+    atomically). Raises DataError, CheckpointError, ArtifactError, ValueError (bad options)."""
     if fusion not in FUSIONS:
         raise ValueError(f"--fusion must be one of {FUSIONS}, got {fusion!r}")
     if fusion == "convex" and alpha is None and tune_split is None:
         raise ValueError("--fusion convex needs --alpha, or --tune-split to choose it")
+    if store_alpha and tune_split is None:
+        raise ValueError("--store-alpha stores the alpha --tune-split chooses: give --tune-split")
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
-    searcher = Searcher(index_dir, loaded.fingerprint)
-    retriever = Retriever(searcher, artifact_bm25(searcher) if set(modes) - {"dense"} else None)
+    sparse_needed = bool(set(modes) - {"dense"}) or tune_split is not None
+    searcher = Searcher(index_dir, loaded.fingerprint, bm25=sparse_needed)
+    retriever = Retriever(searcher, artifact_bm25(searcher) if sparse_needed else None)
 
     def encoded(split_name: str):
         queries, answers, qrels = read_judged(queries_path, None, split_name)
@@ -115,4 +73,7 @@ def evaluate_modes(checkpoint: str, index_dir: str, queries_path: str, split: st
                          searcher.count, conventions, bool(answers))
         out[mode] = score_run(run, qrels, answers, texts_of, conventions)
     out["fusion"] = {"fusion": fusion, "alpha": alpha}
+    if store_alpha:  # last: the evaluation above ran on the artifact as it was
+        store_served_fusion(index_dir, "convex", alpha)
+        out["tuned"]["stored_in"] = str(index_dir)
     return out

@@ -108,3 +108,116 @@ def test_dpr_eval_hybrid_command(tmp_path, tiny_model, capsys):
     assert 0 <= result["tuned"]["alpha"] <= 1 and len(result["tuned"]["ndcg@10_by_alpha"]) == 21
     assert eval_main(args + ["--mode", "hybrid", "--fusion", "convex"]) == 2  # no alpha: one-line error
     assert "needs --alpha" in capsys.readouterr().err
+
+
+# ---- the artifact's BM25 index and its served fusion (dpr_service/core/hybrid.py, core/artifact.py)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_model):
+    """A BEIR set and two artifacts of it: with its BM25 index (the default) and built with --no-bm25."""
+    from conftest import write_beir
+
+    from index.build import build
+
+    root = tmp_path_factory.mktemp("hybrid")
+    beir = write_beir(root / "beir", n=24, splits=("train", "dev"))
+    build(str(tiny_model), str(beir), str(root / "with"), factory="Flat", progress=False)
+    build(str(tiny_model), str(beir), str(root / "without"), factory="Flat", progress=False, bm25=False)
+    return root
+
+
+def test_the_artifacts_bm25_or_one_over_the_store_rank_like_bm25_of_the_corpus(artifacts):
+    from dpr_service.core.formats import read_corpus
+    from dpr_service.core.hybrid import Retriever, artifact_bm25
+    from dpr_service.core.metrics import trec_order
+    from dpr_service.core.search import Searcher
+
+    corpus = read_corpus(artifacts / "beir")
+    queries = ["apple river", "comet walnut story", "zebra"]
+    expected = [trec_order(hits) for hits in BM25(corpus).search(queries, 10)]
+    with_bm25 = Searcher(artifacts / "with", bm25=True)
+    assert with_bm25.bm25 is not None and artifact_bm25(with_bm25) is with_bm25.bm25
+    without = Searcher(artifacts / "without", bm25=True)
+    assert without.bm25 is None and not without.manifest.has_bm25
+    for searcher in (with_bm25, without):
+        assert Retriever(searcher, artifact_bm25(searcher)).rank("bm25", None, queries, 10) == expected
+    with pytest.raises(ValueError, match="bm25=True"):  # an artifact's own BM25 is never rebuilt by mistake
+        artifact_bm25(Searcher(artifacts / "with"))
+
+
+def test_store_served_fusion_makes_a_new_verified_artifact(artifacts, tmp_path):
+    import json
+    import shutil
+
+    from dpr_service.core.artifact import ArtifactError, read_manifest, served_fusion, store_served_fusion
+    from dpr_service.core.search import Searcher
+
+    index = tmp_path / "idx"
+    shutil.copytree(artifacts / "with", index)
+    assert served_fusion(read_manifest(index)) == ("rrf", None)  # nothing stored: RRF
+    before = json.loads((index / "manifest.json").read_text())
+    inode = (index.stat().st_ino, (index / "manifest.json").stat().st_ino)
+    manifest = store_served_fusion(index, "convex", 0.3)
+    assert served_fusion(manifest) == ("convex", 0.3) == served_fusion(Searcher(index, bm25=True).manifest)
+    after = json.loads((index / "manifest.json").read_text())
+    assert after == {**before, "hybrid": {"fusion": "convex", "alpha": 0.3}}  # the same files and checksums
+    assert (index.stat().st_ino, (index / "manifest.json").stat().st_ino) != inode  # a new artifact, renamed into place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary or .old left
+    store_served_fusion(index, "rrf")
+    assert served_fusion(read_manifest(index)) == ("rrf", None)
+    for fusion, alpha in (("convex", None), ("convex", 1.5), ("rrf", 0.5), ("max", None)):
+        with pytest.raises(ValueError):
+            store_served_fusion(index, fusion, alpha)
+    assert served_fusion(read_manifest(index)) == ("rrf", None)
+    with pytest.raises(ArtifactError, match="no such index directory"):
+        store_served_fusion(tmp_path / "nowhere", "rrf")
+    # a damaged artifact is refused, not copied into a new one
+    (index / "bm25" / "ids.json").write_text("[]")
+    with pytest.raises(ArtifactError, match="bm25/ids.json: checksum does not match"):
+        store_served_fusion(index, "convex", 0.5)
+    assert served_fusion(read_manifest(index)) == ("rrf", None)
+
+
+@pytest.mark.parametrize("field, value, complaint", [
+    ("hybrid", {"fusion": "convex"}, "bad hybrid"),
+    ("hybrid", {"fusion": "convex", "alpha": 2}, "bad hybrid"),
+    ("hybrid", {"fusion": "rrf", "alpha": 0.5}, "bad hybrid"),
+    ("hybrid", "rrf", "bad hybrid"),
+    ("files", {"../index.faiss": "0" * 64}, "bad file entry"),
+    ("files", {"/etc/passwd": "0" * 64}, "bad file entry"),
+    ("files", {"bm25/./x": "0" * 64}, "bad file entry"),
+])
+def test_a_manifest_with_a_bad_served_fusion_or_file_entry_is_refused(artifacts, tmp_path, field, value, complaint):
+    import json
+    import shutil
+
+    from dpr_service.core.artifact import ArtifactError
+    from dpr_service.core.search import Searcher
+
+    index = tmp_path / "idx"
+    shutil.copytree(artifacts / "with", index)
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest[field] = {**manifest["files"], **value} if field == "files" else value
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=complaint):
+        Searcher(index)
+
+
+def test_dpr_eval_stores_the_tuned_alpha_in_the_index(artifacts, tmp_path, tiny_model, capsys):
+    import json
+    import shutil
+
+    from dpr_service.core.artifact import read_manifest, served_fusion
+    from index.cli import eval_main
+
+    index = tmp_path / "idx"
+    shutil.copytree(artifacts / "with", index)
+    args = ["--checkpoint", str(tiny_model), "--index", str(index), "--queries", str(artifacts / "beir"), "--split", "dev"]
+    with pytest.raises(SystemExit) as exited:
+        eval_main(args + ["--store-alpha"])
+    assert exited.value.code == 2 and "--store-alpha stores the alpha --tune-split chooses" in capsys.readouterr().err
+    assert eval_main(args + ["--mode", "hybrid", "--tune-split", "train", "--store-alpha", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert served_fusion(read_manifest(index)) == ("convex", result["tuned"]["alpha"])
+    assert result["tuned"]["stored_in"] == str(index)

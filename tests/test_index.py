@@ -4,6 +4,7 @@ evaluation, BM25 and mining."""
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -111,7 +112,12 @@ def test_artifact_search_equals_exact_search(tmp_path, checkpoint, beir):
     manifest = json.loads((out / "manifest.json").read_text())
     loaded = load_checkpoint(checkpoint)
     assert manifest["checkpoint_fingerprint"] == loaded.fingerprint and manifest["count"] == 40
-    assert manifest["dim"] == 32 and manifest["similarity"] == "cosine" and set(manifest["files"]) == {"index.faiss", "passages.sqlite"}
+    assert manifest["dim"] == 32 and manifest["similarity"] == "cosine"
+    assert {f for f in manifest["files"] if not f.startswith("bm25/")} == {"index.faiss", "passages.sqlite"}
+    # the BM25 index of the same passages, every file of it checksummed like the rest
+    assert {f for f in manifest["files"] if f.startswith("bm25/")} == {f"bm25/{p.name}" for p in (out / "bm25").iterdir()}
+    assert "bm25/ids.json" in manifest["files"] and json.loads((out / "bm25" / "ids.json").read_text()) == [
+        p.id for p in read_corpus(beir)]
     corpus = read_corpus(beir)
     p_emb = encode_texts(loaded.encoder, loaded.tokenizer, corpus, "passage", CPU)
     q_emb = encode_texts(loaded.encoder, loaded.tokenizer, ["what is the apple near the river", "comet"], "query", CPU)
@@ -138,6 +144,37 @@ def test_wrong_checkpoint_and_tampering_are_refused(tmp_path, checkpoint, beir):
     (out / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match=r"index.faiss: checksum does not match"):
         Searcher(out)
+
+
+@pytest.mark.parametrize("name", ["data.csc.index.npy", "vocab.index.json", "ids.json"])
+def test_a_changed_or_missing_bm25_file_is_refused_like_any_other(tmp_path, checkpoint, beir, name):
+    out = build(checkpoint, beir, tmp_path / "idx", factory="Flat", progress=False)
+    path = out / "bm25" / name
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[-2] ^= 0x01
+    path.write_bytes(bytes(data))
+    for bm25 in (False, True):  # refused on every load, not only when BM25 is asked for
+        with pytest.raises(ArtifactError, match=rf"bm25/{re.escape(name)}: checksum does not match"):
+            Searcher(out, bm25=bm25)
+    path.unlink()
+    with pytest.raises(ArtifactError, match=rf"bm25/{re.escape(name)}: missing from the index"):
+        Searcher(out)
+    path.write_bytes(original)
+    assert Searcher(out, bm25=True).bm25.ids == [p.id for p in read_corpus(beir)]
+
+
+def test_no_bm25_builds_a_dense_only_artifact_that_stays_so(tmp_path, checkpoint, beir):
+    out = tmp_path / "idx"
+    assert index_main(["build", "--checkpoint", str(checkpoint), "--corpus", str(beir), "--output", str(out),
+                       "--factory", "Flat", "--no-bm25", "--no-progress"]) == 0
+    assert not (out / "bm25").exists()
+    assert not any(f.startswith("bm25") for f in json.loads((out / "manifest.json").read_text())["files"])
+    assert Searcher(out, bm25=True).bm25 is None
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"_id": "x1", "title": "zebra", "text": "the zebra and the guitar"}) + "\n")
+    add(out, new, checkpoint=checkpoint)
+    assert not (out / "bm25").exists() and Searcher(out, bm25=True).bm25 is None
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="manifest.json: not valid JSON"):
         Searcher(out)
@@ -190,6 +227,12 @@ def test_add_passages_and_refuse_duplicates(tmp_path, checkpoint, beir):
     loaded = load_checkpoint(checkpoint)
     q = encode_texts(loaded.encoder, loaded.tokenizer, [read_corpus(new)[0]], "passage", CPU).numpy()
     assert searcher.search(q, 1)[0][0].id == "x1"  # its own vector is its nearest neighbour
+    # a new BM25 index over all 41 passages (BM25's statistics are corpus-wide): that of the whole corpus
+    bm25 = Searcher(out, bm25=True).bm25
+    whole = BM25(read_corpus(beir) + read_corpus(new))
+    queries = ["zebra guitar", "apple river", "comet"]
+    assert bm25.ids == whole.ids and bm25.search(queries, 10) == whole.search(queries, 10)
+    assert bm25.search(["zebra guitar"], 1)[0][0][0] == "x1"
     dup = tmp_path / "dup.jsonl"
     dup.write_text(json.dumps({"_id": "d3", "title": "", "text": "again"}) + "\n")
     with pytest.raises(ArtifactError, match="1 passage ids are already in the index \\(first: 'd3'\\)"):

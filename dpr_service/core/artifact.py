@@ -3,9 +3,16 @@
 Layout::
 
     manifest.json      format, checkpoint fingerprint, dim, similarity, count, factory, created,
-                       and the sha256 of every other file
+                       and the sha256 of every other file (``files``: relative path -> sha256)
     index.faiss        faiss.write_index of a CPU index; row r of the index is passage row r
     passages.sqlite    table passages(row INTEGER PRIMARY KEY, id TEXT UNIQUE, title, text)
+    bm25/              optional (``dpr index build --no-bm25`` leaves it out): a BM25 index of the same
+                       passages, as :meth:`dpr_service.core.bm25.BM25.save` writes it (bm25s's numpy
+                       arrays and JSON, no pickle, and ``ids.json``); each file is in ``files``
+
+The manifest may also carry ``hybrid``, the fusion ``POST /search`` uses by default in hybrid mode:
+``{"fusion": "rrf"}`` or ``{"fusion": "convex", "alpha": 0.3}`` (:func:`store_served_fusion`
+writes it; ``dpr eval --tune-split S --store-alpha``).
 
 The SQLite table is the row-to-passage-id map and the passage store at once, so the vectors and the
 texts cannot drift apart, and a server looks hits up by row without loading the corpus. Loading
@@ -19,18 +26,23 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .fsio import readable_directory, sha256_fd, sha256_file
+from .fsio import atomic_directory, readable_directory, sha256_fd, sha256_file
+from .fusion import FUSIONS
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dpr-index/1"
 MANIFEST, INDEX_FILE, PASSAGES_FILE = "manifest.json", "index.faiss", "passages.sqlite"
+BM25_DIR = "bm25"
+BM25_IDS = f"{BM25_DIR}/ids.json"  # what says that an artifact holds a BM25 index
+HYBRID = "hybrid"  # the manifest field of the served fusion
 
 
 class ArtifactError(Exception):
@@ -141,6 +153,11 @@ class Manifest:
     files: dict
     extra: dict
 
+    @property
+    def has_bm25(self) -> bool:
+        """Whether the artifact holds a BM25 index (``bm25/``, listed in ``files``)."""
+        return BM25_IDS in self.files
+
     def to_dict(self) -> dict:
         """The JSON object written to ``manifest.json`` (and shown by ``GET /info``)."""
         return {
@@ -151,9 +168,15 @@ class Manifest:
 
 
 def write_manifest(directory: Path, **fields) -> Manifest:
-    """Write ``manifest.json`` into ``directory`` with the sha256 of its index and passage files and
-    the :class:`Manifest` ``fields`` (``extra`` optional); returns it. Raises OSError for a missing file."""
-    files = {name: sha256_file(directory / name) for name in (INDEX_FILE, PASSAGES_FILE)}
+    """Write ``manifest.json`` into ``directory`` with the sha256 of every other file below it (its
+    index, passage store and ``bm25/`` files, by relative POSIX path) and the :class:`Manifest`
+    ``fields`` (``extra`` optional); returns it. Raises OSError for a missing index or passage store."""
+    names = sorted(p.relative_to(directory).as_posix() for p in Path(directory).rglob("*") if p.is_file())
+    names = [name for name in names if name != MANIFEST]
+    for name in (INDEX_FILE, PASSAGES_FILE):
+        if name not in names:
+            raise FileNotFoundError(f"{directory / name}: missing")
+    files = {name: sha256_file(directory / name) for name in names}
     extra = fields.pop("extra", {})
     manifest = Manifest(files=files, extra=extra, **fields)
     (directory / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
@@ -225,18 +248,58 @@ def parse_manifest(data: bytes, path: Path) -> Manifest:
     if not isinstance(params, dict) or any(k not in SEARCH_PARAMS or type(v) is not int or v < 1 for k, v in params.items()):
         raise ArtifactError(f"{path}: bad search_params {params!r} (expected positive integers for {', '.join(SEARCH_PARAMS)})")
     for name, expected in manifest.files.items():
-        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or not isinstance(expected, str):
+        if not _relative_name(name) or not isinstance(expected, str):
             raise ArtifactError(f"{path}: bad file entry {name!r}: {expected!r}")
     for name in (INDEX_FILE, PASSAGES_FILE):
         if name not in manifest.files:
             raise ArtifactError(f"{path}: no checksum for {name}")
+    if any(name.startswith(BM25_DIR + "/") for name in manifest.files) and not manifest.has_bm25:
+        raise ArtifactError(f"{path}: lists {BM25_DIR}/ files but not {BM25_IDS}")
+    if HYBRID in manifest.extra:
+        try:
+            served_fusion(manifest)
+        except ValueError as e:
+            raise ArtifactError(f"{path}: bad {HYBRID} {manifest.extra[HYBRID]!r} ({e})") from None
     return manifest
+
+
+def _relative_name(name) -> bool:
+    """A file entry: a relative POSIX path of plain names (``index.faiss``, ``bm25/ids.json``), never
+    absolute, never ``.`` or ``..``, no backslash."""
+    return (isinstance(name, str) and bool(name) and "\\" not in name
+            and all(part and part not in (".", "..") for part in name.split("/")))
+
+
+def served_fusion(manifest: Manifest) -> tuple[str, float | None]:
+    """The fusion hybrid search uses by default: the manifest's ``hybrid`` field (``(fusion, alpha)``,
+    alpha None for RRF), else ``("rrf", None)``. Raises ValueError for a malformed field."""
+    stored = manifest.extra.get(HYBRID)
+    if stored is None:
+        return "rrf", None
+    if not isinstance(stored, dict) or set(stored) - {"fusion", "alpha"}:
+        raise ValueError('expected {"fusion": "rrf"} or {"fusion": "convex", "alpha": A}')
+    fusion, alpha = stored.get("fusion"), stored.get("alpha")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if fusion == "rrf" and alpha is not None:
+        raise ValueError("alpha goes with the convex fusion only")
+    if fusion == "convex" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+        raise ValueError(f"the convex fusion needs alpha, a number in [0, 1], got {alpha!r}")
+    return fusion, None if alpha is None else float(alpha)
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every file the manifest names exists and has its checksum."""
     with PinnedDirectory(directory) as pinned:
         pinned.verify(manifest)
+
+
+def _descriptor_path(fd: int) -> str | None:
+    """``/proc/self/fd/N`` (Linux) or ``/dev/fd/N``: a path that opens what ``fd`` holds; None without either."""
+    for base in ("/proc/self/fd", "/dev/fd"):
+        if os.path.isdir(base):
+            return f"{base}/{fd}"
+    return None
 
 
 class PinnedDirectory:
@@ -290,7 +353,8 @@ class PinnedDirectory:
                 else:
                     self._fds[name] = os.open(name, os.O_RDONLY, dir_fd=self._dir_fd)
             except FileNotFoundError:
-                raise ArtifactError(f"{self.directory / name}: missing from the index") from None
+                listed = f" ({MANIFEST} lists it)" if name != MANIFEST else ""
+                raise ArtifactError(f"{self.directory / name}: missing from the index{listed}") from None
             except OSError as e:
                 raise ArtifactError(f"{self.directory / name}: cannot be opened ({e.strerror or e})") from None
         return self._fds[name]
@@ -310,11 +374,33 @@ class PinnedDirectory:
 
     def fd_path(self, name: str) -> str:
         """A path that opens the very file behind the descriptor (Linux /proc, else /dev/fd)."""
-        fd = self.open(name)
-        for base in ("/proc/self/fd", "/dev/fd"):
-            if os.path.isdir(base):
-                return f"{base}/{fd}"
-        return str(self.directory / name)  # no descriptor paths: fall back to the name
+        return _descriptor_path(self.open(name)) or str(self.directory / name)  # no descriptor paths: the name
+
+    def subdirectory_path(self, name: str) -> str:
+        """A path to the subdirectory ``name`` of the very directory opened (through a descriptor, so
+        a new artifact renamed into the same path meanwhile is not read); its files are opened by
+        name within it. Raises ArtifactError when it is missing."""
+        key = name + "/"  # never a file's key
+        if self._dir_fd is None:
+            return str(self.directory / name)
+        if key not in self._fds:
+            try:
+                self._fds[key] = os.open(name, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), dir_fd=self._dir_fd)
+            except OSError as e:
+                raise ArtifactError(f"{self.directory / name}: cannot be opened ({e.strerror or e})") from None
+        return _descriptor_path(self._fds[key]) or str(self.directory / name)
+
+    def link_or_copy(self, name: str, target: Path) -> None:
+        """Put the file ``name`` at ``target`` (its parent created): a hard link where the file system
+        allows one (artifact files are never changed in place), else a copy read through this handle."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if self._dir_fd is not None:
+                os.link(name, target, src_dir_fd=self._dir_fd, follow_symlinks=False)
+            else:
+                os.link(self.directory / name, target)
+        except OSError:
+            shutil.copyfile(self.fd_path(name), target)
 
     def manifest(self) -> Manifest:
         """This directory's manifest (:func:`parse_manifest`); raises ArtifactError naming the file."""
@@ -333,3 +419,31 @@ class PinnedDirectory:
             if self.sha256(name) != expected:
                 raise ArtifactError(f"{self.directory / name}: checksum does not match {MANIFEST} (the file, or the manifest, "
                                     "was changed or truncated)")
+
+
+# ----------------------------------------------------------------------------- the served fusion
+
+
+def store_served_fusion(directory: Path | str, fusion: str, alpha: float | None = None) -> Manifest:
+    """Make ``fusion`` (``"rrf"``, or ``"convex"`` with ``alpha`` in [0, 1], the weight of the dense
+    side) the default of hybrid search on the artifact at ``directory``: a new artifact with the same
+    files (hard links where the file system allows them, else copies) and a manifest whose ``hybrid``
+    field says so, verified against its checksums, then swapped in atomically
+    (:func:`~dpr_service.core.fsio.atomic_directory`; a server notices it as any new artifact).
+    Returns the new manifest. Raises ValueError for a bad fusion or alpha, ArtifactError for an
+    artifact that is missing or fails its checks (then nothing is changed)."""
+    directory = Path(directory)
+    stored = {"fusion": fusion} if alpha is None else {"fusion": fusion, "alpha": alpha}
+    manifest = read_manifest(directory)  # a missing or foreign directory fails here, before anything is written
+    new = replace(manifest, extra={**manifest.extra, HYBRID: stored})
+    served_fusion(new)  # ValueError for a bad fusion or alpha
+    with atomic_directory(directory) as tmp:
+        with PinnedDirectory(resolve_artifact(directory)) as pinned:
+            if pinned.manifest() != manifest:
+                raise ArtifactError(f"{directory}: replaced while the served fusion was being set; try again")
+            for name in manifest.files:
+                pinned.link_or_copy(name, tmp / name)
+        (tmp / MANIFEST).write_text(json.dumps(new.to_dict(), indent=2) + "\n")
+        verify_files(tmp, read_manifest(tmp))
+    log.info("%s: hybrid search now uses %s by default", directory, ", ".join(f"{k} {v}" for k, v in stored.items()))
+    return new

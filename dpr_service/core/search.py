@@ -13,8 +13,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .artifact import (BM25_DIR, INDEX_FILE, MANIFEST, PASSAGES_FILE, ArtifactError, Manifest, PassageStore, PinnedDirectory,
+                       resolve_artifact)
+from .bm25 import BM25
 from .formats import Passage
-from .artifact import INDEX_FILE, MANIFEST, PASSAGES_FILE, ArtifactError, Manifest, PassageStore, PinnedDirectory, resolve_artifact
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,18 @@ class Searcher:
     The directory is opened once and every file is read through that handle: the manifest, the
     checksums of the files, then FAISS and SQLite on those same (verified) files. When a new artifact
     is renamed into the path meanwhile (and the old one removed), loading starts again on the new one.
+
+    With ``bm25=True`` the artifact's BM25 index (``bm25/``, verified with the rest) is loaded too, as
+    ``self.bm25``; it stays None without it, or for an artifact built with ``--no-bm25``
+    (:func:`dpr_service.core.hybrid.artifact_bm25` builds one over the passage store then).
     """
 
-    def __init__(self, directory: str | Path, checkpoint_fingerprint: str | None = None):
+    def __init__(self, directory: str | Path, checkpoint_fingerprint: str | None = None, bm25: bool = False):
         requested = Path(directory)
         for attempt in range(3):
             self.directory = resolve_artifact(requested)
             try:
-                self._load(checkpoint_fingerprint)
+                self._load(checkpoint_fingerprint, bm25)
                 break
             except ArtifactError:
                 if attempt == 2 or not _replaced(requested, self.directory, self._pinned_inode):
@@ -52,8 +58,8 @@ class Searcher:
                 log.info("%s was replaced while loading; loading the new artifact", requested)
         self.set_search_params(**self.manifest.extra.get("search_params", {}))
 
-    def _load(self, checkpoint_fingerprint: str | None) -> None:
-        self._pinned_inode = None
+    def _load(self, checkpoint_fingerprint: str | None, bm25: bool) -> None:
+        self._pinned_inode, self.bm25 = None, None
         with PinnedDirectory(self.directory) as pinned:
             self._pinned_inode = pinned.inode()
             self.manifest: Manifest = pinned.manifest()
@@ -79,6 +85,8 @@ class Searcher:
                 stored = self.store.count()  # SQLite has its own descriptor from here on
             except Exception as e:  # sqlite3.DatabaseError for a damaged file
                 raise ArtifactError(f"{self.directory / PASSAGES_FILE}: not a readable passage store ({e})") from None
+            if bm25 and self.manifest.has_bm25:
+                self.bm25 = _load_bm25(pinned, self.directory, self.manifest.count)
         if stored != self.manifest.count:
             raise ArtifactError(f"{self.directory / PASSAGES_FILE}: {stored} passages, the manifest says {self.manifest.count}")
 
@@ -121,6 +129,17 @@ class Searcher:
     def passages(self, ids: list[str]) -> dict[str, Passage]:
         """id -> Passage for the ids in the index (ids it does not hold are absent)."""
         return {pid: Passage(text=text, title=title, id=pid) for pid, (_, title, text) in self.store.by_ids(ids).items()}
+
+
+def _load_bm25(pinned: PinnedDirectory, directory: Path, count: int) -> BM25:
+    """The verified ``bm25/`` of ``pinned`` (memory-mapped, read through the pinned directory)."""
+    try:
+        bm25 = BM25.load(pinned.subdirectory_path(BM25_DIR))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{directory / BM25_DIR}: not a readable BM25 index ({e})") from None
+    if len(bm25.ids) != count:
+        raise ArtifactError(f"{directory / BM25_DIR}: {len(bm25.ids)} passages, the manifest says {count}")
+    return bm25
 
 
 def _replaced(requested: Path, loaded: Path, inode: tuple[int, int] | None) -> bool:
