@@ -31,6 +31,10 @@ from dpr_service.core.formats import Passage, read_corpus, read_train_data
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.loss import candidate_log_probs
 from index.build import add, build
+from dpr_service.core.artifact import store_served_fusion
+from dpr_service.core.bm25 import BM25
+from dpr_service.core.hybrid import Retriever, artifact_bm25
+from dpr_service.core.metrics import trec_order
 from dpr_service.core.search import Searcher
 from trainer.evaluate import dev_nll
 
@@ -76,6 +80,114 @@ def test_search_equals_the_searcher(api, artifact):
     single = api.post("/search", json={"query": queries[1], "top_k": 5, "with_text": False}).json()
     assert single["results"][0] == [{"id": h["id"], "score": pytest.approx(h["score"], abs=1e-4), "title": None, "text": None}
                                     for h in body["results"][1]]
+
+
+# ----------------------------------------------------------------------------- modes: dense, bm25, hybrid
+
+QUERIES = ["what is the apple near the river", "comet walnut", "zebra guitar story"]
+
+
+def core_ranking(artifact, index: Path, mode: str, k: int, fusion: str = "rrf", alpha: float | None = None) -> list:
+    """The core's Retriever on ``index`` (what dpr eval --mode runs): per query [(id, score)]."""
+    loaded = load_checkpoint(artifact / "ckpt")
+    searcher = Searcher(index, loaded.fingerprint, bm25=True)
+    q_emb = encode_texts(loaded.encoder, loaded.tokenizer, QUERIES, "query", CPU).numpy()  # (Q, D)
+    return Retriever(searcher, artifact_bm25(searcher)).rank(mode, q_emb, QUERIES, k, fusion, alpha)
+
+
+def assert_same_ranking(results: list, expected: list) -> None:
+    assert [[h["id"] for h in hs] for hs in results] == [[pid for pid, _ in hs] for hs in expected]
+    for got, exp in zip(results, expected):
+        assert [h["score"] for h in got] == pytest.approx([score for _, score in exp], abs=1e-6)
+
+
+@pytest.mark.parametrize("request_fusion, fusion, alpha", [
+    ({}, "rrf", None),  # nothing stored in the index: RRF
+    ({"fusion": "rrf"}, "rrf", None),
+    ({"fusion": "convex", "alpha": 0.3}, "convex", 0.3),
+    ({"alpha": 0.8}, "convex", 0.8),  # alpha alone: the convex fusion
+    ({"alpha": 0}, "convex", 0.0),
+    ({"alpha": 1}, "convex", 1.0),
+])
+def test_hybrid_search_equals_the_retriever_of_dpr_eval(api, artifact, request_fusion, fusion, alpha):
+    r = api.post("/search", json={"queries": QUERIES, "top_k": 7, "mode": "hybrid", **request_fusion})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert_same_ranking(results, core_ranking(artifact, artifact / "index", "hybrid", 7, fusion, alpha))
+    corpus = {p.id: p for p in read_corpus(artifact / "beir")}
+    assert all(h["text"] == corpus[h["id"]].text and h["title"] == corpus[h["id"]].title for hs in results for h in hs)
+
+
+def test_bm25_search_equals_bm25_of_the_corpus(api, artifact):
+    r = api.post("/search", json={"queries": QUERIES, "top_k": 10, "mode": "bm25", "with_text": False})
+    assert r.status_code == 200, r.text
+    expected = BM25(read_corpus(artifact / "beir")).search(QUERIES, 10)
+    for got, exp in zip(r.json()["results"], expected):
+        assert [h["id"] for h in got] == [pid for pid, _ in trec_order(exp)]  # equal scores: by id, as every mode
+        assert [h["score"] for h in got] == pytest.approx([score for _, score in exp], rel=1e-6)
+        assert all(h["text"] is None and h["title"] is None for h in got)
+    assert r.json()["results"][2][0]["id"] == core_ranking(artifact, artifact / "index", "bm25", 1)[2][0][0]
+
+
+@pytest.fixture(scope="module")
+def dense_only(artifact):
+    """The same checkpoint and corpus, built with --no-bm25."""
+    return build(artifact / "ckpt", artifact / "beir", artifact / "index-dense-only", factory="Flat", progress=False, bm25=False)
+
+
+def test_an_index_built_without_bm25_serves_dense_and_answers_409_for_bm25_and_hybrid(artifact, dense_only):
+    settings = Settings(index=dense_only, device="cpu", batch_max_wait_ms=1)
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/info").json()["search"] == {"modes": ["dense"], "hybrid": {"fusion": "rrf", "alpha": None}}
+        assert len(c.post("/search", json={"query": "apple river", "top_k": 3}).json()["results"][0]) == 3
+        for mode in ("bm25", "hybrid"):
+            r = c.post("/search", json={"query": "apple river", "mode": mode})
+            assert r.status_code == 409, r.text
+            assert r.json()["errors"][0]["field"] == "mode"
+            assert r.json()["detail"].startswith(f"mode: '{mode}' needs a BM25 index") and "--no-bm25" in r.json()["detail"]
+        r = c.post("/search", json={"query": "apple river", "mode": "hybrid", "fusion": "convex"})  # invalid first: 422
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "alpha"
+        assert "409" in c.get("/openapi.json").json()["paths"]["/search"]["post"]["responses"]
+
+
+def test_a_stored_fusion_is_served_by_default_and_a_request_overrides_it(artifact, tmp_path):
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(artifact / "index", index)
+    with TestClient(create_app(Settings(index=index, device="cpu", batch_max_wait_ms=1))) as c:
+        hybrid = {"queries": QUERIES, "top_k": 6, "mode": "hybrid"}
+        assert c.get("/info").json()["search"] == {"modes": ["dense", "bm25", "hybrid"], "hybrid": {"fusion": "rrf", "alpha": None}}
+        store_served_fusion(index, "convex", 0.25)  # as dpr eval --tune-split S --store-alpha does
+        assert c.post("/admin/reload").status_code == 200  # (every worker also notices it by itself)
+        assert c.get("/info").json()["search"]["hybrid"] == {"fusion": "convex", "alpha": 0.25}
+        assert c.get("/info").json()["index"]["hybrid"] == {"fusion": "convex", "alpha": 0.25}
+        assert_same_ranking(c.post("/search", json=hybrid).json()["results"],
+                            core_ranking(artifact, index, "hybrid", 6, "convex", 0.25))
+        for override, fusion, alpha in (({"fusion": "rrf"}, "rrf", None), ({"alpha": 0.9}, "convex", 0.9),
+                                        ({"fusion": "convex", "alpha": 0.0}, "convex", 0.0)):
+            assert_same_ranking(c.post("/search", json={**hybrid, **override}).json()["results"],
+                                core_ranking(artifact, index, "hybrid", 6, fusion, alpha))
+
+
+def test_a_changed_bm25_file_is_refused_at_load_and_on_reload(artifact, tmp_path):
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(artifact / "index", index)
+    vocab = index / "bm25" / "vocab.index.json"
+    original = vocab.read_bytes()
+    vocab.write_bytes(original.replace(b'"', b"'", 1) if b'"' in original else original + b" ")
+    with TestClient(create_app(Settings(index=index, device="cpu"))) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "bm25/vocab.index.json: checksum does not match" in r.json()["reason"]
+        vocab.write_bytes(original)
+        assert c.post("/admin/reload").status_code == 200
+        assert c.post("/search", json={"query": "apple", "mode": "bm25"}).status_code == 200
+        (index / "bm25" / "ids.json").write_text("[]")
+        r = c.post("/admin/reload")
+        assert r.status_code == 409 and "bm25/ids.json: checksum does not match" in r.json()["detail"]
+        assert c.post("/search", json={"query": "apple", "mode": "hybrid"}).status_code == 200  # the old one still serves
 
 
 def test_score_equals_the_trainers_evaluation_loss(api, artifact, tmp_path):
@@ -160,6 +272,21 @@ LIMITED = dict(max_queries=2, max_top_k=5, max_text_chars=50, max_items=2, max_p
     [
         ("/search", {"queries": ["a", "b", "c"]}, 422, "queries: at most 2"),
         ("/search", {"query": "a", "top_k": 6}, 422, "top_k: at most 5"),
+        ("/search", {"query": "a", "top_k": 6, "mode": "hybrid"}, 422, "top_k: at most 5"),
+        ("/search", {"queries": ["a", "b", "c"], "mode": "bm25"}, 422, "queries: at most 2"),
+        ("/search", {"query": "x" * 51, "top_k": 5, "mode": "bm25"}, 422, "queries[0]: longer than 50"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "sparse"}, 422, "mode: Input should be 'dense', 'bm25' or 'hybrid'"),
+        ("/search", {"query": "a", "top_k": 1, "alpha": 0.5}, 422, "alpha: only for mode 'hybrid' (mode is 'dense')"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "bm25", "fusion": "rrf"}, 422, "fusion: only for mode 'hybrid' (mode is 'bm25')"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "hybrid", "fusion": "rrf", "alpha": 0.5}, 422, "alpha: goes with fusion 'convex'"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "hybrid", "fusion": "convex"}, 422, "alpha: fusion 'convex' needs alpha"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "hybrid", "fusion": "max"}, 422, "fusion: Input should be 'rrf' or 'convex'"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "hybrid", "alpha": 1.5}, 422, "alpha: Input should be less than or equal to 1"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "hybrid", "alpha": -0.1}, 422, "alpha: Input should be greater than or equal to 0"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "hybrid", "alpha": "0.5"}, 422, "alpha: Input should be a valid number"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "hybrid", "alpha": True}, 422, "alpha: Input should be a valid number"),
+        ("/search", {"query": "a", "top_k": 1, "mode": "hybrid", "alpha": None}, 422, "alpha: Value error, must not be null"),
+        ("/search", {"query": "a", "top_k": 1, "mode": None}, 422, "mode"),
         ("/search", {"query": "a", "top_k": 0}, 422, "top_k"),
         ("/search", {"query": "x" * 51, "top_k": 5}, 422, "queries[0]: longer than 50"),
         ("/search", {"query": "   "}, 422, "query: Value error, must not be empty"),
@@ -325,6 +452,8 @@ def test_reload_swaps_in_a_new_artifact_and_a_failed_one_keeps_serving(artifact,
         r = c.post("/admin/reload")
         assert r.status_code == 200 and r.json()["passages"] == 31
         assert c.get("/info").json()["index"]["count"] == 31
+        # the BM25 index reloads with the rest (dpr index add rebuilt it over all 31 passages)
+        assert c.post("/search", json={"query": "zebra guitar", "top_k": 1, "mode": "bm25"}).json()["results"][0][0]["id"] == "x1"
         broken = tmp_path / "broken.sqlite"
         broken.write_bytes(b"broken")
         os.replace(broken, tmp_path / "index" / "passages.sqlite")  # a new file in place, as a deploy would

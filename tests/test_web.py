@@ -1,7 +1,8 @@
 """The web page at ``GET /``: served by the app itself, self-contained, and driven in a real browser
 (Debian's chromium, headless, through Selenium and chromium-driver): search shows ranked passages,
-score shows the loss, the probabilities and the positive's rank, bad input and a missing key show
-readable errors, and passage text containing HTML is shown as text.
+score shows the loss, the probabilities and the positive's rank, the mode switch searches by dense,
+BM25 or hybrid (and offers only what the index serves), bad input and a missing key show readable
+errors, and passage text containing HTML is shown as text.
 
 Without chromium, chromium-driver or selenium the browser tests are skipped with a message naming
 what is missing (``.ci/run`` installs them). Screenshots go to the test's tmp_path and, when
@@ -193,6 +194,14 @@ def server(artifact):
 
 
 @pytest.fixture(scope="module")
+def dense_only_server(artifact):
+    """A server of an index built with --no-bm25."""
+    index = build(artifact / "ckpt", artifact / "beir", artifact / "index-dense-only", factory="Flat", progress=False, bm25=False)
+    with Server(Settings(index=index, device="cpu", batch_max_wait_ms=1)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def keyed_server(artifact):
     with Server(settings(artifact, api_key=KEY)) as s:
         yield s
@@ -329,6 +338,45 @@ def test_search_shows_ranked_results_with_scores_and_highlights(browser, server,
     assert "5 passages in" in by_id(browser, "search-meta").text
     shot = screenshot(browser, tmp_path, "web-search")
     assert shot.is_file()
+
+
+def choose_mode(driver, mode: str) -> None:
+    driver.find_element("css selector", f'label[for="search-mode-{mode}"]').click()
+    assert by_id(driver, f"search-mode-{mode}").is_selected()
+
+
+@pytest.mark.parametrize("mode, label, meta", [("bm25", "BM25", "· BM25"), ("hybrid", "FUSED", "· hybrid (RRF)"),
+                                               ("dense", "SCORE", "· dense")])
+def test_the_mode_switch_searches_by_dense_bm25_or_hybrid(browser, server, tmp_path, mode, label, meta):
+    open_page(browser, server.base)
+    assert all(by_id(browser, f"search-mode-{m}").is_enabled() for m in ("dense", "bm25", "hybrid"))
+    assert by_id(browser, "search-mode-dense").is_selected()  # dense by default
+    choose_mode(browser, mode)
+    query = "apple near the river"
+    search(browser, query, 4)
+    wait_for(browser, lambda d: len(results(d)) == 4 and by_id(d, "search-results").get_attribute("data-mode") == mode,
+             what=f"4 {mode} results")
+    expected = httpx.post(f"{server.base}/search", json={"query": query, "top_k": 4, "mode": mode}).json()["results"][0]
+    hits = results(browser)
+    assert [h.get_attribute("data-id") for h in hits] == [e["id"] for e in expected]
+    assert [h.find_element("css selector", ".score .val").text for h in hits] == [f"{e['score']:.4f}" for e in expected]
+    assert {h.find_element("css selector", ".score .lbl").text for h in hits} == {label}
+    assert by_id(browser, "search-meta").text.endswith(meta)
+    assert mode.lower() in by_id(browser, "search-mode-hint").text.lower()
+    if mode == "hybrid":
+        screenshot(browser, tmp_path, "web-hybrid")
+
+
+def test_an_index_without_bm25_offers_dense_only(browser, dense_only_server):
+    open_page(browser, dense_only_server.base)
+    assert by_id(browser, "search-mode-dense").is_enabled() and by_id(browser, "search-mode-dense").is_selected()
+    for mode in ("bm25", "hybrid"):
+        assert not by_id(browser, f"search-mode-{mode}").is_enabled()
+        assert "--no-bm25" in browser.find_element("css selector", f'label[for="search-mode-{mode}"]').get_attribute("title")
+    browser.find_element("css selector", 'label[for="search-mode-hybrid"]').click()  # a disabled choice stays unchosen
+    assert by_id(browser, "search-mode-dense").is_selected()
+    search(browser, "apple", 2)
+    wait_for(browser, lambda d: len(results(d)) == 2, what="2 dense results")
 
 
 def test_passage_html_is_shown_as_text(browser, server):

@@ -4,8 +4,11 @@ the server's own troubles are 503 (retry) or a bare 500 (logged, never a traceba
 - 400: a body that is not JSON: ``body: not valid JSON (<reason> at character N)``;
   (the Guard middleware: a Content-Length that is not a number).
 - 415: a body not sent as JSON by its Content-Type: ``content-type: ...`` (``deps.json_body``).
-- 422: a field that fails its schema or a ``DPR_MAX_*`` limit: ``items[0].negatives[1]: ...``;
-  a body that is not a JSON object: ``body: must be a JSON object, got an array``.
+- 409: a valid request the index cannot serve: ``mode: ...`` (bm25 or hybrid on an index built
+  with ``--no-bm25``).
+- 422: a field that fails its schema, a ``DPR_MAX_*`` limit or a rule between fields (``alpha`` only
+  in hybrid mode): ``items[0].negatives[1]: ...``; a body that is not a JSON object:
+  ``body: must be a JSON object, got an array``.
 - 503 with Retry-After: not ready, the query queue is full, or a reload retired the encoder.
 - 500: anything unexpected: ``internal error`` (the traceback is logged, never sent).
 
@@ -21,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .batching import Overloaded, Stopped
-from .limits import LimitExceeded
+from .schemas import FieldError
 from .settings import Settings
 
 log = logging.getLogger("dpr_service.api")
@@ -81,9 +84,10 @@ def json_type(value) -> str:
     return "raw bytes"
 
 
-async def limit_exceeded(request: Request, exc: LimitExceeded) -> JSONResponse:
-    """422 naming the field over its ``DPR_MAX_*`` limit, in the same shape as any invalid field."""
-    return error_response(422, [{"field": printable(exc.field), "message": exc.message}])
+async def field_error(request: Request, exc: FieldError) -> JSONResponse:
+    """422 (or the error's own status) naming the field: over its ``DPR_MAX_*`` limit (LimitExceeded),
+    against a rule between fields, or asking what the index cannot serve; the shape of any invalid field."""
+    return error_response(exc.status, [{"field": printable(exc.field), "message": exc.message}])
 
 
 def install_error_handlers(app: FastAPI, settings: Settings) -> None:
@@ -102,7 +106,7 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(LimitExceeded, limit_exceeded)
+    app.add_exception_handler(FieldError, field_error)  # LimitExceeded too
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(Stopped, stopped)
     app.add_exception_handler(Exception, unexpected)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel
 
-from .schemas import EncodeRequest, PassageIn, ScoreItemIn, ScoreRequest, SearchRequest
+from .schemas import EncodeRequest, FieldError, PassageIn, ScoreItemIn, ScoreRequest, SearchRequest
 from .settings import Settings
 
 
@@ -52,13 +52,12 @@ LIMITS: tuple[Limit, ...] = (
 )
 
 
-class LimitExceeded(ValueError):
+class LimitExceeded(FieldError):
     """A request over a ``DPR_MAX_*`` limit: ``field`` as the client wrote it, ``message`` what is wrong.
     The app answers it with 422, like any invalid field."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+        super().__init__(field, message)
 
 
 # ----------------------------------------------------------------------------- checking requests

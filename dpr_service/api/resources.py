@@ -1,4 +1,4 @@
-"""What requests are served with (checkpoint, index, device, query batcher) and its reloader.
+"""What requests are served with (checkpoint, index and its BM25 index, device, query batcher) and its reloader.
 
 :func:`load_resources` loads and checks them (blocking); :class:`Reloader` swaps a new set in at
 start-up, on ``POST /admin/reload`` and by itself when the artifact at ``DPR_INDEX`` changes.
@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI
 
-from dpr_service.core.artifact import MANIFEST, ArtifactError, read_manifest
+from dpr_service.core.artifact import MANIFEST, ArtifactError, read_manifest, served_fusion
 from dpr_service.core.checkpoint import Loaded, load_checkpoint
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.fsio import readable_directory
+from dpr_service.core.hybrid import Retriever
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.search import Searcher
 
@@ -45,9 +46,26 @@ class Resources:
         """Query embeddings, (len(texts), D) float32, encoded now (blocking: call it off the event loop)."""
         return encode_texts(self.loaded.encoder, self.loaded.tokenizer, texts, "query", self.runtime).numpy()
 
+    @property
+    def retriever(self) -> Retriever:
+        """Dense, BM25 and hybrid rankings of the index (the core's, as ``dpr eval --mode``); its
+        ``bm25`` is None for an index built with ``--no-bm25``."""
+        return Retriever(self.searcher, self.searcher.bm25)
+
+    @property
+    def modes(self) -> list[str]:
+        """The search modes this index serves: dense, and bm25 and hybrid when it has a BM25 index."""
+        return ["dense", "bm25", "hybrid"] if self.searcher.bm25 is not None else ["dense"]
+
+    @property
+    def served_fusion(self) -> tuple[str, float | None]:
+        """(fusion, alpha) of hybrid search by default: the manifest's ``hybrid`` field, else RRF."""
+        return served_fusion(self.searcher.manifest)
+
 
 def load_resources(settings: Settings, metrics: Metrics) -> Resources:
-    """Load and verify checkpoint and index, then search once (blocking; run it in a thread).
+    """Load and verify checkpoint and index (its BM25 index too, when it has one), then search once
+    (blocking; run it in a thread).
 
     The checkpoint is ``DPR_CHECKPOINT`` or the one the manifest names. Raises ArtifactError (no
     index configured, a missing or damaged index, an index of another checkpoint), CheckpointError
@@ -60,9 +78,13 @@ def load_resources(settings: Settings, metrics: Metrics) -> Resources:
     if not checkpoint:
         raise ArtifactError(f"{settings.index}: the manifest names no checkpoint; set DPR_CHECKPOINT")
     loaded = load_checkpoint(checkpoint, runtime.device)
-    searcher = Searcher(settings.index, loaded.fingerprint)
+    searcher = Searcher(settings.index, loaded.fingerprint, bm25=True)
     res = Resources(loaded, searcher, runtime, None)
     res.searcher.search(res.encode_queries([WARM_UP_QUERY]), 1, with_text=True)  # warm-up: /readyz waits for this
+    if searcher.bm25 is not None:
+        searcher.bm25.search([WARM_UP_QUERY], 1)
+    else:
+        log.info("%s has no BM25 index (built with --no-bm25): /search serves mode dense only", searcher.directory)
     metrics.index_size.set(searcher.count)
     return res
 

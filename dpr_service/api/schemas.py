@@ -61,6 +61,11 @@ def _integral(value):
 
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _no_default(schema: dict) -> None:
+    """Publish no ``"default": null`` for a field that is left out when not wanted (never null)."""
+    schema.pop("default", None)
 Integer = Annotated[int, BeforeValidator(_integral)]
 
 
@@ -75,22 +80,70 @@ class PassageIn(BaseModel):
     _title = field_validator("title")(_valid_text)
 
 
+class FieldError(ValueError):
+    """A request whose ``field`` (as the client wrote it) is wrong for a reason the schema's types
+    cannot say alone; answered with 422 (or ``status``) in the shape of any invalid field."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+
+# The fusion rules of SearchRequest.fusion_choice, as JSON Schema: fusion and alpha only in hybrid
+# mode; "rrf" takes no alpha; "convex" needs one; alpha alone means "convex".
+_FUSION_RULES = [
+    {"not": {"anyOf": [{"required": ["fusion"]}, {"required": ["alpha"]}]}},
+    {"properties": {"mode": {"const": "hybrid"}, "fusion": {"const": "rrf"}}, "required": ["mode", "fusion"],
+     "not": {"required": ["alpha"]}},
+    {"properties": {"mode": {"const": "hybrid"}, "fusion": {"const": "convex"}}, "required": ["mode", "alpha"]},
+]
+
+
 class SearchRequest(BaseModel):
     """``POST /search``: one question (``query``) or several (``queries``), never both.
 
     ``query`` is shorthand for ``queries: [query]``: after validation ``queries`` holds the texts
-    either way, and limits and errors speak of ``queries``."""
+    either way, and limits and errors speak of ``queries``. ``mode`` picks the ranking (dense by
+    default); hybrid mode fuses by the index's served default unless ``fusion``/``alpha`` say
+    otherwise (:meth:`fusion_choice`)."""
 
     model_config = ConfigDict(**STRICT, json_schema_extra={
-        "examples": [{"queries": ["who built the Ember Light?"], "top_k": 5}],
-        "oneOf": [{"required": ["query"]}, {"required": ["queries"]}]})
+        "examples": [{"queries": ["who built the Ember Light?"], "top_k": 5},
+                     {"query": "who built the Ember Light?", "mode": "hybrid", "fusion": "convex", "alpha": 0.6}],
+        "oneOf": [{"required": ["query"]}, {"required": ["queries"]}],
+        "anyOf": _FUSION_RULES})
     queries: list[NonBlank] | SkipJsonSchema[None] = Field(None, description="questions, one ranked list each",
                                                            json_schema_extra={"minItems": 1})
     query: NonBlank | SkipJsonSchema[None] = Field(None, description="a single question (instead of queries)")
     top_k: Integer = Field(10, ge=1)
     with_text: bool = True
+    mode: Literal["dense", "bm25", "hybrid"] = Field("dense", description="dense (the model), bm25 (the index's BM25), or hybrid (both, fused)")
+    # no None in the types (left out is None, by default): an error names the field, not a union branch
+    fusion: Literal["rrf", "convex"] = Field(
+        None, json_schema_extra=_no_default,
+        description="hybrid mode only: reciprocal rank fusion (k = 60), or alpha * dense + (1 - alpha) * BM25 over "
+                    "min-max normalised scores; default: the index's served fusion (GET /info), else rrf")
+    alpha: float = Field(None, ge=0, le=1, allow_inf_nan=False, json_schema_extra=_no_default,
+                         description="hybrid mode only: the weight of the dense side of the convex fusion, in [0, 1] "
+                                     "(given alone, it means fusion convex)")
 
-    _present = field_validator("queries", "query", mode="before")(_not_null)
+    _present = field_validator("queries", "query", "fusion", "alpha", mode="before")(_not_null)
+
+    def fusion_choice(self, served: tuple[str, float | None]) -> tuple[str, float | None]:
+        """The (fusion, alpha) of a hybrid search: ``fusion``/``alpha`` as given (alpha alone is
+        the convex fusion), else ``served`` (the index's default). Raises FieldError naming the field:
+        fusion or alpha outside hybrid mode, alpha with ``"rrf"``, ``"convex"`` without alpha."""
+        for name in ("fusion", "alpha"):
+            if getattr(self, name) is not None and self.mode != "hybrid":
+                raise FieldError(name, f"only for mode 'hybrid' (mode is {self.mode!r})")
+        if self.fusion == "rrf" and self.alpha is not None:
+            raise FieldError("alpha", "goes with fusion 'convex', not 'rrf'")
+        if self.fusion == "convex" and self.alpha is None:
+            raise FieldError("alpha", "fusion 'convex' needs alpha, the weight of the dense side in [0, 1] (leave out "
+                                      "fusion and alpha for the index's served default)")
+        if self.fusion is None and self.alpha is None:
+            return served
+        return ("convex" if self.alpha is not None else self.fusion), self.alpha
 
     @field_validator("queries")
     @classmethod
@@ -118,11 +171,13 @@ class SearchRequest(BaseModel):
 
 
 class Hit(BaseModel):
-    """A retrieved passage: its id and score (inner product, higher is better), with its title and
-    text when the request asked for them."""
+    """A retrieved passage: its id and score (higher is better), with its title and text when the
+    request asked for them. The score is the mode's: the inner product of the embeddings (dense),
+    the BM25 score (bm25), or the fused score (hybrid: RRF's sum of 1 / (60 + rank), or the convex
+    combination of normalised scores, in [0, 1])."""
 
     id: str
-    score: float
+    score: float = Field(description="dense: inner product; bm25: BM25 score; hybrid: the fused score")
     title: str | None = None
     text: str | None = None
 
@@ -222,6 +277,11 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what is wrong, naming the field or the limit")
     errors: list[ErrorField] = Field(None, description="invalid requests (400 and 422): every field at fault")
 
+
+SEARCH_RESPONSES = {
+    409: {"model": ErrorResponse, "description": "mode bm25 or hybrid on an index built with --no-bm25 (the detail names "
+                                                 "the field mode)"},
+}
 
 ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "the body is not valid JSON (the detail says where), or Content-Length is not a number"},

@@ -33,10 +33,13 @@ async def readyz(request: Request, reloader: AppReloader):
 
 @router.get("/info", dependencies=[KEY_REQUIRED])
 async def info(res: ServingResources) -> dict:
-    """The checkpoint and the index manifest in use."""
+    """The checkpoint and the index manifest in use, and how ``/search`` serves them: the modes
+    this index allows (bm25 and hybrid need its BM25 index) and the fusion of hybrid by default."""
+    fusion, alpha = res.served_fusion
     return {"checkpoint": {"path": str(res.loaded.path), "fingerprint": res.loaded.fingerprint,
                            "base_model": res.loaded.base_model, **res.loaded.config.to_dict()},
             "index": {"path": str(res.searcher.directory), **res.searcher.manifest.to_dict()},
+            "search": {"modes": res.modes, "hybrid": {"fusion": fusion, "alpha": alpha}},
             "device": str(res.runtime.device)}
 
 
