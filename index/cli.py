@@ -82,6 +82,8 @@ def _run(prog: str, fn) -> int:
 
 
 def index_main(argv: list[str], prog: str = "dpr index") -> int:
+    """``dpr index build|add`` (docs/index.md): returns the exit status, 0 or 2 (one-line error); bad
+    arguments exit 2 through argparse."""
     parser = argparse.ArgumentParser(prog=prog, description="Build or extend a FAISS index artifact.")
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="encode a corpus and build an index artifact")
@@ -178,6 +180,9 @@ def _conventions(args: argparse.Namespace):
 
 
 def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
+    """``dpr eval`` (docs/evaluation.md; ``--mode``/``--fusion``/``--alpha``/``--tune-split``/
+    ``--store-alpha``: docs/index.md): prints the metrics and returns 0, or 2 with a one-line error;
+    bad arguments exit 2 through argparse."""
     parser = argparse.ArgumentParser(prog=prog, description="Retrieval quality of a checkpoint and its index.")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--index", required=True)
@@ -226,6 +231,7 @@ def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
 
 
 def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
+    """``dpr bm25``: the BM25 baseline's metrics on judged queries; returns 0, or 2 with a one-line error."""
     parser = argparse.ArgumentParser(prog=prog, description="BM25 baseline (bm25s) on the same queries and judgements.")
     parser.add_argument("--corpus", required=True, help="corpus.jsonl, a BEIR directory or DPR's psgs .tsv")
     _eval_args(parser)
@@ -243,6 +249,8 @@ def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
 
 
 def mine_main(argv: list[str], prog: str = "dpr mine") -> int:
+    """``dpr mine`` (docs/index.md): writes plain JSONL with mined negatives; returns 0, or 2 with a
+    one-line error."""
     parser = argparse.ArgumentParser(prog=prog, description="Write training data with mined hard negatives (plain JSONL).")
     parser.add_argument("--queries", required=True, help="BEIR directory or queries.jsonl")
     parser.add_argument("--qrels", help="qrels TSV (default: the BEIR directory's --split)")
