@@ -608,6 +608,36 @@ def test_search_reads_the_passage_store_once_off_the_event_loop(api):
     assert all(h["text"] is None and h["title"] is None for hs in without["results"] for h in hs)
 
 
+@pytest.mark.parametrize("mode, with_text, reads", [("bm25", True, 1), ("bm25", False, 0), ("hybrid", True, 2),
+                                                    ("hybrid", False, 1)])
+def test_bm25_and_hybrid_read_the_passage_store_off_the_event_loop(api, mode, with_text, reads):
+    """bm25: titles and texts once (with text); hybrid: the dense side's ids, then titles and texts."""
+    searcher = api.app.state.resources.searcher
+    calls = []
+
+    class Recording:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            try:
+                asyncio.get_running_loop()
+                calls.append(("on the loop", sql))
+            except RuntimeError:
+                calls.append(("in a thread", sql))
+            return self.db.execute(sql, *args)
+
+    db = searcher.store._db
+    searcher.store._db = Recording(db)
+    try:
+        r = api.post("/search", json={"queries": QUERIES, "top_k": 5, "mode": mode, "with_text": with_text})
+    finally:
+        searcher.store._db = db
+    assert r.status_code == 200 and len(calls) == reads and all(where == "in a thread" for where, _ in calls), calls
+    if reads:
+        assert ("text" in calls[-1][1]) == with_text  # the last read: titles and texts only when asked for
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
