@@ -86,7 +86,7 @@ def test_gradcache_replays_dropout_exactly(tiny_model, data, monkeypatch):
     q = torch.cat([encoder.encode_queries(**{k: v[i:i + 3] for k, v in batch.queries.items()}) for i in range(0, batch.size, 3)])
     n = batch.passages["input_ids"].shape[0]
     p = torch.cat([encoder.encode_passages(**{k: v[i:i + 3] for k, v in batch.passages.items()}) for i in range(0, n, 3)])
-    in_batch_nll(q, p, batch.positive_idx, p_ids=batch.p_ids, candidate_mask=batch.candidate_mask()).backward()
+    in_batch_nll(q, p, batch.positive_idx, p_ids=batch.p_hashes, candidate_mask=batch.candidate_mask()).backward()
     want = _grads(encoder)
 
     def cached() -> dict:

@@ -71,20 +71,23 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(tmp_path, tiny_model):
     data = write_plain(tmp_path / "train.jsonl", n=40)
     args = ["--model", str(tiny_model), "--train", str(data), "--batch-size", "4", "--pooling", "mean",
             "--query-max-length", "16", "--passage-max-length", "32", "--lr", "1e-3", "--max-steps", "60",
-            "--log-every", "1", "--no-progress", "--seed", "3"]
+            "--log-every", "1", "--no-progress", "--seed", "3", "--pairs", "all"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = lambda out, *extra: [sys.executable, "-m", "trainer", *args, "--output", str(out), *extra]  # noqa: E731
     subprocess.run(run(tmp_path / "straight"), check=True, capture_output=True, env=env)
 
     proc = subprocess.Popen(run(tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     log = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 5):
-        time.sleep(0.05)
+        time.sleep(0.005)
+    # frozen first, so the run cannot end between the check and the signal: SIGTERM waits, pending,
+    # until SIGCONT, and is then handled mid-run (never a skip: the test is deterministic)
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None, "the run ended before it was stopped: raise --max-steps"
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()
     assert b"continue with --resume" in err and b"Traceback" not in err
     stopped_at = json.loads((tmp_path / "cut" / "last" / "training_state" / "state.json").read_text())["progress"]["step"]
@@ -260,7 +263,7 @@ def test_cuda_device_has_an_index_and_batches_are_pinned(tiny_model, tmp_path):
     data = read_train_data(str(write_plain(tmp_path / "train.jsonl", n=8)))
     batches = EpochBatches(data.examples, data.corpus, tokenizer, 4, 1, 0, 0, 0, 1)
     batch = next(iter(DataLoader(batches, batch_size=None, pin_memory=True)))
-    assert batch.queries["input_ids"].is_pinned() and batch.p_ids.is_pinned()
+    assert batch.queries["input_ids"].is_pinned() and batch.p_hashes.is_pinned()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

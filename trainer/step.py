@@ -85,12 +85,12 @@ def global_loss(encoder: BiEncoder, q_emb: torch.Tensor, p_emb: torch.Tensor, ba
     p_all, p_sizes = gather_rows(p_emb, d)  # (N, D)
     offset = sum(p_sizes[: d.rank])  # where this rank's passages start in p_all
     positive_idx, _ = gather_rows(batch.positive_idx + offset, d, keep_grad=False)  # (B,)
-    p_ids, _ = gather_rows(batch.p_ids, d, keep_grad=False)  # (N,)
-    known_ids = gather_padded(batch.known_ids, d, fill=-1)  # (B, K)
+    p_hashes, _ = gather_rows(batch.p_hashes, d, keep_grad=False)  # (N,)
+    known_hashes = gather_padded(batch.known_hashes, d, fill=-1)  # (B, K)
     cfg = encoder.config
     return in_batch_nll(
         q_all, p_all, positive_idx, similarity=cfg.similarity, temperature=cfg.temperature,
-        p_ids=p_ids, candidate_mask=known_positive_mask(p_ids, known_ids),
+        p_ids=p_hashes, candidate_mask=known_positive_mask(p_hashes, known_hashes),
     )
 
 

@@ -21,14 +21,14 @@ class Batch:
     queries: dict  # input_ids, attention_mask: (B, Lq)
     passages: dict  # input_ids, attention_mask: (B * (1 + H), Lp)
     positive_idx: torch.Tensor  # (B,) column of each question's positive
-    p_ids: torch.Tensor  # (N,) int64 hashes of the passage ids; equal means the same passage
-    known_ids: torch.Tensor  # (B, K) hashes of each question's known positives, padded with -1
+    p_hashes: torch.Tensor  # (N,) int64 hashes of the passage ids (id_hash); equal means the same passage
+    known_hashes: torch.Tensor  # (B, K) hashes of each question's known positives' ids, padded with -1
 
     def candidate_mask(self) -> torch.Tensor:
         """(B, N) False where passage j is a known positive of question i (other than the passage at
         its positive column, which the loss always keeps). Under torch.distributed, step.py masks
         every rank's passages with :func:`known_positive_mask` instead."""
-        return known_positive_mask(self.p_ids, self.known_ids)
+        return known_positive_mask(self.p_hashes, self.known_hashes)
 
     @property
     def size(self) -> int:
@@ -43,13 +43,13 @@ class Batch:
 
     def _map(self, fn) -> "Batch":
         return Batch({k: fn(v) for k, v in self.queries.items()}, {k: fn(v) for k, v in self.passages.items()},
-                     fn(self.positive_idx), fn(self.p_ids), fn(self.known_ids))
+                     fn(self.positive_idx), fn(self.p_hashes), fn(self.known_hashes))
 
 
-def known_positive_mask(p_ids: torch.Tensor, known_ids: torch.Tensor) -> torch.Tensor:
+def known_positive_mask(p_hashes: torch.Tensor, known_hashes: torch.Tensor) -> torch.Tensor:
     """(N,) passage hashes and (B, K) known-positive hashes -> (B, N), False where p_j is known to
     answer question i (the loss keeps each question's own positive column regardless)."""
-    return ~(p_ids[None, :, None] == known_ids[:, None, :]).any(-1)
+    return ~(p_hashes[None, :, None] == known_hashes[:, None, :]).any(-1)
 
 
 def id_hash(passage_id: str) -> int:
@@ -62,7 +62,7 @@ def collate(examples: list[TrainExample], negatives: list[list[Passage]], tokeni
     """Tokenise B questions and their passages into a :class:`Batch`.
 
     Passages are laid out question by question: the positive, then that question's negatives
-    (``negatives[i]``, any number, may be empty). ``known_ids`` holds each question's known positives
+    (``negatives[i]``, any number, may be empty). ``known_hashes`` holds each question's known positives
     (``known_positive_ids`` plus its own positive), so the loss never treats them as negatives.
     """
     passages: list[Passage] = []
@@ -71,15 +71,15 @@ def collate(examples: list[TrainExample], negatives: list[list[Passage]], tokeni
         positive_idx.append(len(passages))
         passages.append(ex.positive)
         passages.extend(negs)
-    p_ids = torch.tensor([id_hash(p.id) for p in passages], dtype=torch.long)
+    p_hashes = torch.tensor([id_hash(p.id) for p in passages], dtype=torch.long)
     known = [sorted(id_hash(i) for i in ex.known_positive_ids | {ex.positive.id}) for ex in examples]
-    known_ids = torch.full((len(examples), max(map(len, known))), -1, dtype=torch.long)
+    known_hashes = torch.full((len(examples), max(map(len, known))), -1, dtype=torch.long)
     for i, row in enumerate(known):
-        known_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        known_hashes[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return Batch(
         queries=tokenizer.queries([ex.query for ex in examples]),
         passages=tokenizer.passages(passages),
         positive_idx=torch.tensor(positive_idx, dtype=torch.long),
-        p_ids=p_ids,
-        known_ids=known_ids,
+        p_hashes=p_hashes,
+        known_hashes=known_hashes,
     )

@@ -45,7 +45,7 @@ def batch_log_probs(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: i
                     candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N) log-probabilities of each question over its candidates in ``batch``: the forward of a
     training step, with the encoder's similarity and temperature, passages of equal id as one
-    (``batch.p_ids``) and each question's other known positives masked (``batch.candidate_mask()``);
+    (``batch.p_hashes``) and each question's other known positives masked (``batch.candidate_mask()``);
     ``candidate_mask`` (B, N) restricts the candidates further. Dropout is as the caller left the
     encoder. With ``chunk``, rows are encoded ``chunk`` at a time (the result is unchanged without
     gradients), so a batch as large as a gradient-cached one fits in memory."""
@@ -58,7 +58,7 @@ def batch_log_probs(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: i
         mask &= candidate_mask.to(mask.device)
     cfg = encoder.config
     return candidate_log_probs(q_emb, p_emb, batch.positive_idx, similarity=cfg.similarity, temperature=cfg.temperature,
-                               p_ids=batch.p_ids, candidate_mask=mask)
+                               p_ids=batch.p_hashes, candidate_mask=mask)
 
 
 def _encode_rows(encode, inputs: dict, chunk: int | None) -> torch.Tensor:
@@ -92,7 +92,7 @@ def score_items(loaded: Loaded, runtime: Runtime, items: list[ScoreItem], in_bat
     spans = [(start, start + 1 + len(negs)) for start, negs in zip(batch.positive_idx.tolist(), negatives)]
     own = None
     if not in_batch:
-        own = torch.zeros(len(items), batch.p_ids.shape[0], dtype=torch.bool)
+        own = torch.zeros(len(items), batch.p_hashes.shape[0], dtype=torch.bool)
         for i, (start, end) in enumerate(spans):
             own[i, start:end] = True
     loaded.encoder.eval()
