@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Sequence
 
 from .formats import Passage
+
+
+_STEMMER_LOCK = threading.Lock()
 
 
 def _import_bm25s():
@@ -53,7 +57,8 @@ class BM25:
     def search(self, queries: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
         """Per query, up to ``k`` (passage id, score) pairs, best first; passages scoring 0 (no query
         word in common) are left out, so a list may be shorter than ``k`` or empty."""
-        tokens = self._bm25s.tokenize(list(queries), stopwords="en", stemmer=self.stemmer, show_progress=False)
+        with _STEMMER_LOCK:  # one PyStemmer object serves the server's threads; it promises no thread safety
+            tokens = self._bm25s.tokenize(list(queries), stopwords="en", stemmer=self.stemmer, show_progress=False)
         k = min(k, len(self.ids))
         docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=0)
         return [[(self.ids[d], float(s)) for d, s in zip(row_d, row_s) if s > 0] for row_d, row_s in zip(docs, scores)]
