@@ -433,7 +433,7 @@ def test_pyproject_reads_without_setuptools_deprecations():
 
 
 def test_docker_env_file_is_ignored_by_git():
-    """docker/.env holds the API key (the README puts it there): it must never be committed."""
+    """docker/.env holds the API key (docs/deployment.md puts it there): it must never be committed."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]

@@ -297,7 +297,7 @@ def test_stale_merge_lock_of_a_dead_process_is_taken_over(tmp_path, checkpoint, 
 
 
 def test_readme_cli_commands_for_eval_bm25_and_mine(tmp_path, checkpoint, beir):
-    """`dpr eval`, `dpr bm25` and both `dpr mine` forms, as the README shows them."""
+    """`dpr eval`, `dpr bm25` and both `dpr mine` forms, as docs/evaluation.md and docs/index.md show them."""
     dpr = [sys.executable, "-m", "dpr_service.cli"]
     run = lambda *a: subprocess.run([*dpr, *a], capture_output=True, text=True, timeout=300)  # noqa: E731
     r = run("index", "build", "--checkpoint", str(checkpoint), "--corpus", str(beir), "--output", str(tmp_path / "idx"), "--no-progress")

@@ -140,7 +140,7 @@ def load_data(cfg: TrainConfig) -> tuple[TrainData, EvalData | None, TrainData |
 def default_epochs(units: int) -> int:
     """Epochs when neither --epochs nor --max-steps is given: about EXAMPLES_TARGET (2,500) examples,
     at least 1 and at most 10 epochs. Small data sets need several passes (sentence-transformers
-    advises 3-10 epochs for small sets); a large one is seen once. SciFact's 809 questions: 3."""
+    advises 3-10 epochs for small sets); a large one is seen once. SciFact's 807 distinct questions: 3."""
     return min(10, max(1, round(EXAMPLES_TARGET / max(1, units))))
 
 
