@@ -204,7 +204,7 @@ def kill_when(fs: ForkServer, pid: int, directory: Path, prefix: str, then: floa
     temporary directory of an atomic write)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout and running(pid):
-        if any(n.startswith(prefix) and n not in before for n in os.listdir(directory)):
+        if any(n.startswith(prefix) and n not in before for n in entries(directory)):  # it may not exist yet
             break
         time.sleep(0.0005)
     return kill_after(fs, pid, then)
@@ -472,7 +472,9 @@ def test_training_sigkilled_while_checkpointing_resumes_to_identical_weights(for
         runs += 1
         if rng.random() < 0.5:
             mode = "writing last/"
-            result = kill_when(forkserver, pid, cut if cut.exists() else tmp_path, ".last.tmp-", rng.uniform(0, t_step), before)
+            # the output directory appears only once data and model have loaded (a run that never
+            # starts leaves nothing behind), so watch where it will be
+            result = kill_when(forkserver, pid, cut, ".last.tmp-", rng.uniform(0, t_step), before)
         else:
             mode, result = "anywhere", kill_after(forkserver, pid, rng.uniform(0.5 * t_first_save, t_first_save + 2 * t_step))
         if result != {"signal": signal.SIGKILL}:
