@@ -301,3 +301,14 @@ def test_non_finite_embeddings_are_refused(tiny_model, monkeypatch):
     monkeypatch.setattr(encoder, "encode_passages", overflowing)
     with pytest.raises(NonFiniteEmbeddings, match="1 passage"):
         encode_texts(encoder, tokenizer, [Passage("the comet story"), Passage("the river")], "passage", pick_runtime("cpu", "fp32"))
+
+
+def test_every_flag_shows_one_default_in_help():
+    import re
+
+    from trainer.cli import build_parser
+
+    text = re.sub(r"\s+", " ", build_parser().format_help())
+    for option in re.split(r" (?=--[a-z])", text.split("options:")[1]):
+        assert option.count("(default:") <= 1, option
+    assert "--shared-encoder, --no-shared-encoder one encoder for questions and passages, or two (--no- shared-encoder, as DPR) (default: from the starting model)" in text
