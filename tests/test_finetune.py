@@ -20,19 +20,25 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.train import NonFiniteLoss, default_epochs, lr_multiplier, train
 
 
-def make_st_model(root: Path, tiny_model: Path, prompts=None, normalize=True, pooling="mean", max_len=48) -> Path:
-    """The tiny BERT dressed as a sentence-transformers directory."""
+def make_st_model(root: Path, tiny_model: Path, prompts=None, normalize=True, pooling="mean", max_len=48,
+                  similarity_fn_name=None, new_format=False, extra_modules=()) -> Path:
+    """The tiny BERT dressed as a sentence-transformers directory (``new_format``: as
+    sentence-transformers >= 5 writes the Pooling config)."""
     shutil.copytree(tiny_model, root)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    modules += [{"idx": len(modules) + i, "name": str(len(modules) + i), "path": path, "type": kind}
+                for i, (path, kind) in enumerate(extra_modules)]
     (root / "modules.json").write_text(json.dumps(modules))
     (root / "1_Pooling").mkdir()
-    (root / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": pooling == "cls", "pooling_mode_mean_tokens": pooling == "mean"}))
+    pool = ({"embedding_dimension": 32, "pooling_mode": pooling, "include_prompt": True} if new_format else
+            {"word_embedding_dimension": 32, "pooling_mode_cls_token": pooling == "cls", "pooling_mode_mean_tokens": pooling == "mean",
+             "pooling_mode_max_tokens": pooling == "max"})
+    (root / "1_Pooling" / "config.json").write_text(json.dumps(pool))
     (root / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_len, "do_lower_case": False}))
-    (root / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts or {}, "similarity_fn_name": None}))
+    (root / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts or {}, "similarity_fn_name": similarity_fn_name}))
     return root
 
 
@@ -65,7 +71,7 @@ def test_sentence_transformers_directory_gives_its_own_settings(tmp_path, tiny_m
 def test_plain_transformers_model_keeps_dpr_defaults_and_a_checkpoint_its_own(tmp_path, tiny_model):
     # DPR's defaults, the 256-token passages capped at the tiny model's 128 positions
     assert resolve_encoder_config(tiny_model, {})[0] == EncoderConfig(passage_max_length=128)
-    st = make_st_model(tmp_path / "st", tiny_model, normalize=False, pooling="cls")
+    st = make_st_model(tmp_path / "st", tiny_model, normalize=False, pooling="cls", similarity_fn_name="dot")
     config = resolve_encoder_config(st, {})[0]
     assert (config.pooling, config.similarity, config.temperature) == ("cls", "dot", 1.0)
     custom = EncoderConfig(pooling="mean", similarity="cosine", temperature=0.07, query_max_length=20,
@@ -312,3 +318,57 @@ def test_every_flag_shows_one_default_in_help():
     for option in re.split(r" (?=--[a-z])", text.split("options:")[1]):
         assert option.count("(default:") <= 1, option
     assert "--shared-encoder, --no-shared-encoder one encoder for questions and passages, or two (--no- shared-encoder, as DPR) (default: from the starting model)" in text
+
+
+def test_sentence_transformers_variants(tmp_path, tiny_model, monkeypatch):
+    """The Pooling config as sentence-transformers >= 5 writes it; its default similarity (cosine)
+    when nothing says otherwise; max pooling refused unless --pooling is given; modules this encoder
+    cannot run refused by name; a Hub id that cannot be reached named as such."""
+    from dpr_service.core.pretrained import ModelDirError
+
+    new = make_st_model(tmp_path / "new", tiny_model, new_format=True, normalize=False)
+    config = resolve_encoder_config(new, {})[0]
+    assert (config.pooling, config.similarity, config.temperature) == ("mean", "cosine", 0.05)
+    maxed = make_st_model(tmp_path / "max", tiny_model, pooling="max")
+    with pytest.raises(ModelDirError, match="pooling .* is not supported .*pass --pooling"):
+        resolve_encoder_config(maxed, {})
+    assert resolve_encoder_config(maxed, {"pooling": "mean"})[0].pooling == "mean"
+    dense = make_st_model(tmp_path / "dense", tiny_model, extra_modules=[("2_Dense", "sentence_transformers.models.Dense")])
+    with pytest.raises(ModelDirError, match=r"2_Dense \(sentence_transformers.models.Dense\)"):
+        resolve_encoder_config(dense, {"pooling": "mean"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelDirError, match="no such directory, and not a Hugging Face Hub model that could be reached"):
+        resolve_encoder_config("some-org/no-such-model", {})
+    with pytest.raises(ModelDirError, match="no such directory$"):
+        resolve_encoder_config(str(tmp_path / "a" / "b"), {})
+
+
+def test_auto_negatives_follow_the_data_and_the_starting_model(tmp_path, tiny_model):
+    from trainer.negatives import choose_method
+
+    with_negatives = read_train_data(write_plain(tmp_path / "a.jsonl", n=8, hard_negatives=1))
+    pairs_only = read_train_data(write_beir(tmp_path / "beir", n=8, splits=("train",)), "train")
+    assert choose_method("auto", with_negatives, "transformers") == "given"
+    assert choose_method("auto", pairs_only, "sentence-transformers") == "model"
+    assert choose_method("auto", pairs_only, "dpr-service checkpoint") == "model"
+    assert choose_method("auto", pairs_only, "transformers") == "bm25"  # an untrained encoder ranks at random
+    assert choose_method("random", with_negatives, "transformers") == "random"
+
+
+def test_a_fresh_run_never_reuses_negatives_mined_by_another(tmp_path, tiny_model):
+    root = write_beir(tmp_path / "beir", n=16, splits=("train",))
+    stale = tmp_path / "out" / "negatives" / "round-0.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"stats": {"questions": 1}}\n{"query": "x", "negatives": ["nope"]}\n')
+    train(base_cfg(tmp_path, tiny_model, root, negatives="bm25", max_steps=2, stop_after=1))
+    assert '"nope"' not in stale.read_text()
+    stale.write_text("{not json\n")
+    with pytest.raises(CheckpointError, match=r"round-0.jsonl:1: damaged mined-negatives file"):
+        train(base_cfg(tmp_path, tiny_model, root, negatives="bm25", max_steps=2, resume=True))
+
+
+def test_remining_needs_model_negatives(tmp_path, tiny_model):
+    root = write_beir(tmp_path / "beir", n=16, splits=("train",))
+    with pytest.raises(ConfigError, match="--remine-every mines with the model being trained, but the negatives are 'bm25'"):
+        train(base_cfg(tmp_path, tiny_model, root, negatives="bm25", remine_every=1))

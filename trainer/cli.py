@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
 
     import torch
 
+    from dpr_service.core.inference import NonFiniteEmbeddings
+
     from .train import Interrupted, NonFiniteLoss, train
 
     if config_file is None and args.get("resume") and args.get("output") and saved_config(args["output"]):
@@ -110,6 +112,10 @@ def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
         return 1
     except NonFiniteLoss as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except NonFiniteEmbeddings as e:
+        print(f"{prog}: error: {e} while mining or evaluating; lower --lr or use --precision fp32. last/ holds "
+              f"the latest checkpoint (continue with --resume)", file=sys.stderr)
         return 1
     except Interrupted as e:
         if e.is_main:

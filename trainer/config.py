@@ -161,6 +161,7 @@ ENCODER_FIELDS = {"pooling": "pooling", "similarity": "similarity", "temperature
 RESUME_MAY_CHANGE = {
     "dev", "dev_split", "device", "num_workers", "eval_every", "eval_before", "eval_batch_size", "save_every",
     "log_every", "progress", "resume", "auto_resume", "stop_after", "best_metric",
+    "on_nonfinite",  # a run that met no non-finite step is the same under both; the stop message suggests skip
 }
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dpr_service.core.bm25 import BM25
+from dpr_service.core.checkpoint import CheckpointError
 from dpr_service.core.device import Runtime
 from dpr_service.core.encoder import BiEncoder
 from dpr_service.core.formats import TrainData
@@ -39,12 +40,16 @@ log = logging.getLogger("trainer")
 KEEP = 20  # mined negatives kept per question; each epoch samples --hard-negatives of them
 
 
-def choose_method(requested: str, data: TrainData) -> str:
-    """``auto`` -> ``given`` when the data has hard negatives of its own, else ``model`` (the best of
-    the methods measured in BENCHMARKS.md, "Fine-tuning quality"). Other values are returned as is."""
+def choose_method(requested: str, data: TrainData, model_kind: str = "sentence-transformers") -> str:
+    """``auto`` -> ``given`` when the data has hard negatives of its own; else ``model`` when the
+    starting model is already a retriever (a sentence-transformers model or a dpr-service checkpoint,
+    ``model_kind``), whose ranking makes hard negatives; else ``bm25`` (an untrained encoder such as
+    plain BERT ranks almost at random). Other values are returned as is."""
     if requested != "auto":
         return requested
-    return "given" if any(ex.hard_negatives or ex.negatives for ex in data.examples) else "model"
+    if any(ex.hard_negatives or ex.negatives for ex in data.examples):
+        return "given"
+    return "model" if model_kind in ("sentence-transformers", "dpr-service checkpoint") else "bm25"
 
 
 def round_path(output: Path, round_: int) -> Path:
@@ -79,10 +84,13 @@ def mine(method: str, data: TrainData, encoder: BiEncoder | None, tokenizer: Tex
         q_emb = encode_texts(encoder, tokenizer, queries, "query", runtime, batch_size, progress=progress)  # (Q, D)
         scores, idx = exact_search(q_emb, p_emb, k, runtime.device)  # (Q, k) each
         row = {p.id: i for i, p in enumerate(data.corpus)}
+        cosine = encoder.config.similarity == "cosine"
         for i, q in enumerate(queries):
             pos = list(positives[q].values())
             in_pool = [row[p.id] for p in pos if p.id in row]
-            pos_score = float((q_emb[i] @ p_emb[in_pool].T).min()) if in_pool else None
+            # the ratio rule reads cosine scores; a dot product's scale and offset are arbitrary (its
+            # candidates are still cleared of positives and their copies)
+            pos_score = float((q_emb[i] @ p_emb[in_pool].T).min()) if in_pool and cosine else None
             cands = ((data.corpus[j], s) for s, j in zip(scores[i].tolist(), idx[i].tolist()))
             mined[q] = [p.id for p in select_negatives(cands, pos, KEEP, positive_score=pos_score, ratio=ratio, stats=stats)]
     else:
@@ -105,18 +113,19 @@ def save_round(path: Path, mined: dict[str, list[str]], stats: dict) -> None:
 
 
 def load_round(path: Path) -> tuple[dict[str, list[str]], dict]:
-    """Read a round written by :func:`save_round`; raises ValueError naming the line if it is damaged."""
+    """Read a round written by :func:`save_round`; raises CheckpointError naming the line if it is damaged."""
     mined, stats = {}, {}
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: damaged mined-negatives file ({e.msg})") from None
-            if lineno == 1:
-                stats = obj.get("stats", {})
-            else:
-                mined[obj["query"]] = obj["negatives"]
+                if lineno == 1:
+                    stats = obj["stats"]
+                else:
+                    mined[obj["query"]] = list(obj["negatives"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path}:{lineno}: damaged mined-negatives file ({e}); delete it to mine "
+                                      "the round again") from None
     return mined, stats
 
 

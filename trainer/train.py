@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -99,9 +100,12 @@ def setup_runtime(cfg: TrainConfig, dist: distributed.Dist) -> Runtime:
     return runtime
 
 
-def prepare_run(cfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
+def prepare_run(cfg: TrainConfig, dist: distributed.Dist) -> tuple[TrainConfig, str]:
     """Decide fresh run or resume, resolve the encoder settings, and check a resume changes nothing
-    that matters. Returns the config to run with; writes nothing but the recovery of ``last/``."""
+    that matters. Returns the config to run with (local paths made absolute, so that
+    ``dpr train --output RUN --resume`` works from any directory) and the kind of starting model.
+    Writes nothing but the recovery of ``last/`` and, for a fresh run, the removal of negatives
+    mined by an earlier run that never reached a checkpoint."""
     last_dir = Path(cfg.output) / "last"
     if dist.is_main:
         recover_directory(last_dir)
@@ -114,12 +118,17 @@ def prepare_run(cfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
     if not cfg.resume and last_dir.exists():
         raise ConfigError(f"{last_dir} exists: pass --resume to continue that run, or choose another --output")
     cfg, sources = resolve_encoder(cfg, last_dir if cfg.resume else None)
-    log.info("encoder settings (%s): %s", sources.pop("kind"),
-             ", ".join(f"{k} {getattr(cfg, k)!r} ({sources[k]})" for k in sources))
+    kind = sources.pop("kind")
+    log.info("encoder settings (%s): %s", kind, ", ".join(f"{k} {getattr(cfg, k)!r} ({sources[k]})" for k in sources))
+    cfg = dataclasses.replace(cfg, **{k: str(Path(v).expanduser().resolve()) for k in ("model", "train", "dev", "output")
+                                      if (v := getattr(cfg, k)) and Path(v).expanduser().exists()})
     if cfg.resume:
         check_resume_config(cfg, last_dir / "train_config.yaml")
+        kind = ""  # the interrupted run's, from its training state (see _train)
+    elif dist.is_main:
+        shutil.rmtree(Path(cfg.output) / "negatives", ignore_errors=True)  # never another run's negatives
     distributed.barrier(dist)  # every rank has checked last/ before rank 0 writes anything
-    return cfg
+    return cfg, kind
 
 
 def load_data(cfg: TrainConfig) -> tuple[TrainData, EvalData | None, TrainData | None]:
@@ -239,6 +248,7 @@ class Run:
     step: int = 0
     best: float | None = None
     skipped: int = 0  # non-finite steps skipped (--on-nonfinite skip)
+    model_kind: str = ""  # what the run started from (pretrained.Inferred.kind): --negatives auto depends on it
 
     @property
     def out(self) -> Path:
@@ -277,7 +287,7 @@ class Run:
     def save_last(self) -> None:
         self.checkpointer.save_last(self.optimizer, self.scheduler, self.scaler, {
             "step": self.step, "best": self.best, "total_steps": self.plan.total_steps,
-            "world_size": self.dist.world_size, "skipped_nonfinite": self.skipped})
+            "world_size": self.dist.world_size, "skipped_nonfinite": self.skipped, "model_kind": self.model_kind})
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """Clip, then step the optimiser unless the loss or gradient is not finite; returns the
@@ -307,7 +317,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
     if not dist.is_main:
         log.setLevel(logging.WARNING)
     runtime = setup_runtime(cfg, dist)
-    cfg = prepare_run(cfg, dist)
+    cfg, model_kind = prepare_run(cfg, dist)
     out, last_dir = Path(cfg.output), Path(cfg.output) / "last"
     torch.manual_seed(cfg.seed)
 
@@ -323,27 +333,29 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
     encoder.length_buckets = cfg.length_buckets
     groups = group_by_question(data.examples) if cfg.pairs == "sample" else None
     plan = plan_run(cfg, len(groups) if groups is not None else len(data.examples))
-    method = negatives.choose_method(cfg.negatives, data)
-    if cfg.remine_every and method in ("given", "random"):
-        raise ConfigError(f"--remine-every mines with the model, but the negatives are {method!r}"
-                          f"{' (auto: the data has its own)' if cfg.negatives == 'auto' else ''}: pass --negatives model")
     if dist.is_main and not cfg.resume:
         log_length_report(data, tokenizer)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(cfg.to_yaml())  # only once data and model have loaded
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a run killed before its first checkpoint
+
+    # ---- optimiser, schedule, position; the negatives
+    optimizer, scheduler = make_optimizer(cfg, encoder, plan.total_steps, runtime)
+    scaler = runtime.grad_scaler()
+    progress = load_training_state(last_dir, optimizer, scheduler, scaler) if cfg.resume else {}
+    model_kind = progress.get("model_kind", "sentence-transformers") if cfg.resume else model_kind
+    method = negatives.choose_method(cfg.negatives, data, model_kind)
+    if cfg.remine_every and method in ("given", "random", "bm25"):
+        raise ConfigError(f"--remine-every mines with the model being trained, but the negatives are {method!r}"
+                          f"{' (auto chose it)' if cfg.negatives == 'auto' else ''}: pass --negatives model")
     log.info("plan: %d %s per epoch (%s), %s epochs (%s) = %d steps of %d; negatives: %s%s", plan.units,
              "questions, one positive each" if groups is not None else "(question, positive) pairs", f"--pairs {cfg.pairs}",
              f"{plan.epochs:g}", plan.why, plan.total_steps, cfg.batch_size, method,
              f", re-mined every {cfg.remine_every} epoch(s)" if cfg.remine_every else "")
-
-    # ---- optimiser, schedule, position
-    optimizer, scheduler = make_optimizer(cfg, encoder, plan.total_steps, runtime)
     run = Run(cfg, dist, runtime, data, eval_data, nll_data, encoder, tokenizer,
               prepare_models(encoder, dist, runtime.device), groups, plan, method, optimizer, scheduler,
-              runtime.grad_scaler(), Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main))
+              scaler, Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main), model_kind=model_kind)
     if cfg.resume:
-        progress = load_training_state(last_dir, optimizer, scheduler, run.scaler)
         run.step, run.best, run.skipped = progress["step"], progress.get("best"), progress.get("skipped_nonfinite", 0)
         if progress.get("world_size", 1) != dist.world_size:
             log.warning("resuming a run of %d processes with %d: the same global batches, but dropout "
@@ -361,7 +373,7 @@ def train_loop(run: Run) -> Path:
     cfg, dist, plan, out = run.cfg, run.dist, run.plan, run.out
     stop_signal: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
-    current_round = run.mining_round(run.step // plan.steps_per_epoch)
+    current_round = run.mining_round(min(run.step, plan.total_steps - 1) // plan.steps_per_epoch)
     run.prepare_negatives(current_round)
     if run.eval_data is not None and cfg.eval_before and run.step == 0:
         run.evaluate()

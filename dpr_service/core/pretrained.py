@@ -24,11 +24,13 @@ checkpoint keeps its own ``dpr_config.json``; any other transformers model gets 
 from __future__ import annotations
 
 import json
-import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EncoderConfig
+
+log = logging.getLogger(__name__)
 
 COSINE_TEMPERATURE = 0.05
 DPR_DEFAULTS = EncoderConfig()  # cls, dot, temperature 1, 64 / 256 tokens, two encoders, no prompts
@@ -47,26 +49,30 @@ class Inferred:
     kind: str  # "dpr-service checkpoint", "sentence-transformers" or "transformers"
     values: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)  # setting -> why the model's value cannot be used
+    notes: list = field(default_factory=list)  # things the log should say
 
     def set(self, name: str, value, source: str) -> None:
         self.values[name] = value
         self.sources[name] = source
 
 
-def check_model_dir(path: str | Path) -> Path | None:
-    """The model directory as a Path, or None for a Hugging Face Hub id (``org/name``).
+def check_model_dir(path: str | Path) -> Path:
+    """The local directory holding ``path``'s configuration: ``path`` itself (``~`` expanded), or, for a
+    Hugging Face Hub id (``bert-base-uncased``, ``org/name``), a snapshot of its JSON files from the
+    Hub or, offline, from the local Hugging Face cache.
 
-    Raises ModelDirError, before any data is read, for a local-looking path that does not exist or
-    a directory that is neither a transformers model (``config.json``) nor a dpr-service checkpoint.
+    Raises ModelDirError, before any data is read, for a path that does not exist (and is no
+    reachable Hub id), or a directory that is neither a transformers model (``config.json``) nor a
+    dpr-service checkpoint (``dpr_config.json``).
     """
-    p = Path(path)
     text = str(path)
-    hub_offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    looks_local = p.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or "\\" in text or hub_offline
-    if not looks_local:
-        return None  # a hub id: transformers says whether it can be reached
+    p = Path(text).expanduser()
     if not p.exists():
-        raise ModelDirError(f"{path}: no such directory")
+        looks_like_a_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+        if looks_like_a_path:
+            raise ModelDirError(f"{path}: no such directory")
+        p = _hub_snapshot(text)
     if not p.is_dir():
         raise ModelDirError(f"{path}: not a directory (a model is a directory with config.json and weights)")
     if not (p / "config.json").is_file() and not (p / "dpr_config.json").is_file():
@@ -75,19 +81,52 @@ def check_model_dir(path: str | Path) -> Path | None:
     return p
 
 
-def _read_json(path: Path):
+def _hub_snapshot(repo_id: str) -> Path:
+    """The JSON files of a Hub model (config and sentence-transformers files), cached by huggingface_hub."""
+    from huggingface_hub import snapshot_download
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=["*.json", "*/*.json"]))
+    except Exception as e:  # offline without a cached copy, unknown id, no network: one line either way
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelDirError(f"{repo_id}: no such directory, and not a Hugging Face Hub model that could be "
+                            f"reached ({first})") from None
+
+
+def _read_json(path: Path, kind: type = dict):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelDirError(f"{path}: cannot read ({e})") from None
+    if not isinstance(data, kind):
+        raise ModelDirError(f"{path}: expected a JSON {'object' if kind is dict else 'array'}, got {type(data).__name__}")
+    return data
+
+
+SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def _pooling(cfg: dict) -> str | None:
+    """cls or mean from a Pooling config: sentence-transformers >= 5 writes ``"pooling_mode": "mean"``,
+    older versions one boolean per mode (``pooling_mode_mean_tokens``). None for other modes."""
+    mode = cfg.get("pooling_mode")
+    if isinstance(mode, str):
+        return {"mean": "mean", "cls": "cls"}.get(mode)
+    if cfg.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    return None
 
 
 def infer_encoder_settings(path: str | Path) -> Inferred:
-    """The encoder settings a model directory implies (see the module docstring); a hub id or a plain
-    transformers directory gives DPR's. Raises ModelDirError for unreadable or unsupported files
-    (e.g. max pooling, which the encoder does not implement)."""
+    """The encoder settings a model implies (see the module docstring); a plain transformers model
+    gives DPR's. A setting this encoder cannot reproduce (max pooling, a prompt left out of pooling)
+    is recorded in ``Inferred.errors``: :func:`resolve_encoder_config` raises for it unless the
+    setting is given. Raises ModelDirError for unreadable files and for modules it cannot run
+    (Dense, Router/Asym, ...), whose embeddings would silently differ from the model's own."""
     p = check_model_dir(path)
-    if p is not None and (p / "dpr_config.json").is_file():
+    if (p / "dpr_config.json").is_file():
         raw = _read_json(p / "dpr_config.json")
         try:
             config = EncoderConfig.from_dict(raw)
@@ -97,57 +136,70 @@ def infer_encoder_settings(path: str | Path) -> Inferred:
         for name in SETTINGS:
             out.set(name, getattr(config, name), "dpr_config.json")
         return out
-    if p is None or not (p / "modules.json").is_file():
+    if not (p / "modules.json").is_file():
         out = Inferred("transformers")
         for name in SETTINGS:
             out.set(name, getattr(DPR_DEFAULTS, name), "DPR's defaults")
         return _fit_positions(out, p)
 
     out = Inferred("sentence-transformers")
-    modules = _read_json(p / "modules.json")
-    types = [str(m.get("type", "")) for m in modules] if isinstance(modules, list) else []
-    transformers = [t for t in types if t.endswith(".Transformer")]
-    out.set("shared", len(transformers) <= 1, "modules.json")
-    pooling_dirs = [m.get("path", "") for m in modules if str(m.get("type", "")).endswith(".Pooling")]
-    pooling = "cls" if not pooling_dirs else None
+    modules = _read_json(p / "modules.json", list)
+    if not all(isinstance(m, dict) for m in modules):
+        raise ModelDirError(f"{p / 'modules.json'}: expected a list of module objects")
+    types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    unsupported = [f"{m.get('path') or m.get('name')} ({m.get('type')})" for m, t in zip(modules, types) if t not in SUPPORTED_MODULES]
+    if unsupported or types.count("Transformer") != 1:
+        raise ModelDirError(f"{p / 'modules.json'}: only a Transformer with Pooling and Normalize can be reproduced here; "
+                            f"{', '.join(unsupported) or 'not exactly one Transformer'} would make embeddings differ "
+                            "from the model's own (asymmetric Router/Asym models are not supported either)")
+    out.set("shared", True, "modules.json (one Transformer)")
+    pooling_dirs = [m.get("path", "") for m, t in zip(modules, types) if t == "Pooling"]
+    pool_cfg = _read_json(p / pooling_dirs[0] / "config.json") if pooling_dirs else {}
     if pooling_dirs:
-        cfg = _read_json(p / pooling_dirs[0] / "config.json")
-        if cfg.get("pooling_mode_mean_tokens"):
-            pooling = "mean"
-        elif cfg.get("pooling_mode_cls_token"):
-            pooling = "cls"
-        else:
-            modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v)
-            raise ModelDirError(f"{p / pooling_dirs[0] / 'config.json'}: pooling {modes} is not supported "
-                                "(cls or mean); pass --pooling to choose one")
-        out.set("pooling", pooling, f"{pooling_dirs[0]}/config.json")
+        pooling = _pooling(pool_cfg)
+        where = f"{pooling_dirs[0]}/config.json"
+        if pooling is None:
+            mode = pool_cfg.get("pooling_mode") or sorted(k for k, v in pool_cfg.items() if k.startswith("pooling_mode") and v)
+            out.errors["pooling"] = f"{p / where}: pooling {mode!r} is not supported (cls or mean); pass --pooling to choose one"
+        out.set("pooling", pooling, where)
     else:
-        out.set("pooling", pooling, "modules.json (no Pooling module)")
-    similarity, sim_source = "dot", "modules.json (no Normalize module)"
-    if any(t.endswith(".Normalize") for t in types):
-        similarity, sim_source = "cosine", "modules.json (Normalize module)"
+        out.set("pooling", "cls", "modules.json (no Pooling module)")
     st_config = _read_json(p / "config_sentence_transformers.json") if (p / "config_sentence_transformers.json").is_file() else {}
     fn = st_config.get("similarity_fn_name")
-    if fn in ("cosine", "dot") and not (fn == "dot" and similarity == "cosine"):
+    if any(t == "Normalize" for t in types):
+        similarity, sim_source = "cosine", "modules.json (Normalize module)"
+    elif fn in ("cosine", "dot"):
         similarity, sim_source = fn, "config_sentence_transformers.json (similarity_fn_name)"
+    elif fn is None:
+        similarity, sim_source = "cosine", "sentence-transformers' default (no Normalize module, no similarity_fn_name)"
+    else:
+        similarity, sim_source = None, "config_sentence_transformers.json (similarity_fn_name)"
+        out.errors["similarity"] = f"similarity_fn_name {fn!r} is not supported (cosine or dot); pass --similarity"
     out.set("similarity", similarity, sim_source)
     if similarity == "cosine":
         out.set("temperature", COSINE_TEMPERATURE, f"cosine similarity ({sim_source})")
     else:
         out.set("temperature", 1.0, f"dot product ({sim_source})")
     sbert = p / "sentence_bert_config.json"
-    if sbert.is_file() and isinstance(_read_json(sbert).get("max_seq_length"), int):
-        length = _read_json(sbert)["max_seq_length"]
-        out.set("query_max_length", length, "sentence_bert_config.json (max_seq_length)")
-        out.set("passage_max_length", length, "sentence_bert_config.json (max_seq_length)")
-    else:
-        out.set("query_max_length", DPR_DEFAULTS.query_max_length, "DPR's defaults")
-        out.set("passage_max_length", DPR_DEFAULTS.passage_max_length, "DPR's defaults")
+    length = _read_json(sbert).get("max_seq_length") if sbert.is_file() else None
+    for name in ("query_max_length", "passage_max_length"):
+        if isinstance(length, int):
+            out.set(name, length, "sentence_bert_config.json (max_seq_length)")
+        else:
+            out.set(name, getattr(DPR_DEFAULTS, name), "DPR's defaults")
     prompts = st_config.get("prompts") if isinstance(st_config.get("prompts"), dict) else {}
     query_prompt = prompts.get("query", "")
     passage_prompt = next((prompts[k] for k in ("passage", "document", "corpus") if k in prompts), "")
-    out.set("query_prompt", query_prompt if isinstance(query_prompt, str) else "", "config_sentence_transformers.json (prompts)")
-    out.set("passage_prompt", passage_prompt if isinstance(passage_prompt, str) else "", "config_sentence_transformers.json (prompts)")
+    known = {"query", "passage", "document", "corpus"}
+    if set(prompts) - known and not (query_prompt or passage_prompt):
+        out.notes.append(f"config_sentence_transformers.json has prompts {sorted(prompts)} but none named query, "
+                         "passage, document or corpus: none is used; pass --query-prompt / --passage-prompt")
+    for name, value in (("query_prompt", query_prompt), ("passage_prompt", passage_prompt)):
+        out.set(name, value if isinstance(value, str) else "", "config_sentence_transformers.json (prompts)")
+        if value and pool_cfg.get("include_prompt") is False and out.values["pooling"] == "mean":
+            out.errors[name] = (f"{pooling_dirs[0]}/config.json: include_prompt false (the prompt's tokens are left out "
+                                "of mean pooling) is not supported; pass --query-prompt '' --passage-prompt '' to train "
+                                "without prompts")
     return _fit_positions(out, p)
 
 
@@ -171,10 +223,14 @@ def resolve_encoder_config(model: str | Path, given: dict) -> tuple[EncoderConfi
     for name in SETTINGS:
         if given.get(name) is not None:
             values[name], sources[name] = given[name], "given"
+        elif name in inferred.errors:
+            raise ModelDirError(inferred.errors[name])
         else:
             values[name], sources[name] = inferred.values[name], inferred.sources[name]
     if given.get("temperature") is None and given.get("similarity") is not None:
         # a similarity chosen by hand takes its own temperature, not the model's
         values["temperature"] = COSINE_TEMPERATURE if values["similarity"] == "cosine" else 1.0
         sources["temperature"] = f"{values['similarity']} similarity (given)"
+    for note in inferred.notes:
+        log.warning("%s: %s", model, note)
     return EncoderConfig(**values), {"kind": inferred.kind, **sources}
