@@ -164,7 +164,7 @@ def test_mined_negatives_skip_copies_of_positives_and_resume_reads_them(tmp_path
     train(cfg)
     mined = tmp_path / "out" / "negatives" / "round-0.jsonl"
     lines = [json.loads(line) for line in mined.read_text().splitlines()]
-    assert lines[0]["stats"]["questions"] == 16
+    assert lines[0]["stats"]["questions"] == 16 and lines[0]["stats"]["examples"] == 16
     # the question whose positive is corpus[0] never gets its copy
     qrels = dict(r.split("\t")[:2][::-1] for r in (root / "qrels" / "train.tsv").read_text().splitlines()[1:])
     queries = {json.loads(q)["_id"]: json.loads(q)["text"] for q in (root / "queries.jsonl").read_text().splitlines()}
@@ -372,3 +372,40 @@ def test_remining_needs_model_negatives(tmp_path, tiny_model):
     root = write_beir(tmp_path / "beir", n=16, splits=("train",))
     with pytest.raises(ConfigError, match="--remine-every mines with the model being trained, but the negatives are 'bm25'"):
         train(base_cfg(tmp_path, tiny_model, root, negatives="bm25", remine_every=1))
+
+
+def test_model_mining_applies_the_ratio_to_each_examples_own_positive(tmp_path, tiny_model):
+    """NV-Retriever's ceiling is per (question, positive): a question with a weak and a strong
+    positive keeps, for the strong one, the negatives the weak one's ceiling would exclude."""
+    from dpr_service.core.device import pick_runtime
+    from dpr_service.core.inference import encode_texts
+    from trainer.negatives import mine
+
+    root = write_beir(tmp_path / "beir", n=24, splits=("train",))
+    data = read_train_data(root, "train")
+    q0 = data.examples[0].query  # give question 0 every passage of questions 1-3 as extra positives
+    extra = [ex.positive for ex in data.examples[1:4]]
+    data.examples += [type(data.examples[0])(q0, p) for p in extra]
+    from dpr_service.core.formats import share_known_positives
+
+    for ex in data.examples:
+        if ex.query == q0:
+            ex.known_positive_ids = frozenset({data.examples[0].positive.id, *(p.id for p in extra)})
+    share_known_positives(data.examples)
+    config = EncoderConfig(pooling="mean", similarity="cosine", temperature=0.05, passage_max_length=64, shared=True)
+    encoder, tokenizer = load_base_model(str(tiny_model), config)
+    runtime = pick_runtime("cpu", "fp32")
+    ratio = 1.0  # (a random tiny model's cosines are all close: at 0.95 nothing would pass)
+    mined, stats = mine("model", data, encoder, tokenizer, runtime, depth=50, ratio=ratio, progress=False)
+    q = encode_texts(encoder, tokenizer, [q0], "query", runtime)[0]
+    by_id = {p.id: p for p in data.corpus}
+    own = [ex for ex in data.examples if ex.query == q0]
+    for ex in own:
+        ceiling = ratio * float(q @ encode_texts(encoder, tokenizer, [ex.positive], "passage", runtime)[0])
+        negs = mined[(q0, ex.positive.id)]
+        assert all(pid not in ex.known_positive_ids for pid in negs)
+        scores = encode_texts(encoder, tokenizer, [by_id[i] for i in negs], "passage", runtime) @ q if negs else torch.empty(0)
+        assert bool((scores <= ceiling + 1e-5).all())
+    strength = {ex.positive.id: float(q @ encode_texts(encoder, tokenizer, [ex.positive], "passage", runtime)[0]) for ex in own}
+    counts = [len(mined[(q0, pid)]) for pid in sorted(strength, key=strength.get)]
+    assert counts == sorted(counts) and counts[0] < counts[-1]  # a stronger positive keeps more negatives

@@ -9,8 +9,8 @@
 
 Both mining methods go through :func:`dpr_service.core.mining.select_negatives`, the rules ``dpr mine``
 applies: never a known positive, never a passage whose text equals a positive's, and (model) never a
-passage scoring above ``--mine-ratio`` (0.95, NV-Retriever) of the question's lowest-scoring positive.
-Each question keeps up to ``KEEP`` negatives; every epoch draws ``--hard-negatives`` of them at random.
+passage scoring above ``--mine-ratio`` (0.95, NV-Retriever) of the example's own positive (cosine only).
+Each example keeps up to ``KEEP`` negatives; every epoch draws ``--hard-negatives`` of them at random.
 
 Mined negatives are written to ``<output>/negatives/round-<r>.jsonl`` (round 0 before the first step,
 round r after r * ``--remine-every`` epochs) and read back on ``--resume``, so a resumed run trains on
@@ -32,7 +32,7 @@ from dpr_service.core.device import Runtime
 from dpr_service.core.encoder import BiEncoder
 from dpr_service.core.formats import TrainData
 from dpr_service.core.inference import encode_texts, exact_search
-from dpr_service.core.mining import MiningStats, select_negatives
+from dpr_service.core.mining import MiningStats, score_ceiling, select_negatives
 from dpr_service.core.tokenize import TextTokenizer
 
 log = logging.getLogger("trainer")
@@ -58,61 +58,71 @@ def round_path(output: Path, round_: int) -> Path:
 
 def mine(method: str, data: TrainData, encoder: BiEncoder | None, tokenizer: TextTokenizer | None,
          runtime: Runtime | None, depth: int, ratio: float, batch_size: int = 128, progress: bool = True
-         ) -> tuple[dict[str, list[str]], dict]:
-    """Mine negatives for every question of ``data``: {query text: [passage ids, best first]} and
-    counts (:class:`MiningStats`). ``method`` is ``bm25`` or ``model`` (which needs the encoder)."""
+         ) -> tuple[dict[tuple[str, str], list[str]], dict]:
+    """Mine negatives for every example of ``data``: {(query text, positive id): [passage ids, best
+    first]} and counts. ``method`` is ``bm25`` or ``model`` (which needs the encoder).
+
+    Each question's top ``depth`` candidates that are neither its known positives nor copies of one
+    are found once; with the model and cosine similarity, each example then keeps those scoring at
+    most ``ratio`` of *its own* positive's score (NV-Retriever scores each (question, positive) pair:
+    a question with 40 positives of mixed scores keeps hard negatives for its strong positives)."""
     by_id = {p.id: p for p in data.corpus}
-    positives: dict[str, list] = {}
+    positives: dict[str, dict] = {}
     for ex in data.examples:
         known = positives.setdefault(ex.query, {})
         for pid in ex.known_positive_ids | {ex.positive.id}:
-            if pid in by_id:
-                known[pid] = by_id[pid]
-            elif pid == ex.positive.id:
-                known[pid] = ex.positive
+            if pid in by_id or pid == ex.positive.id:
+                known[pid] = by_id.get(pid, ex.positive)
     queries = list(positives)
     k = min(len(data.corpus), depth + max(len(v) for v in positives.values()))
     stats = MiningStats()
-    mined: dict[str, list[str]] = {}
     if method == "bm25":
         ranked = BM25(data.corpus).search(queries, k)
-        for q, hits in zip(queries, ranked):
-            cands = ((by_id[pid], score) for pid, score in hits)
-            mined[q] = [p.id for p in select_negatives(cands, list(positives[q].values()), KEEP, stats=stats)]
+        pair_score = None
     elif method == "model":
         p_emb = encode_texts(encoder, tokenizer, data.corpus, "passage", runtime, batch_size, progress=progress)  # (N, D)
         q_emb = encode_texts(encoder, tokenizer, queries, "query", runtime, batch_size, progress=progress)  # (Q, D)
         scores, idx = exact_search(q_emb, p_emb, k, runtime.device)  # (Q, k) each
-        row = {p.id: i for i, p in enumerate(data.corpus)}
+        ranked = [[(data.corpus[j].id, s) for s, j in zip(row_s, row_j)] for row_s, row_j in zip(scores.tolist(), idx.tolist())]
+        row, q_row = {p.id: i for i, p in enumerate(data.corpus)}, {q: i for i, q in enumerate(queries)}
+        # the ratio rule reads cosine scores; a dot product's scale and offset are arbitrary (its
+        # candidates are still cleared of positives and their copies)
         cosine = encoder.config.similarity == "cosine"
-        for i, q in enumerate(queries):
-            pos = list(positives[q].values())
-            in_pool = [row[p.id] for p in pos if p.id in row]
-            # the ratio rule reads cosine scores; a dot product's scale and offset are arbitrary (its
-            # candidates are still cleared of positives and their copies)
-            pos_score = float((q_emb[i] @ p_emb[in_pool].T).min()) if in_pool and cosine else None
-            cands = ((data.corpus[j], s) for s, j in zip(scores[i].tolist(), idx[i].tolist()))
-            mined[q] = [p.id for p in select_negatives(cands, pos, KEEP, positive_score=pos_score, ratio=ratio, stats=stats)]
+        pair_score = lambda q, pid: float(q_emb[q_row[q]] @ p_emb[row[pid]]) if cosine and pid in row else None  # noqa: E731
     else:
         raise ValueError(f"method must be bm25 or model, got {method!r}")
-    return mined, stats.as_dict()
+    candidates = {}  # query -> [(passage, score)] without its positives and their copies, best first
+    for q, hits in zip(queries, ranked):
+        score = dict(hits)
+        kept = select_negatives(((by_id[pid], s) for pid, s in hits), list(positives[q].values()), depth, stats=stats)
+        candidates[q] = [(p, score[p.id]) for p in kept]
+    mined: dict[tuple[str, str], list[str]] = {}
+    short = 0
+    for ex in data.examples:
+        pos_score = pair_score(ex.query, ex.positive.id) if pair_score else None
+        ceiling = score_ceiling(pos_score, ratio=ratio) if pos_score is not None else float("inf")
+        allowed = [p.id for p, s in candidates[ex.query] if s <= ceiling]
+        stats.skipped["within_margin"] += len(candidates[ex.query]) - len(allowed)
+        mined[(ex.query, ex.positive.id)] = allowed[:KEEP]
+        short += not allowed
+    return mined, stats.as_dict() | {"examples": len(data.examples), "examples_without_negatives": short}
 
 
-def save_round(path: Path, mined: dict[str, list[str]], stats: dict) -> None:
+def save_round(path: Path, mined: dict[tuple[str, str], list[str]], stats: dict) -> None:
     """Write one round's negatives atomically: a JSON header line with the counts, then one
-    ``{"query", "negatives"}`` line per question."""
+    ``{"query", "positive", "negatives"}`` line per example (question, positive id)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(json.dumps({"stats": stats}) + "\n")
-        for q, ids in mined.items():
-            fh.write(json.dumps({"query": q, "negatives": ids}, ensure_ascii=False) + "\n")
+        for (q, pid), ids in mined.items():
+            fh.write(json.dumps({"query": q, "positive": pid, "negatives": ids}, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
 
 
-def load_round(path: Path) -> tuple[dict[str, list[str]], dict]:
+def load_round(path: Path) -> tuple[dict[tuple[str, str], list[str]], dict]:
     """Read a round written by :func:`save_round`; raises CheckpointError naming the line if it is damaged."""
     mined, stats = {}, {}
     with open(path, encoding="utf-8") as fh:
@@ -122,18 +132,18 @@ def load_round(path: Path) -> tuple[dict[str, list[str]], dict]:
                 if lineno == 1:
                     stats = obj["stats"]
                 else:
-                    mined[obj["query"]] = list(obj["negatives"])
+                    mined[(obj["query"], obj["positive"])] = list(obj["negatives"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}:{lineno}: damaged mined-negatives file ({e}); delete it to mine "
                                       "the round again") from None
     return mined, stats
 
 
-def apply(data: TrainData, mined: dict[str, list[str]] | None) -> None:
-    """Give every example its question's mined negatives (``None``: random pool passages only)."""
+def apply(data: TrainData, mined: dict[tuple[str, str], list[str]] | None) -> None:
+    """Give every example its mined negatives (``None``: random pool passages only)."""
     by_id = {p.id: p for p in data.corpus}
     for ex in data.examples:
-        ex.hard_negatives = [by_id[i] for i in (mined or {}).get(ex.query, []) if i in by_id]
+        ex.hard_negatives = [by_id[i] for i in (mined or {}).get((ex.query, ex.positive.id), []) if i in by_id]
         ex.negatives = []
 
 
