@@ -27,7 +27,7 @@ def _percentile(values: list[int], q: float) -> int:
 
 def length_report(data: TrainData, tokenizer: TextTokenizer, sample: int = PASSAGE_SAMPLE, seed: int = 0) -> dict:
     """Token-length statistics: for ``queries`` (every distinct question) and ``passages`` (a seeded
-    sample of up to ``sample`` pool passages, positives first): count, median, 95th percentile,
+    sample of up to ``sample`` passages of the pool and the positives): count, median, 95th percentile,
     max length, and the share longer than the max length (``truncated``, 0-1)."""
     queries = list(dict.fromkeys(ex.query for ex in data.examples))
     pool = list({p.id: p for p in [ex.positive for ex in data.examples] + list(data.corpus)}.values())
