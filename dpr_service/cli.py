@@ -20,6 +20,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``dpr COMMAND ...``: dispatch to a stage's command-line entry point; returns its exit code (2 for an unknown command)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         lines = ["usage: dpr <command> [options]", "", "commands:"]

@@ -263,4 +263,5 @@ def tune_search(index: faiss.Index) -> dict:
 
 
 def gpu_faiss_available() -> bool:
+    """True when faiss was built with GPU support and sees a GPU."""
     return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0

@@ -88,6 +88,7 @@ def read_job(work: Path) -> dict | None:
 
 
 def same_job(found: dict | None, job: dict) -> bool:
+    """Whether the work directory was started for the same checkpoint, corpus and index settings (so its chunks can be reused)."""
     return bool(found) and all(found.get(k) == v for k, v in job.items() if k != "corpus")  # a moved corpus file is the same
 
 
@@ -131,6 +132,7 @@ def prepare_work(work: Path, job: dict) -> None:
 
 
 def lock_path(work: Path) -> Path:
+    """The merge lock's path inside the work directory."""
     return work.with_suffix(".lock")  # .<index>.partial -> .<index>.lock
 
 

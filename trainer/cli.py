@@ -58,6 +58,7 @@ HELP = {
 
 
 def build_parser(prog: str = "dpr train") -> argparse.ArgumentParser:
+    """The ``dpr train`` argument parser: one flag per TrainConfig field (only flags given override the config file)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Fine-tune a DPR bi-encoder with the in-batch negative NLL loss.",
@@ -81,6 +82,7 @@ def build_parser(prog: str = "dpr train") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
+    """``dpr train``: exit 0 when done, 2 for bad settings or data (one line naming the flag or file:line), 1 for a diverged run or GPU out-of-memory, 128 + signal after a clean stop."""
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)

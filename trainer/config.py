@@ -27,6 +27,7 @@ class ConfigError(Exception):
 @dataclass
 class TrainConfig:
     # what to train, on what, and where to write it
+    """Every setting of a training run (the YAML file and the flags use these names). Encoder settings left None come from the starting model (:func:`resolve_encoder`)."""
     model: str = ""  # a local transformers model directory or a hub id
     train: str = ""  # DPR JSON/JSONL, plain JSONL, or a BEIR directory
     dev: str | None = None

@@ -21,12 +21,14 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place under torchrun: ``rank``, ``local_rank`` (its GPU) and ``world_size`` (1 without torchrun)."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
 
     @property
     def enabled(self) -> bool:
+        """True under torchrun with more than one process."""
         return self.world_size > 1
 
     @property
@@ -50,6 +52,7 @@ def setup(d: Dist, device: torch.device) -> None:
 
 
 def teardown() -> None:
+    """Leave the process group, if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -99,5 +102,6 @@ def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
 
 
 def barrier(d: Dist) -> None:
+    """Wait until every rank gets here (a no-op for a world of one)."""
     if d.enabled:
         dist.barrier()

@@ -53,6 +53,7 @@ def choose_method(requested: str, data: TrainData, model_kind: str = "sentence-t
 
 
 def round_path(output: Path, round_: int) -> Path:
+    """``<output>/negatives/round-<r>.jsonl``, where round ``r``'s mined negatives are kept."""
     return Path(output) / "negatives" / f"round-{round_}.jsonl"
 
 

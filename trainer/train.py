@@ -214,10 +214,12 @@ class Checkpointer:
             extra(tmp)
 
     def save_last(self, optimizer, scheduler, scaler, progress: dict) -> None:
+        """Write ``last/`` (model and training state); rank 0 only."""
         if self.is_main:
             self._write("last", lambda tmp: save_training_state(tmp, optimizer, scheduler, scaler, progress))
 
     def save_best(self, step: int, metrics: dict) -> None:
+        """Write ``best/`` (model and ``eval.json`` with the step's metrics); rank 0 only."""
         if self.is_main:
             self._write("best", lambda tmp: (tmp / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n"))
 
@@ -252,6 +254,7 @@ class Run:
 
     @property
     def out(self) -> Path:
+        """The run's output directory."""
         return Path(self.cfg.output)
 
     def mining_round(self, epoch: int) -> int:
@@ -259,6 +262,7 @@ class Run:
         return epoch // self.cfg.remine_every if self.cfg.remine_every else 0
 
     def prepare_negatives(self, round_: int) -> None:
+        """Make round ``round_``'s negatives the examples' hard negatives (read back or mined; see trainer/negatives.py)."""
         cfg = self.cfg
         negatives.prepare_round(self.method, round_, self.data, self.out, self.encoder, self.tokenizer, self.runtime,
                                 cfg.mine_depth, cfg.mine_ratio, cfg.eval_batch_size, cfg.progress, self.dist.is_main,
@@ -285,6 +289,7 @@ class Run:
             self.checkpointer.save_best(self.step, metrics)
 
     def save_last(self) -> None:
+        """Write ``last/`` (model and training state); rank 0 only."""
         self.checkpointer.save_last(self.optimizer, self.scheduler, self.scaler, {
             "step": self.step, "best": self.best, "total_steps": self.plan.total_steps,
             "world_size": self.dist.world_size, "skipped_nonfinite": self.skipped, "model_kind": self.model_kind})

@@ -18,6 +18,7 @@ from .tokenize import TextTokenizer
 
 @dataclass
 class Batch:
+    """B questions and their N passages, tokenised, with what the loss needs to mask (see :func:`collate`)."""
     queries: dict  # input_ids, attention_mask: (B, Lq)
     passages: dict  # input_ids, attention_mask: (B * (1 + H), Lp)
     positive_idx: torch.Tensor  # (B,) column of each question's positive
@@ -32,9 +33,11 @@ class Batch:
 
     @property
     def size(self) -> int:
+        """B, the number of questions."""
         return int(self.positive_idx.shape[0])
 
     def to(self, device: torch.device) -> "Batch":
+        """The batch with every tensor on ``device`` (non-blocking copies)."""
         return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> "Batch":

@@ -57,10 +57,12 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
+        """The config as saved in ``dpr_config.json``, with the format tag."""
         return {"format": FORMAT, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "EncoderConfig":
+        """Parse a ``dpr_config.json`` dictionary; raises ValueError for unknown keys or bad values."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields - {"format", "base_model", "fingerprint"}
         if unknown:
@@ -68,4 +70,5 @@ class EncoderConfig:
         return cls(**{k: v for k, v in data.items() if k in fields})
 
     def save(self, path: Path, **extra) -> None:
+        """Write ``dpr_config.json`` at ``path`` (``extra`` keys such as base_model and fingerprint beside the config)."""
         Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")

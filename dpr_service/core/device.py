@@ -18,11 +18,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class Runtime:
+    """The device and precision chosen once for a run: autocast context and gradient scaler come from here."""
     device: torch.device
     precision: str  # "fp32" | "bf16" | "fp16"
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype (bf16 or fp16), or None for fp32."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     def autocast(self):

@@ -73,4 +73,5 @@ class BiEncoder(nn.Module):
 
     @property
     def dim(self) -> int:
+        """The embedding width D."""
         return int(self.query_model.config.hidden_size)

@@ -56,6 +56,7 @@ class Passage:
 
 @dataclass
 class TrainExample:
+    """One training example: a question, its positive, its hard negatives and DPR negatives, answers, and every passage id known to answer it."""
     query: str
     positive: Passage
     hard_negatives: list[Passage] = field(default_factory=list)
@@ -66,6 +67,7 @@ class TrainExample:
 
 @dataclass
 class TrainData:
+    """The training examples, the passage pool that mining and random negatives draw from, and where they came from."""
     examples: list[TrainExample]
     corpus: list[Passage]  # the pool that missing hard negatives are drawn from
     source: str
@@ -83,6 +85,7 @@ class EvalData:
 
 
 def content_id(title: str, text: str) -> str:
+    """An id for a passage without one: a sha256 prefix of its title and text, so the same text gets the same id everywhere."""
     return "sha1:" + hashlib.sha1(f"{title}\x1f{text}".encode()).hexdigest()[:16]
 
 
@@ -385,6 +388,7 @@ def _unique_passages(path: Path, rows: Iterator[tuple[int, Passage]]) -> list[Pa
 
 
 def read_beir_queries(path: Path) -> dict[str, str]:
+    """BEIR ``queries.jsonl``: {query id: text} (``metadata`` is ignored: it can leak judgements). Raises DataError naming file and line."""
     queries = {}
     for lineno, obj in iter_jsonl(path):
         if "_id" not in obj:

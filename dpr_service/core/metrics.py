@@ -146,6 +146,7 @@ def ndcg_at_k(ranked: Sequence[str], rel: Mapping[str, int], k: int) -> float:
 
 
 def mrr_at_k(ranked: Sequence[str], rel: Mapping[str, int], k: int, level: int = 1) -> float:
+    """Reciprocal rank of the first passage with grade >= ``level`` within the top k, else 0 (trec_eval's recip_rank on the run cut at k)."""
     for i, pid in enumerate(ranked[:k]):
         if rel.get(pid, 0) >= level:
             return 1.0 / (i + 1)
@@ -153,15 +154,18 @@ def mrr_at_k(ranked: Sequence[str], rel: Mapping[str, int], k: int, level: int =
 
 
 def recall_at_k(ranked: Sequence[str], rel: Mapping[str, int], k: int, level: int = 1) -> float:
+    """Passages with grade >= ``level`` in the top k over all judged ones with grade >= ``level`` (0 when there are none)."""
     relevant = sum(1 for s in rel.values() if s >= level)
     return sum(1 for pid in ranked[:k] if rel.get(pid, 0) >= level) / relevant if relevant else 0.0
 
 
 def precision_at_k(ranked: Sequence[str], rel: Mapping[str, int], k: int, level: int = 1) -> float:
+    """Passages with grade >= ``level`` in the top k, divided by k (trec_eval's P.k: a short run is not padded)."""
     return sum(1 for pid in ranked[:k] if rel.get(pid, 0) >= level) / k
 
 
 def ap_at_k(ranked: Sequence[str], rel: Mapping[str, int], k: int, level: int = 1) -> float:
+    """Average precision cut at k (trec_eval's map_cut.k): precision at each relevant rank <= k, over all relevant judged passages."""
     relevant = sum(1 for s in rel.values() if s >= level)
     found, total = 0, 0.0
     for i, pid in enumerate(ranked[:k]):

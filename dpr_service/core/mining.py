@@ -55,6 +55,7 @@ class MiningStats:
     short: int = 0  # questions that got fewer negatives than asked for
 
     def as_dict(self) -> dict:
+        """The counts as a flat dictionary for logs (``skipped_<rule>`` per rule)."""
         return {"questions": self.questions, "short_of_negatives": self.short,
                 **{f"skipped_{k}": v for k, v in sorted(self.skipped.items())}}
 

@@ -53,6 +53,7 @@ class Inferred:
     notes: list = field(default_factory=list)  # things the log should say
 
     def set(self, name: str, value, source: str) -> None:
+        """Record a setting's value and the file (or rule) it came from."""
         self.values[name] = value
         self.sources[name] = source
 
@@ -187,20 +188,25 @@ def infer_encoder_settings(path: str | Path) -> Inferred:
             out.set(name, length, "sentence_bert_config.json (max_seq_length)")
         else:
             out.set(name, getattr(DPR_DEFAULTS, name), "DPR's defaults")
+    _read_prompts(out, st_config, pool_cfg.get("include_prompt") is False)
+    return _fit_positions(out, p)
+
+
+def _read_prompts(out: Inferred, st_config: dict, prompt_left_out: bool) -> None:
+    """Query and passage prompts from ``config_sentence_transformers.json``'s ``prompts`` (query;
+    passage, document or corpus); an error for a prompt that mean pooling leaves out
+    (``include_prompt: false``), a note when the prompts have other names."""
     prompts = st_config.get("prompts") if isinstance(st_config.get("prompts"), dict) else {}
     query_prompt = prompts.get("query", "")
     passage_prompt = next((prompts[k] for k in ("passage", "document", "corpus") if k in prompts), "")
-    known = {"query", "passage", "document", "corpus"}
-    if set(prompts) - known and not (query_prompt or passage_prompt):
+    if set(prompts) - {"query", "passage", "document", "corpus"} and not (query_prompt or passage_prompt):
         out.notes.append(f"config_sentence_transformers.json has prompts {sorted(prompts)} but none named query, "
                          "passage, document or corpus: none is used; pass --query-prompt / --passage-prompt")
     for name, value in (("query_prompt", query_prompt), ("passage_prompt", passage_prompt)):
         out.set(name, value if isinstance(value, str) else "", "config_sentence_transformers.json (prompts)")
-        if value and pool_cfg.get("include_prompt") is False and out.values["pooling"] == "mean":
-            out.errors[name] = (f"{pooling_dirs[0]}/config.json: include_prompt false (the prompt's tokens are left out "
-                                "of mean pooling) is not supported; pass --query-prompt '' --passage-prompt '' to train "
-                                "without prompts")
-    return _fit_positions(out, p)
+        if value and prompt_left_out and out.values["pooling"] == "mean":
+            out.errors[name] = ("the Pooling config's include_prompt false (the prompt's tokens are left out of mean "
+                                "pooling) is not supported; pass --query-prompt '' --passage-prompt '' to train without prompts")
 
 
 def _fit_positions(out: Inferred, p: Path | None) -> Inferred:

@@ -29,6 +29,7 @@ from .loss import candidate_log_probs
 
 @dataclass
 class ScoreItem:
+    """One question with its positive and negatives, as ``POST /score`` receives it."""
     question: str
     positive: Passage
     negatives: list[Passage]
@@ -36,6 +37,7 @@ class ScoreItem:
 
 @dataclass
 class ItemScore:
+    """The loss of one item: NLL (nats), the softmax probabilities over its candidates, the positive's rank (1 = best)."""
     loss: float  # -log softmax of the positive among the item's candidates
     probabilities: list[float]  # positive first, then the item's negatives in order
     rank: int  # 1 = the positive scores highest among the candidates
