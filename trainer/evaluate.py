@@ -12,7 +12,7 @@ from dpr_service.core.device import Runtime
 from dpr_service.core.encoder import BiEncoder
 from dpr_service.core.formats import EvalData, TrainData
 from dpr_service.core.inference import encode_texts, exact_search
-from dpr_service.core.metrics import Conventions, Hit, exact_scores, score_run, search_run
+from dpr_service.core.metrics import Conventions, Ranked, exact_scores, score_run, search_run
 from dpr_service.core.scoring import batch_log_probs
 from dpr_service.core.tokenize import TextTokenizer
 
@@ -61,7 +61,7 @@ def retrieval_eval(encoder: BiEncoder, tokenizer: TextTokenizer, data: EvalData,
     pids = [p.id for p in data.corpus]
     p_np, q_np = p_emb.numpy(), q_emb.numpy()
 
-    def search(rows: list[int], depth: int) -> list[list[Hit]]:
+    def search(rows: list[int], depth: int) -> list[list[Ranked]]:
         _, top = exact_search(q_emb[rows], p_emb, depth, device=runtime.device)  # (len(rows), depth)
         # scores recomputed per candidate by one function (as dpr eval does): copies of a passage tie exactly
         return [list(zip([pids[j] for j in idx], exact_scores(q_np[r], p_np[idx]).tolist()))

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-from .metrics import Hit, trec_order
+from .metrics import Ranked, trec_order
 
 RRF_K = 60
 MODES = ("dense", "bm25", "hybrid")
 FUSIONS = ("rrf", "convex")
 
 
-def rrf(rankings: Sequence[Sequence[Hit]], k: int = RRF_K, top_k: int | None = None) -> list[Hit]:
+def rrf(rankings: Sequence[Sequence[Ranked]], k: int = RRF_K, top_k: int | None = None) -> list[Ranked]:
     """Reciprocal rank fusion of any number of rankings: [(id, fused score)], best first."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
@@ -38,7 +38,7 @@ def rrf(rankings: Sequence[Sequence[Hit]], k: int = RRF_K, top_k: int | None = N
     return trec_order(fused.items(), tolerance=0.0)[:top_k]
 
 
-def min_max(ranking: Sequence[Hit]) -> dict[str, float]:
+def min_max(ranking: Sequence[Ranked]) -> dict[str, float]:
     """Scores scaled to [0, 1] by the ranking's own minimum and maximum (all 1.0 when they are equal)."""
     if not ranking:
         return {}
@@ -49,7 +49,7 @@ def min_max(ranking: Sequence[Hit]) -> dict[str, float]:
     return {pid: (s - low) / (high - low) for pid, s in ranking}
 
 
-def convex(dense: Sequence[Hit], bm25: Sequence[Hit], alpha: float, top_k: int | None = None) -> list[Hit]:
+def convex(dense: Sequence[Ranked], bm25: Sequence[Ranked], alpha: float, top_k: int | None = None) -> list[Ranked]:
     """``alpha * dense' + (1 - alpha) * bm25'`` over min-max normalised scores: [(id, score)], best first.
     Raises ValueError for alpha outside [0, 1]."""
     if not 0.0 <= alpha <= 1.0:
@@ -59,8 +59,8 @@ def convex(dense: Sequence[Hit], bm25: Sequence[Hit], alpha: float, top_k: int |
     return trec_order(fused.items(), tolerance=0.0)[:top_k]
 
 
-def fuse(dense: Sequence[Hit], bm25: Sequence[Hit], fusion: str = "rrf", alpha: float | None = None,
-         top_k: int | None = None) -> list[Hit]:
+def fuse(dense: Sequence[Ranked], bm25: Sequence[Ranked], fusion: str = "rrf", alpha: float | None = None,
+         top_k: int | None = None) -> list[Ranked]:
     """One question's hybrid ranking: RRF (``fusion="rrf"``) or the convex combination with ``alpha``."""
     if fusion == "rrf":
         return rrf([dense, bm25], top_k=top_k)
@@ -71,7 +71,7 @@ def fuse(dense: Sequence[Hit], bm25: Sequence[Hit], fusion: str = "rrf", alpha: 
     raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
 
 
-def tune_alpha(dense: Mapping[str, Sequence[Hit]], bm25: Mapping[str, Sequence[Hit]],
+def tune_alpha(dense: Mapping[str, Sequence[Ranked]], bm25: Mapping[str, Sequence[Ranked]],
                score: Callable[[dict[str, dict[str, float]]], float],
                grid: Sequence[float] = tuple(i / 20 for i in range(21))) -> tuple[float, dict[float, float]]:
     """The alpha of ``grid`` whose convex fusion of the per-question rankings scores best by ``score``

@@ -28,7 +28,7 @@ import numpy as np
 from .bm25 import BM25
 from .formats import Passage
 from .fusion import MODES, fuse
-from .metrics import Hit, exact_scores, trec_order
+from .metrics import Ranked, exact_scores, trec_order
 from .search import Searcher
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Retriever:
     searcher: Searcher
     bm25: BM25 | None
 
-    def dense(self, q_emb: np.ndarray, k: int) -> list[list[Hit]]:
+    def dense(self, q_emb: np.ndarray, k: int) -> list[list[Ranked]]:
         """q_emb (Q, D) -> per query, up to k (id, score) best first; scores recomputed exactly (float64)
         from the index's vectors where the index can give them back, so copies tie exactly."""
         out = []
@@ -80,7 +80,7 @@ class Retriever:
                 out.append(trec_order([(h.id, h.score) for h in hits]))
         return out
 
-    def sparse(self, texts: list[str], k: int) -> list[list[Hit]]:
+    def sparse(self, texts: list[str], k: int) -> list[list[Ranked]]:
         """Per query text, up to k BM25 (id, score), ranked by the same rule as the dense side;
         passages sharing no word with the query are left out. Raises ValueError without a BM25 index."""
         if self.bm25 is None:
@@ -88,7 +88,7 @@ class Retriever:
         return [trec_order(hits) for hits in self.bm25.search(texts, k)]
 
     def rank(self, mode: str, q_emb: np.ndarray | None, texts: list[str], k: int, fusion: str = "rrf",
-             alpha: float | None = None) -> list[list[Hit]]:
+             alpha: float | None = None) -> list[list[Ranked]]:
         """Per query, the top ``k`` (id, score) of ``mode``: ``dense`` (needs ``q_emb``, (Q, D)),
         ``bm25`` (needs ``texts``) or ``hybrid`` (both, fused by ``fusion`` with ``alpha`` for the
         convex one; each side's top ``max(k, FUSION_DEPTH)`` takes part). Raises ValueError for an

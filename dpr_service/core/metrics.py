@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-Hit = tuple[str, float]  # (passage id, score)
+Ranked = tuple[str, float]  # (passage id, score): one entry of a ranking; a search result with its row and text is core.search.Hit
 
 DEFAULT_MEASURES = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@20", "recall@100")
 BEIR_KS = (1, 3, 5, 10, 100, 1000)  # BEIR's EvaluateRetrieval default k values
@@ -63,7 +63,7 @@ DEFAULT_TIE_TOLERANCE = 1e-5  # relative; see tie_groups
 # ----------------------------------------------------------------------------- ranking
 
 
-def tie_groups(hits: Iterable[Hit], tolerance: float = DEFAULT_TIE_TOLERANCE) -> list[list[Hit]]:
+def tie_groups(hits: Iterable[Ranked], tolerance: float = DEFAULT_TIE_TOLERANCE) -> list[list[Ranked]]:
     """``hits`` in groups of tied scores, best group first, each group ordered by passage id,
     descending (trec_eval's rule for equal scores).
 
@@ -73,7 +73,7 @@ def tie_groups(hits: Iterable[Hit], tolerance: float = DEFAULT_TIE_TOLERANCE) ->
     identical inputs embeddings that differ in the last bits by batch row, and BLAS rounds by
     position, so their scores differ by about 1e-7 relative. Groups depend only on the set of
     (id, score) pairs, never on their order."""
-    groups: list[list[Hit]] = []
+    groups: list[list[Ranked]] = []
     top = 0.0
     for hit in sorted(hits, key=lambda h: (h[1], h[0]), reverse=True):
         if not groups or hit[1] < top - tolerance * max(1.0, abs(top)):
@@ -83,13 +83,13 @@ def tie_groups(hits: Iterable[Hit], tolerance: float = DEFAULT_TIE_TOLERANCE) ->
     return [sorted(g, key=lambda h: h[0], reverse=True) for g in groups]
 
 
-def trec_order(hits: Iterable[Hit], tolerance: float = DEFAULT_TIE_TOLERANCE) -> list[Hit]:
+def trec_order(hits: Iterable[Ranked], tolerance: float = DEFAULT_TIE_TOLERANCE) -> list[Ranked]:
     """``hits`` ranked: score descending, tied scores (:func:`tie_groups`) by passage id descending."""
     return [h for group in tie_groups(hits, tolerance) for h in group]
 
 
-def top_k(search: Callable[[list[int], int], list[list[Hit]]], n_queries: int, k: int, n_passages: int,
-          tolerance: float = DEFAULT_TIE_TOLERANCE) -> list[list[Hit]]:
+def top_k(search: Callable[[list[int], int], list[list[Ranked]]], n_queries: int, k: int, n_passages: int,
+          tolerance: float = DEFAULT_TIE_TOLERANCE) -> list[list[Ranked]]:
     """The top ``k`` hits of each of ``n_queries`` queries under :func:`trec_order`, whatever the row
     order of the ``n_passages`` searched.
 
@@ -101,7 +101,7 @@ def top_k(search: Callable[[list[int], int], list[list[Hit]]], n_queries: int, k
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    out: list[list[Hit]] = [[] for _ in range(n_queries)]
+    out: list[list[Ranked]] = [[] for _ in range(n_queries)]
     rows, depth = list(range(n_queries)), min(k + 1, n_passages)  # one more than k shows a tie across the cut
     while rows:
         again = []
@@ -116,7 +116,7 @@ def top_k(search: Callable[[list[int], int], list[list[Hit]]], n_queries: int, k
     return out
 
 
-def _tied_with_last(groups: list[list[Hit]], k: int) -> bool:
+def _tied_with_last(groups: list[list[Ranked]], k: int) -> bool:
     """Whether the group holding rank k is the last group (a passage not yet returned could join it)."""
     seen = 0
     for i, group in enumerate(groups):
@@ -321,7 +321,7 @@ def run_depth(conventions: Conventions, with_answers: bool) -> int:
     return max(conventions.depth, max(ACCURACY_KS) if with_answers else 1)
 
 
-def search_run(qids: Sequence[str], search: Callable[[list[int], int], list[list[Hit]]], n_passages: int,
+def search_run(qids: Sequence[str], search: Callable[[list[int], int], list[list[Ranked]]], n_passages: int,
                conventions: Conventions = Conventions(), with_answers: bool = False) -> dict[str, dict[str, float]]:
     """The run to score: query id -> {passage id: score} of each query's top :func:`run_depth`
     hits under :func:`top_k` (``search`` as there; row i of it is ``qids[i]``)."""
