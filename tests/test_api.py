@@ -2,6 +2,7 @@
 loss, every limit, auth on every route, overload, hot reload, and a real uvicorn process."""
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -575,15 +576,13 @@ def test_every_worker_notices_a_new_artifact_by_itself(artifact, tmp_path):
         assert b.get("/info").json()["index"]["count"] == 31 and b.get("/readyz").status_code == 200
 
 
-def test_search_reads_the_passage_store_once_off_the_event_loop(api):
-    """One store query per search, from a worker thread, and titles and texts only when asked for."""
-    searcher = api.app.state.resources.searcher
-    calls = []
+@contextlib.contextmanager
+def recorded_store_reads(api):
+    """Yield a list that receives (sql, on_the_event_loop) for every passage-store query meanwhile."""
+    store = api.app.state.resources.searcher.store
+    calls, db = [], store._db
 
     class Recording:
-        def __init__(self, db):
-            self.db = db
-
         def execute(self, sql, *args):
             try:
                 asyncio.get_running_loop()
@@ -591,16 +590,21 @@ def test_search_reads_the_passage_store_once_off_the_event_loop(api):
             except RuntimeError:
                 on_loop = False
             calls.append((sql, on_loop))
-            return self.db.execute(sql, *args)
+            return db.execute(sql, *args)
 
-    db = searcher.store._db
-    searcher.store._db = Recording(db)
+    store._db = Recording()
     try:
+        yield calls
+    finally:
+        store._db = db
+
+
+def test_search_reads_the_passage_store_once_off_the_event_loop(api):
+    """One store query per search, from a worker thread, and titles and texts only when asked for."""
+    with recorded_store_reads(api) as calls:
         with_text = api.post("/search", json={"queries": ["apple river", "comet walnut"], "top_k": 5}).json()
         text_calls, calls[:] = list(calls), []
         without = api.post("/search", json={"queries": ["apple river", "comet walnut"], "top_k": 5, "with_text": False}).json()
-    finally:
-        searcher.store._db = db
     assert len(text_calls) == 1 and not text_calls[0][1] and "text" in text_calls[0][0]
     assert len(calls) == 1 and not calls[0][1] and "text" not in calls[0][0] and "title" not in calls[0][0]
     assert [[h["id"] for h in hs] for hs in without["results"]] == [[h["id"] for h in hs] for hs in with_text["results"]]
@@ -612,30 +616,11 @@ def test_search_reads_the_passage_store_once_off_the_event_loop(api):
                                                     ("hybrid", False, 1)])
 def test_bm25_and_hybrid_read_the_passage_store_off_the_event_loop(api, mode, with_text, reads):
     """bm25: titles and texts once (with text); hybrid: the dense side's ids, then titles and texts."""
-    searcher = api.app.state.resources.searcher
-    calls = []
-
-    class Recording:
-        def __init__(self, db):
-            self.db = db
-
-        def execute(self, sql, *args):
-            try:
-                asyncio.get_running_loop()
-                calls.append(("on the loop", sql))
-            except RuntimeError:
-                calls.append(("in a thread", sql))
-            return self.db.execute(sql, *args)
-
-    db = searcher.store._db
-    searcher.store._db = Recording(db)
-    try:
+    with recorded_store_reads(api) as calls:
         r = api.post("/search", json={"queries": QUERIES, "top_k": 5, "mode": mode, "with_text": with_text})
-    finally:
-        searcher.store._db = db
-    assert r.status_code == 200 and len(calls) == reads and all(where == "in a thread" for where, _ in calls), calls
+    assert r.status_code == 200 and len(calls) == reads and all(not on_loop for _, on_loop in calls), calls
     if reads:
-        assert ("text" in calls[-1][1]) == with_text  # the last read: titles and texts only when asked for
+        assert ("text" in calls[-1][0]) == with_text  # the last read: titles and texts only when asked for
 
 
 def _free_port() -> int:
