@@ -55,7 +55,7 @@ def run_ours(rows, model_dir, steps, warmup, batch_size, max_len, q_len, buckets
         with open(path, "w") as fh:
             for q, p, n in rows:
                 fh.write(json.dumps({"query": q, "positive": p, "negatives": [n]}) + "\n")
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_settings(
             model=model_dir, train=str(path), output=str(Path(tmp) / "out"), shared_encoder=True, pooling="mean",
             similarity="cosine", temperature=0.05, query_max_length=q_len, passage_max_length=max_len,
             batch_size=batch_size, hard_negatives=1, max_steps=steps, lr=2e-5, log_every=1,

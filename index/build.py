@@ -1,19 +1,19 @@
 """Build an index artifact: encode a corpus in resumable shards, then build and save a FAISS index.
 
-The orchestration of ``dpr index build`` and ``dpr index add``. The work directory (chunks, shards,
+The orchestration of ``dpr index build`` and ``dpr index add``. The work directory (embedding parts, shards,
 locks, what a killed build leaves) is :mod:`index.workdir`; FAISS (choosing, checking, making and
 tuning an index) is :mod:`index.factory`.
 
-Embeddings are written chunk by chunk (``emb-000123.npy``) into ``.<output>.partial/`` as they are
-computed, so a killed build resumes at the first missing chunk. ``--shard i/n`` encodes only the
-chunks ``c`` with ``c % n == i``, so n processes (or machines sharing the directory) split the work;
-whichever finds every chunk present builds the index (the merge step), and a plain build with all
-chunks present only merges. ``build.json`` in that directory records the job: the checkpoint's
-fingerprint, the chunk size and a sha256 of the corpus (ids, titles, texts), so chunks are reused
+Embeddings are written one file at a time (``emb-000123.npy``) into ``.<output>.partial/`` as they are
+computed, so a killed build resumes at the first missing file. ``--shard i/n`` encodes only the
+parts ``c`` with ``c % n == i``, so n processes (or machines sharing the directory) split the work;
+whichever finds every part present builds the index (the merge step), and a plain build with all
+parts present only merges. ``build.json`` in that directory records the job: the checkpoint's
+fingerprint, the part size and a sha256 of the corpus (ids, titles, texts), so parts are reused
 only for the same corpus; an edited corpus starts over.
 
 The factory is checked against the corpus size before anything is encoded. The merge trains the
-index on a sample and adds the memory-mapped chunks a slice at a time, so it holds the index, the
+index on a sample and adds the memory-mapped embedding parts a slice at a time, so it holds the index, the
 sample and one slice, never all n x D floats. The artifact is assembled in a temporary directory
 and renamed into place when complete; it holds a BM25 index of the same passages (``bm25/``, for
 hybrid search) unless ``--no-bm25``.
@@ -44,25 +44,25 @@ from dpr_service.core.hybrid import stored_passages
 from dpr_service.core.inference import encode_texts
 
 from .factory import check_factory, choose_factory, gpu_faiss_available, make_index, parse_size, tune_search
-from .workdir import chunk_path, corpus_sha256, finish, prepare_work, remove_leftovers, take_lock
+from .workdir import corpus_sha256, part_path, finish, prepare_work, remove_leftovers, take_lock
 
 log = logging.getLogger("index")
 
-CHUNK = 8192  # passages per embeddings file
+PART_SIZE = 8192  # passages per embeddings file
 
 
-def _encode_chunks(loaded: Loaded, corpus: list[Passage], work: Path, chunks: list[int], runtime: Runtime,
-                   batch_size: int, progress: bool, chunk: int = CHUNK) -> None:
-    """Encode the ``chunks`` not yet in ``work``, one embeddings file each; the bar moves per encoder batch."""
-    todo = [c for c in chunks if not chunk_path(work, c).exists()]
-    done_passages = sum(min(chunk, len(corpus) - c * chunk) for c in chunks if c not in todo)
+def _encode_parts(loaded: Loaded, corpus: list[Passage], work: Path, parts: list[int], runtime: Runtime,
+                  batch_size: int, progress: bool, part_size: int = PART_SIZE) -> None:
+    """Encode the ``parts`` not yet in ``work``, one embeddings file each; the bar moves per encoder batch."""
+    todo = [c for c in parts if not part_path(work, c).exists()]
+    done_passages = sum(min(part_size, len(corpus) - c * part_size) for c in parts if c not in todo)
     if done_passages:
         log.info("resuming: %d passages already encoded in %s", done_passages, work)
-    bar = tqdm(total=sum(min(chunk, len(corpus) - c * chunk) for c in chunks), initial=done_passages,
+    bar = tqdm(total=sum(min(part_size, len(corpus) - c * part_size) for c in parts), initial=done_passages,
                desc="encoding passages", unit="p", disable=not progress, dynamic_ncols=True)
     t0, encoded = time.perf_counter(), 0
     for c in todo:
-        part = corpus[c * chunk : (c + 1) * chunk]
+        part = corpus[c * part_size : (c + 1) * part_size]
         # longest first, one encoder batch per call: the batches encode_texts would form, and the bar moves with each
         order = sorted(range(len(part)), key=lambda i: -(len(part[i].title) + len(part[i].text)))
         emb = np.empty((len(part), loaded.encoder.dim), dtype=np.float32)  # (n, D)
@@ -75,18 +75,18 @@ def _encode_chunks(loaded: Loaded, corpus: list[Passage], work: Path, chunks: li
             bar.set_postfix(p_s=f"{encoded / (time.perf_counter() - t0):.1f}")
         tmp = work / f".emb-{c:06d}.{os.getpid()}.npy"
         np.save(tmp, emb)
-        os.replace(tmp, chunk_path(work, c))
+        os.replace(tmp, part_path(work, c))
     bar.close()
 
 
 def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, factory: str = "auto",
           batch_size: int | None = 0, shard: tuple[int, int] | None = None, memory_budget: str = "8GB",
-          device: str = "auto", progress: bool = True, chunk: int | None = 0, bm25: bool = True) -> Path | None:
+          device: str = "auto", progress: bool = True, part_size: int | None = 0, bm25: bool = True) -> Path | None:
     """Encode (this shard of) the corpus and, when every shard is encoded, build the artifact (with
     a BM25 index of the same passages unless ``bm25`` is False: ``--no-bm25``).
 
-    ``chunk`` passages (default ``CHUNK``) go to each resumable embeddings file; shard i of n
-    encodes the chunks c with c % n == i. ``batch_size`` 0 or None: 512 on a GPU, 64 on the CPU.
+    ``part_size`` passages (default ``PART_SIZE``) go to each resumable embeddings file; shard i of n
+    encodes the parts c with c % n == i. ``batch_size`` 0 or None: 512 on a GPU, 64 on the CPU.
     The factory is checked against the corpus before anything is encoded. Returns the artifact
     path, or None when other shards are still missing (or another process is merging). Raises
     ValueError (bad arguments), DataError (the corpus), CheckpointError, ArtifactError (FAISS, a
@@ -95,9 +95,9 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     started = time.perf_counter()
     if batch_size is not None and batch_size < 0:
         raise ValueError(f"batch_size must be positive (or 0 for the default), got {batch_size}")
-    if chunk is not None and chunk < 0:
-        raise ValueError(f"chunk must be positive (or 0 for the default), got {chunk}")
-    chunk = chunk or CHUNK
+    if part_size is not None and part_size < 0:
+        raise ValueError(f"part_size must be positive (or 0 for the default), got {part_size}")
+    part_size = part_size or PART_SIZE
     output = recover_directory(prepare_output(output, directory=True))
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
@@ -112,20 +112,20 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     work = output.with_name(f".{output.name}.partial")
     remove_leftovers(work)
     prepare_work(work, {"checkpoint_fingerprint": loaded.fingerprint, "corpus": str(Path(corpus_path).resolve()),
-                        "corpus_sha256": corpus_sha256(corpus), "count": n, "chunk": chunk, "dim": dim})
-    n_chunks = math.ceil(n / chunk)
-    mine = [c for c in range(n_chunks) if shard is None or c % shard[1] == shard[0]]
-    _encode_chunks(loaded, corpus, work, mine, runtime, batch_size, progress, chunk)
-    missing = [c for c in range(n_chunks) if not chunk_path(work, c).exists()]
+                        "corpus_sha256": corpus_sha256(corpus), "count": n, "part_size": part_size, "dim": dim})
+    n_parts = math.ceil(n / part_size)
+    mine = [c for c in range(n_parts) if shard is None or c % shard[1] == shard[0]]
+    _encode_parts(loaded, corpus, work, mine, runtime, batch_size, progress, part_size)
+    missing = [c for c in range(n_parts) if not part_path(work, c).exists()]
     if missing:
-        log.info("shard done; %d of %d chunks still missing (other shards); the last shard builds the index", len(missing), n_chunks)
+        log.info("shard done; %d of %d parts still missing (other shards); the last shard builds the index", len(missing), n_parts)
         return None
     if not take_lock(work / "merge.lock"):
         log.info("another process is building the index from %s", work)
         return None
     try:
         t0 = time.perf_counter()
-        _merge(loaded, corpus, work, n_chunks, output, factory, Path(checkpoint), runtime, progress, bm25)
+        _merge(loaded, corpus, work, n_parts, output, factory, Path(checkpoint), runtime, progress, bm25)
         log.info("built %s (%s, %d passages) in %.1fs (FAISS and saving: %.1fs)", output, factory, n,
                  time.perf_counter() - started, time.perf_counter() - t0)
     except BaseException:
@@ -135,13 +135,13 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     return output
 
 
-def _merge(loaded: Loaded, corpus: list[Passage], work: Path, n_chunks: int, output: Path, factory: str,
+def _merge(loaded: Loaded, corpus: list[Passage], work: Path, n_parts: int, output: Path, factory: str,
            checkpoint: Path, runtime: Runtime, progress: bool, bm25: bool = True) -> None:
-    """Build the FAISS index from every chunk of ``work`` and write the artifact at ``output`` (with
+    """Build the FAISS index from every part of ``work`` and write the artifact at ``output`` (with
     its BM25 index when ``bm25``)."""
     n, dim = len(corpus), loaded.encoder.dim
     # memory-mapped: the index is trained on a sample and filled a slice at a time, never from all n x D floats at once
-    parts = [np.load(chunk_path(work, c), mmap_mode="r") for c in range(n_chunks)]  # (<=chunk, D) each
+    parts = [np.load(part_path(work, c), mmap_mode="r") for c in range(n_parts)]  # (<=part_size, D) each
     shapes = [p.shape for p in parts]
     if any(len(s) != 2 or s[1] != dim for s in shapes) or sum(s[0] for s in shapes) != n:
         raise ArtifactError(f"{work}: embeddings have shapes {sorted(set(shapes))} ({sum(s[0] for s in shapes)} rows), "

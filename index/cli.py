@@ -77,7 +77,7 @@ def _run(prog: str, fn) -> int:
         print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; encoded chunks are kept, run the same command again to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; encoded parts are kept, run the same command again to resume", file=sys.stderr)
         return 130
 
 
@@ -97,7 +97,8 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     b.add_argument("--batch-size", type=_positive_int, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
     b.add_argument("--shard", type=_shard, help="encode only slice i of n (i/n); the last shard to finish builds the index "
                    "(under torchrun: RANK/WORLD_SIZE, one GPU per rank)")
-    b.add_argument("--chunk", type=_positive_int, help="passages per resumable embeddings file (default 8192)")
+    b.add_argument("--part-size", "--chunk", dest="part_size", type=_positive_int,
+                   help="passages per resumable embeddings file, a part (default 8192)")
     b.add_argument("--no-bm25", dest="bm25", action="store_false",
                    help="leave out the BM25 index of the same passages (then /search serves mode dense only; docs/index.md)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: the encoder's device, and FAISS's GPU for "
@@ -126,7 +127,7 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
                 if device == "auto" and torch.cuda.is_available():
                     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             out = build(args.checkpoint, args.corpus, args.output, args.factory, args.batch_size, shard,
-                        args.memory_budget, device, args.progress, args.chunk, args.bm25)
+                        args.memory_budget, device, args.progress, args.part_size, args.bm25)
             print(f"index: {out}" if out else "shard encoded; the index is built when every shard is done")
         else:
             print(f"index: {add(args.index, args.corpus, args.checkpoint, args.output, args.batch_size, args.device, args.progress)}")

@@ -1,5 +1,5 @@
 """FAISS for the index stage: choose a factory for a memory budget, check it against the corpus
-before encoding, make it (train on a sample, add memory-mapped chunks a slice at a time, on the GPU
+before encoding, make it (train on a sample, add memory-mapped embedding parts a slice at a time, on the GPU
 where faiss-gpu can), and tune its search-time parameters.
 
 Names follow FAISS (``xb``, ``D``, ``I``); every FAISS error becomes an :class:`ArtifactError`
@@ -185,7 +185,7 @@ def make_index(factory: str, dim: int, xb: np.ndarray | Sequence[np.ndarray], us
                progress: bool = False, device: torch.device | None = None) -> faiss.Index:
     """Build (train on a sample where needed, then add) an inner-product index; returns it on the CPU.
 
-    ``xb`` is an (n, D) array or a list of them (the memory-mapped chunk files: only the training
+    ``xb`` is an (n, D) array or a list of them (the memory-mapped part files: only the training
     sample and one slice at a time are read into memory). With ``use_gpu`` (faiss-gpu present)
     the index is built on CUDA ``device`` where :func:`gpu_plan` allows, else on the CPU; a GPU
     failure falls back to the CPU with a warning. FAISS errors become :class:`ArtifactError`.

@@ -1,9 +1,9 @@
 """The resumable work directory of an index build (``.<output>.partial/``): the job it belongs to
-(``build.json``: checkpoint fingerprint, chunk size, corpus sha256), its set-up under an exclusive
+(``build.json``: checkpoint fingerprint, part size, corpus sha256), its set-up under an exclusive
 lock, the merge lock, and the removal of what killed builds left behind.
 
-Embeddings are written chunk by chunk (``emb-000123.npy``) as they are computed, so a killed build
-resumes at the first missing chunk, and ``--shard i/n`` processes split the chunks between them.
+Embeddings are written one file at a time (``emb-000123.npy``) as they are computed, so a killed build
+resumes at the first missing file, and ``--shard i/n`` processes split the parts between them.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dpr_service.core.fsio import pid_alive
 log = logging.getLogger("index")
 
 
-def chunk_path(work: Path, c: int) -> Path:
-    """The embeddings file of chunk ``c``."""
+def part_path(work: Path, c: int) -> Path:
+    """The embeddings file of part ``c``."""
     return work / f"emb-{c:06d}.npy"
 
 
@@ -75,7 +75,7 @@ def corpus_sha256(corpus: Sequence[Passage]) -> str:
     return h.hexdigest()
 
 
-JOB_IDENTITY = ("checkpoint_fingerprint", "chunk", "dim")  # differing: refuse; a differing corpus: start over
+JOB_IDENTITY = ("checkpoint_fingerprint", "part_size", "dim")  # differing: refuse; a differing corpus: start over
 
 
 def read_job(work: Path) -> dict | None:
@@ -84,24 +84,28 @@ def read_job(work: Path) -> dict | None:
         job = json.loads((work / "build.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # missing, unreadable or not JSON
         return {} if work.is_dir() else None
-    return job if isinstance(job, dict) else {}
+    if not isinstance(job, dict):
+        return {}
+    if "chunk" in job and "part_size" not in job:  # written before the rename (same meaning)
+        job["part_size"] = job.pop("chunk")
+    return job
 
 
 def same_job(found: dict | None, job: dict) -> bool:
-    """Whether the work directory was started for the same checkpoint, corpus and index settings (so its chunks can be reused)."""
+    """Whether the work directory was started for the same checkpoint, corpus and index settings (so its parts can be reused)."""
     return bool(found) and all(found.get(k) == v for k, v in job.items() if k != "corpus")  # a moved corpus file is the same
 
 
 def prepare_work(work: Path, job: dict) -> None:
-    """Make ``work`` this build job's directory, keeping the chunks of an interrupted run of the same job.
+    """Make ``work`` this build job's directory, keeping the parts of an interrupted run of the same job.
 
     Processes starting together (torchrun ranks, shards on one machine) take turns under an
     exclusive lock on a file beside it (``flock``, which the kernel releases when a process dies):
     the first one decides and the others find its directory. Whatever has to go (a leftover without
-    build.json, or the chunks of a corpus that was edited since) is renamed aside before it is
+    build.json, or the parts of a corpus that was edited since) is renamed aside before it is
     removed, and the new directory appears with its build.json already in it, so a kill at any point
-    leaves either nothing or a directory the next build understands. Chunks of another checkpoint
-    (or --chunk) are an error, not discarded.
+    leaves either nothing or a directory the next build understands. Parts of another checkpoint
+    (or --part-size) are an error, not discarded.
     """
     work.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(lock_path(work)):
@@ -111,15 +115,15 @@ def prepare_work(work: Path, job: dict) -> None:
         if found:
             other = [k for k in JOB_IDENTITY if found.get(k) != job[k]]
             if other:
-                raise ArtifactError(f"{work}: a build with another checkpoint or --chunk was interrupted here "
+                raise ArtifactError(f"{work}: a build with another checkpoint or --part-size was interrupted here "
                                     f"({', '.join(other)} differ); remove {work} to start over")
             why = ("its build.json, from an older version, has no corpus hash" if "corpus_sha256" not in found else
                    f"{found.get('count')} passages, sha256 {str(found.get('corpus_sha256'))[:12]} then; "
                    f"{job['count']}, sha256 {job['corpus_sha256'][:12]} now")
-            log.warning("%s: the corpus changed since this build was interrupted (%s): its encoded chunks are discarded "
+            log.warning("%s: the corpus changed since this build was interrupted (%s): its encoded parts are discarded "
                         "and encoding starts over", work, why)
         elif found is not None:
-            log.info("%s: chunks without the build.json of their job (a kill mid-cleanup, or an older version): removed", work)
+            log.info("%s: parts without the build.json of their job (a kill mid-cleanup, or an older version): removed", work)
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if found is not None:
             aside = work.with_name(f"{work.name}.stale-{tag}")

@@ -42,10 +42,10 @@ from trainer.train import train  # noqa: E402
 
 def run_child(kind: str, args: dict) -> None:
     if kind == "build":
-        build_mod.CHUNK = args.pop("chunk", build_mod.CHUNK)  # small chunks: several resumable files
+        build_mod.PART_SIZE = args.pop("part_size", build_mod.PART_SIZE)  # small parts: several resumable files
         build_mod.build(progress=False, device="cpu", factory="Flat", **args)
     elif kind == "train":
-        train(TrainConfig(**args))
+        train(TrainConfig.from_settings(**args))
     elif kind == "serve":
         port = args.pop("port")
         uvicorn.run(create_app(Settings(**args)), host="127.0.0.1", port=port, log_level="warning")

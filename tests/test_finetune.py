@@ -46,7 +46,7 @@ def base_cfg(tmp_path, model, data, **kw) -> TrainConfig:
     args = dict(model=str(model), train=str(data), output=str(tmp_path / "out"), batch_size=4, lr=1e-3,
                 log_every=1, progress=False, seed=3, max_steps=4)
     args.update(kw)
-    return TrainConfig(**args)
+    return TrainConfig.from_settings(**args)
 
 
 # ----------------------------------------------------------------------------- settings from the model
@@ -119,7 +119,7 @@ def test_training_from_a_sentence_transformers_model_uses_its_settings(tmp_path,
 def test_a_bad_model_directory_is_refused_before_the_data_and_leaves_nothing(tmp_path, make, message):
     model = make(tmp_path)
     with pytest.raises(ConfigError, match=r"--model .*" + message.replace("(", r"\(").replace(")", r"\)")):
-        train(TrainConfig(model=str(model), train=str(tmp_path / "no-data.jsonl"), output=str(tmp_path / "out")))
+        train(TrainConfig.from_settings(model=str(model), train=str(tmp_path / "no-data.jsonl"), output=str(tmp_path / "out")))
     assert not (tmp_path / "out" / "train_config.yaml").exists()
 
 

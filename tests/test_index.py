@@ -183,13 +183,13 @@ def test_no_bm25_builds_a_dense_only_artifact_that_stays_so(tmp_path, checkpoint
         Searcher(out)
 
 
-def test_killed_build_resumes_from_its_chunks(tmp_path, checkpoint, beir, monkeypatch):
-    monkeypatch.setattr(build_mod, "CHUNK", 8)  # 40 passages: 5 chunks
+def test_killed_build_resumes_from_its_parts(tmp_path, checkpoint, beir, monkeypatch):
+    monkeypatch.setattr(build_mod, "PART_SIZE", 8)  # 40 passages: 5 parts
     real, calls = build_mod.encode_texts, []
 
     def dying(*args, **kw):
         if len(calls) == 2:
-            raise KeyboardInterrupt  # the process is stopped while encoding the third chunk
+            raise KeyboardInterrupt  # the process is stopped while encoding the third part
         calls.append(1)
         return real(*args, **kw)
 
@@ -203,14 +203,14 @@ def test_killed_build_resumes_from_its_chunks(tmp_path, checkpoint, beir, monkey
     calls.clear()
     monkeypatch.setattr(build_mod, "encode_texts", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     out = build(checkpoint, beir, tmp_path / "idx", factory="Flat", progress=False)
-    assert len(calls) == 3  # only the missing chunks were encoded
+    assert len(calls) == 3  # only the missing parts were encoded
     clean = build(checkpoint, beir, tmp_path / "clean", factory="Flat", progress=False)
     a, b = Searcher(out).index.reconstruct_n(0, 40), Searcher(clean).index.reconstruct_n(0, 40)
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_shards_then_merge(tmp_path, checkpoint, beir, monkeypatch):
-    monkeypatch.setattr(build_mod, "CHUNK", 8)
+    monkeypatch.setattr(build_mod, "PART_SIZE", 8)
     assert build(checkpoint, beir, tmp_path / "idx", factory="Flat", shard=(0, 2), progress=False) is None
     assert sorted(p.name for p in (tmp_path / ".idx.partial").glob("emb-*")) == ["emb-000000.npy", "emb-000002.npy", "emb-000004.npy"]
     out = build(checkpoint, beir, tmp_path / "idx", factory="Flat", shard=(1, 2), progress=False)
@@ -329,7 +329,7 @@ def no_encoding(*args, **kw):
 @pytest.mark.parametrize("argv, complaint", [
     (["index", "build", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["index", "build", "--batch-size", "-8"], "argument --batch-size: must be at least 1, got -8"),
-    (["index", "build", "--chunk", "0"], "argument --chunk: must be at least 1"),
+    (["index", "build", "--part-size", "0"], "argument --part-size/--chunk: must be at least 1"),
     (["index", "build", "--memory-budget", "0GB"], "argument --memory-budget: must be more than 0 bytes"),
     (["index", "add", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
     (["mine", "--num-negatives", "0"], "argument --num-negatives: must be at least 1"),
@@ -463,10 +463,10 @@ def test_builds_on_gpu_faiss(caplog):
     assert recall_at_10(ivfpq, xq, xb) >= 0.3
 
 
-def test_build_gives_faiss_the_runtime_device_and_memory_mapped_chunks(tmp_path, checkpoint, beir, monkeypatch):
-    """FAISS builds where the encoder ran (--device cpu: the CPU), from the chunk files memory-mapped,
+def test_build_gives_faiss_the_runtime_device_and_memory_mapped_parts(tmp_path, checkpoint, beir, monkeypatch):
+    """FAISS builds where the encoder ran (--device cpu: the CPU), from the part files memory-mapped,
     not from one n x D array in memory."""
-    monkeypatch.setattr(build_mod, "CHUNK", 16)
+    monkeypatch.setattr(build_mod, "PART_SIZE", 16)
     real, seen = build_mod.make_index, {}
 
     def spy(factory, dim, xb, use_gpu=False, progress=False, device=None):
@@ -480,13 +480,13 @@ def test_build_gives_faiss_the_runtime_device_and_memory_mapped_chunks(tmp_path,
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8"])
-def test_index_from_chunks_equals_index_from_one_array(vectors, factory):
+def test_index_from_parts_equals_index_from_one_array(vectors, factory):
     xb, xq = vectors
     whole = make_index(factory, 32, xb, use_gpu=False, progress=False)
     parts = make_index(factory, 32, [xb[:1000], xb[1000:1001], xb[1001:]], use_gpu=False, progress=False)
     for a, b in zip(whole.search(xq, 10), parts.search(xq, 10)):
         np.testing.assert_array_equal(a, b)
-    rows = np.sort(np.random.default_rng(1).choice(3000, 700, replace=False))  # a training sample, read across chunks
+    rows = np.sort(np.random.default_rng(1).choice(3000, 700, replace=False))  # a training sample, read across parts
     np.testing.assert_array_equal(factory_mod._take_rows([xb[:1000], xb[1000:1001], xb[1001:]], rows), xb[rows])
 
 
@@ -503,8 +503,8 @@ def test_manifest_names_the_checkpoint_by_absolute_path(tmp_path, checkpoint, be
 
 
 def test_resumed_build_of_an_edited_corpus_starts_over(tmp_path, checkpoint, beir, monkeypatch, caplog):
-    """Same path, count, first and last id, another text: the old chunks were reused."""
-    monkeypatch.setattr(build_mod, "CHUNK", 8)
+    """Same path, count, first and last id, another text: the old parts were reused."""
+    monkeypatch.setattr(build_mod, "PART_SIZE", 8)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text((beir / "corpus.jsonl").read_text())
     real, calls = build_mod.encode_texts, []
@@ -520,21 +520,21 @@ def test_resumed_build_of_an_edited_corpus_starts_over(tmp_path, checkpoint, bei
         build(checkpoint, corpus, tmp_path / "idx", factory="Flat", progress=False, device="cpu")
     lines = corpus.read_text().splitlines()
     first = json.loads(lines[1])
-    lines[1] = json.dumps({**first, "text": "the comet near the harbor"})  # chunk 0, already encoded
+    lines[1] = json.dumps({**first, "text": "the comet near the harbor"})  # part 0, already encoded
     corpus.write_text("\n".join(lines) + "\n")
     calls.clear()
     monkeypatch.setattr(build_mod, "encode_texts", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     with caplog.at_level(logging.WARNING, "index"):
         out = build(checkpoint, corpus, tmp_path / "idx", factory="Flat", progress=False, device="cpu")
     assert "the corpus changed since this build was interrupted" in caplog.text
-    assert len(calls) == 5  # every chunk encoded again
+    assert len(calls) == 5  # every part encoded again
     clean = build(checkpoint, corpus, tmp_path / "clean", factory="Flat", progress=False, device="cpu")
     np.testing.assert_allclose(Searcher(out).index.reconstruct_n(0, 40), Searcher(clean).index.reconstruct_n(0, 40), atol=1e-6)
 
 
 def test_work_directory_never_exists_without_its_build_json(tmp_path, checkpoint, beir, monkeypatch):
     """Under torchrun, a rank that saw .partial between another rank's mkdir and its build.json
-    removed it as a leftover (with the other rank's chunks). The directory now appears complete."""
+    removed it as a leftover (with the other rank's parts). The directory now appears complete."""
     work, seen = tmp_path / ".idx.partial", []
     real_mkdir = Path.mkdir
 
@@ -547,10 +547,26 @@ def test_work_directory_never_exists_without_its_build_json(tmp_path, checkpoint
     assert seen and not any(seen)
 
 
+def test_work_directory_of_a_build_interrupted_before_the_part_size_rename_is_reused(tmp_path):
+    """build.json written when the part size was called ``chunk``: the same job, so its encoded parts
+    are kept and the build resumes (not refused as another --part-size)."""
+    job = {"checkpoint_fingerprint": "f", "corpus": "c", "corpus_sha256": "h", "count": 3, "part_size": 8, "dim": 4}
+    work = tmp_path / ".idx.partial"
+    work.mkdir()
+    old = {**{k: v for k, v in job.items() if k != "part_size"}, "chunk": 8}
+    (work / "build.json").write_text(json.dumps(old))
+    (work / "emb-000000.npy").write_bytes(b"encoded")
+    workdir_mod.prepare_work(work, job)
+    assert (work / "emb-000000.npy").read_bytes() == b"encoded"
+    (work / "build.json").write_text(json.dumps({**old, "chunk": 16}))
+    with pytest.raises(ArtifactError, match="part_size differ"):
+        workdir_mod.prepare_work(work, job)
+
+
 def test_concurrent_starts_agree_on_one_work_directory(tmp_path):
     """Processes starting together (threads here) over a leftover without build.json: one removes it,
     all end up in the same directory, and none removes a directory another one has put in place."""
-    job = {"checkpoint_fingerprint": "f", "corpus": "c", "corpus_sha256": "h", "count": 3, "chunk": 8, "dim": 4}
+    job = {"checkpoint_fingerprint": "f", "corpus": "c", "corpus_sha256": "h", "count": 3, "part_size": 8, "dim": 4}
     for round_ in range(10):
         work = tmp_path / f".idx{round_}.partial"
         work.mkdir()
@@ -561,7 +577,7 @@ def test_concurrent_starts_agree_on_one_work_directory(tmp_path):
             try:
                 barrier.wait()
                 workdir_mod.prepare_work(work, job)
-                (work / f"mine-{i}").write_text("x")  # each one's chunk
+                (work / f"mine-{i}").write_text("x")  # each one's part
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
 
@@ -791,7 +807,7 @@ def test_mining_never_takes_a_copy_of_a_positive(tmp_path, checkpoint):
 
 
 def test_build_progress_moves_per_encoder_batch_and_reports_the_whole_time(tmp_path, checkpoint, beir, monkeypatch, caplog):
-    """Issue 14.7: the bar showed 0/5183 for six minutes and jumped once per 8,192-passage chunk, and
+    """Issue 14.7: the bar showed 0/5183 for six minutes and jumped once per 8,192-passage part, and
     the closing line's time was the FAISS part's only."""
     import re
     import time
@@ -817,7 +833,7 @@ def test_build_progress_moves_per_encoder_batch_and_reports_the_whole_time(tmp_p
     with caplog.at_level(logging.INFO, "index"):
         build(checkpoint, beir, tmp_path / "idx", factory="Flat", batch_size=8, progress=True, device="cpu")
     wall = time.perf_counter() - t0
-    assert updates == [8] * 5  # 40 passages in one chunk, five encoder batches
+    assert updates == [8] * 5  # 40 passages in one part, five encoder batches
     reported = float(re.search(r"built .* in ([0-9.]+)s", caplog.text).group(1))
     assert reported >= 0.5 * wall - 0.05, (reported, wall)
 

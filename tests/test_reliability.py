@@ -232,7 +232,7 @@ def served_state(path: Path, art, refs: dict) -> str:
 
 @pytest.fixture(scope="module")
 def rebuild(forkserver, art, tmp_path_factory):
-    """An uninterrupted rebuild A -> B by a child (8-passage resumable chunks): the reference new
+    """An uninterrupted rebuild A -> B by a child (8-passage resumable parts): the reference new
     index, how long a rebuild takes and how long its atomic swap lasts."""
     ref = tmp_path_factory.mktemp("rebuild-ref") / "index"
     shutil.copytree(art.index_a, ref)
@@ -250,7 +250,7 @@ def rebuild(forkserver, art, tmp_path_factory):
 
 
 def spawn_build(fs: ForkServer, art, version: str, output: Path) -> int:
-    return fs.spawn("build", checkpoint=art.ckpt, corpus_path=art.corpus[version], output=output, chunk=8)
+    return fs.spawn("build", checkpoint=art.ckpt, corpus_path=art.corpus[version], output=output, part_size=8)
 
 
 def test_index_build_sigkilled_at_random_points(forkserver, art, rebuild, tmp_path):
@@ -278,7 +278,7 @@ def test_index_build_sigkilled_at_random_points(forkserver, art, rebuild, tmp_pa
                 kills += 1
                 modes[mode] += 1
                 left = entries(path.parent)
-                landed["encoded chunks left"] += ".index.partial" in left
+                landed["encoded parts left"] += ".index.partial" in left
                 landed["a half-written new index left"] += any(n.startswith(".index.tmp-") for n in left - before)
                 landed["between the two renames"] += ".index.old" in left and "index" not in left
             else:
@@ -307,20 +307,20 @@ def test_a_merge_lock_left_empty_by_a_kill_is_taken_over(tmp_path, art):
     assert build(art.ckpt, art.corpus["old"], tmp_path / "index", factory="Flat", progress=False) == tmp_path / "index"
 
 
-def test_chunks_left_by_an_interrupted_cleanup_are_not_reused_for_another_corpus(tmp_path, art, monkeypatch):
+def test_parts_left_by_an_interrupted_cleanup_are_not_reused_for_another_corpus(tmp_path, art, monkeypatch):
     import index.build as build_mod
 
-    monkeypatch.setattr(build_mod, "CHUNK", 8)
+    monkeypatch.setattr(build_mod, "PART_SIZE", 8)
     reversed_a = tmp_path / "reversed.jsonl"
     reversed_a.write_text("".join(reversed(art.corpus["old"].read_text().splitlines(keepends=True))))
     out = tmp_path / "index"
     monkeypatch.setattr(build_mod.shutil, "rmtree", lambda *a, **k: None)  # the final cleanup is "killed" ...
     build(art.ckpt, reversed_a, out, factory="Flat", progress=False)
     monkeypatch.undo()
-    monkeypatch.setattr(build_mod, "CHUNK", 8)
+    monkeypatch.setattr(build_mod, "PART_SIZE", 8)
     partial = tmp_path / ".index.partial"
     (done,) = tmp_path.glob(".index.partial.done-*")  # the finished build renamed its work directory first
-    # the state an older layout or a kill inside a removal can leave: chunks without their build.json
+    # the state an older layout or a kill inside a removal can leave: parts without their build.json
     shutil.copytree(done, partial)
     (partial / "build.json").unlink()
     (partial / "merge.lock").unlink()
@@ -514,7 +514,7 @@ def test_a_fresh_restart_does_not_repeat_log_lines(tmp_path, tiny_model):
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 0, "loss": 9.0}) + "\n")
-    train(TrainConfig(model=str(tiny_model), train=str(data), output=str(out), batch_size=4, pooling="mean",
+    train(TrainConfig.from_settings(model=str(tiny_model), train=str(data), output=str(out), batch_size=4, pooling="mean",
                       query_max_length=16, passage_max_length=32, max_steps=2, log_every=1, progress=False, device="cpu"))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
@@ -549,7 +549,7 @@ def trained_checkpoint(tmp_path_factory, tiny_model):
 
     tmp = tmp_path_factory.mktemp("trained")
     data = write_plain(tmp / "train.jsonl", n=8)
-    return train(TrainConfig(model=str(tiny_model), train=str(data), output=str(tmp / "out"), batch_size=4, pooling="mean",
+    return train(TrainConfig.from_settings(model=str(tiny_model), train=str(data), output=str(tmp / "out"), batch_size=4, pooling="mean",
                              query_max_length=16, passage_max_length=32, max_steps=2, progress=False, device="cpu"))
 
 

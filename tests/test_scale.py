@@ -126,7 +126,7 @@ def test_chunk_size_flag_and_training(tmp_path, tiny_model, data):
     assert rc == 0 and (out / "last" / "dpr_config.json").exists()
     assert "chunk_size: 3" in (out / "train_config.yaml").read_text()
     with pytest.raises(ConfigError, match="chunk-size"):
-        TrainConfig(model="m", train="t", output="o", chunk_size=0).validate()
+        TrainConfig.from_settings(model="m", train="t", output="o", chunk_size=0).validate()
 
 
 # ---- torch.distributed ------------------------------------------------------------------------
@@ -189,23 +189,23 @@ def test_torchrun_training_matches_one_process_and_resumes(tmp_path, no_dropout_
 
 
 def test_global_batch_must_split_evenly(tmp_path, tiny_model, data):
-    cfg = TrainConfig(model=str(tiny_model), train=str(data), output=str(tmp_path / "o"), batch_size=4)
+    cfg = TrainConfig.from_settings(model=str(tiny_model), train=str(data), output=str(tmp_path / "o"), batch_size=4)
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
         _train(cfg.validate(), Dist(rank=0, local_rank=0, world_size=3))
     assert not (tmp_path / "o").exists()
 
 
 def test_torchrun_index_build_shards_by_rank(tmp_path, tiny_model):
-    """torchrun -m index build: each rank encodes its chunks, the index is built once, equal to a
+    """torchrun -m index build: each rank encodes its parts, the index is built once, equal to a
     single-process build."""
     beir = write_beir(tmp_path / "beir", n=40)
-    ckpt = train(TrainConfig(model=str(tiny_model), train=str(beir), output=str(tmp_path / "t"), batch_size=4,
+    ckpt = train(TrainConfig.from_settings(model=str(tiny_model), train=str(beir), output=str(tmp_path / "t"), batch_size=4,
                              max_steps=1, progress=False, query_max_length=16, passage_max_length=32))
     from index.build import build
 
     one = build(ckpt, beir, tmp_path / "one", factory="Flat", progress=False)
     r = torchrun("-m", "index", "build", "--checkpoint", str(ckpt), "--corpus", str(beir), "--output",
-                 str(tmp_path / "two"), "--factory", "Flat", "--chunk", "8", "--no-progress")
+                 str(tmp_path / "two"), "--factory", "Flat", "--part-size", "8", "--no-progress")
     assert r.stdout.count(f"index: {tmp_path / 'two'}") == 1, r.stdout  # built once, by one rank
     a, b = faiss.read_index(str(one / "index.faiss")), faiss.read_index(str(tmp_path / "two" / "index.faiss"))
     assert a.ntotal == b.ntotal == 40

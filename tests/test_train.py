@@ -27,7 +27,7 @@ def cfg(tmp_path, tiny_model, train_file, **kw) -> TrainConfig:
         log_every=1, progress=False, seed=7, pairs="all", epochs=1.0,  # the defaults before model-aware ones
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_settings(**base)
 
 
 def weights(path: Path) -> dict:
@@ -153,11 +153,31 @@ def test_config_file_errors_name_the_line(tmp_path, text, message):
         build_config({}, str(path))
 
 
+def test_encoder_settings_are_nested_but_flat_in_yaml_and_flags(tmp_path):
+    """TrainConfig nests the encoder's settings (EncoderConfig's names, ``shared`` included); the YAML
+    file and the flags keep them flat, and train_config.yaml reads back to the same config."""
+    path = tmp_path / "train.yaml"
+    path.write_text("model: m\ntrain: t\noutput: o\npooling: mean\nshared_encoder: false\n")
+    cfg = build_config({"temperature": 0.05}, str(path))
+    assert cfg.encoder == {"pooling": "mean", "shared": False, "temperature": 0.05}
+    assert not hasattr(cfg, "pooling")
+    flat = cfg.settings()
+    assert (flat["pooling"], flat["shared_encoder"], flat["similarity"]) == ("mean", False, None)
+    assert TrainConfig.from_settings(**flat) == cfg
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(cfg.to_yaml())
+    assert build_config({}, str(saved)).encoder == cfg.encoder
+    with pytest.raises(ConfigError, match="encoder settings not resolved yet: similarity"):
+        cfg.encoder_config()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--pooling", "max"], "--pooling must be one of cls, mean"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--query-max-length", "1"], "--query-max-length must be an integer >= 2"),
         (["--precision", "int8"], "--precision must be one of"),
         (["--best-metric", "ndcg@11"], "--best-metric must be one of"),
         (["--train", "missing.jsonl"], "missing.jsonl: no such file or directory"),
@@ -229,7 +249,7 @@ def test_resume_survives_a_torn_metrics_line(tmp_path, tiny_model):
     assert [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
-def test_dev_nll_in_chunks_equals_one_pass(tiny_model, tmp_path):
+def test_dev_nll_in_encode_batches_equals_one_pass(tiny_model, tmp_path):
     """The dev loss of a large batch is computed --eval-batch-size rows at a time: the same value."""
     from dpr_service.core.checkpoint import load_base_model
     from dpr_service.core.config import EncoderConfig
@@ -241,7 +261,7 @@ def test_dev_nll_in_chunks_equals_one_pass(tiny_model, tmp_path):
     data = read_train_data(str(write_plain(tmp_path / "dev.jsonl", n=12, hard_negatives=2)))
     cpu = pick_runtime("cpu", "fp32")
     whole = dev_nll(encoder, tokenizer, data, cpu, batch_size=12, hard_negatives=2)
-    assert dev_nll(encoder, tokenizer, data, cpu, batch_size=12, hard_negatives=2, chunk=5) == pytest.approx(whole, abs=1e-5)
+    assert dev_nll(encoder, tokenizer, data, cpu, batch_size=12, hard_negatives=2, encode_batch_size=5) == pytest.approx(whole, abs=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

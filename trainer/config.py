@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from dpr_service.core.config import POOLINGS, SIMILARITIES, EncoderConfig
+from dpr_service.core.config import EncoderConfig, EncoderConfigError
 from dpr_service.core.device import PRECISIONS
 
 
@@ -27,24 +27,21 @@ class ConfigError(Exception):
 @dataclass
 class TrainConfig:
     # what to train, on what, and where to write it
-    """Every setting of a training run (the YAML file and the flags use these names). Encoder settings left None come from the starting model (:func:`resolve_encoder`)."""
+    """Every setting of a training run. The YAML file and the flags use these names, with the encoder's
+    settings flat beside them (``pooling``, ``shared_encoder``...: :data:`ENCODER_SETTINGS`); build one
+    from flat settings with :meth:`from_settings`. Encoder settings not given come from the starting
+    model (:func:`resolve_encoder`)."""
     model: str = ""  # a local transformers model directory or a hub id
     train: str = ""  # DPR JSON/JSONL, plain JSONL, or a BEIR directory
     dev: str | None = None
     output: str = ""
     train_split: str = "train"  # qrels split for a BEIR --train directory
     dev_split: str = "dev"  # qrels split for a BEIR --dev directory
-    # the encoder (saved with the checkpoint as dpr_config.json). None: from the starting model
-    # (dpr_service/core/pretrained.py: a sentence-transformers directory's own pooling, similarity,
-    # lengths and prompts; a dpr-service checkpoint's config; DPR's settings for any other model)
-    shared_encoder: bool | None = None
-    pooling: str | None = None
-    similarity: str | None = None
-    temperature: float | None = None
-    query_max_length: int | None = None
-    passage_max_length: int | None = None
-    query_prompt: str | None = None
-    passage_prompt: str | None = None
+    # the encoder (saved with the checkpoint as dpr_config.json): the EncoderConfig fields the user set
+    # (flat in the YAML file and the flags: ENCODER_SETTINGS); resolve_encoder fills in the rest from the
+    # starting model (dpr_service/core/pretrained.py: a sentence-transformers directory's own pooling,
+    # similarity, lengths and prompts; a dpr-service checkpoint's config; DPR's settings for any other model)
+    encoder: dict = dataclasses.field(default_factory=dict)
     # the data: negatives, positives, run length
     negatives: str = "auto"  # auto, given, random, bm25 or model
     pairs: str = "sample"  # sample: one positive per question per epoch; all: every (question, positive) pair
@@ -82,17 +79,19 @@ class TrainConfig:
     auto_resume: bool = False  # resume when --output holds a resumable run, start one otherwise
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
 
-    def encoder_settings(self) -> dict:
-        """The encoder settings given by the user (None where the starting model decides)."""
-        return {name: getattr(self, ENCODER_FIELDS[name]) for name in ENCODER_FIELDS}
+    @classmethod
+    def from_settings(cls, **settings) -> "TrainConfig":
+        """A config from flat settings as the YAML file and the flags name them (``pooling="mean"``,
+        ``shared_encoder=True``, ``lr=3e-5``...); encoder settings that are None count as not given."""
+        encoder = {ENCODER_SETTINGS[k]: settings.pop(k) for k in list(settings) if k in ENCODER_SETTINGS}
+        return cls(**settings, encoder={k: v for k, v in encoder.items() if v is not None})
 
     def encoder_config(self) -> EncoderConfig:
-        """The resolved encoder config; raises ConfigError before :func:`resolve` has filled it in."""
-        settings = self.encoder_settings()
-        missing = [ENCODER_FIELDS[k] for k, v in settings.items() if v is None]
+        """The resolved encoder config; raises ConfigError before :func:`resolve_encoder` has filled it in."""
+        missing = [flag for flag, name in ENCODER_SETTINGS.items() if name not in self.encoder]
         if missing:
             raise ConfigError(f"encoder settings not resolved yet: {', '.join(missing)}")
-        return EncoderConfig(**settings)
+        return EncoderConfig(**self.encoder)
 
     def validate(self) -> "TrainConfig":
         """Check every setting on its own (required ones present, numbers in range, names known);
@@ -130,33 +129,42 @@ class TrainConfig:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.best_metric not in METRICS:
             raise ConfigError(f"--best-metric must be one of {', '.join(sorted(METRICS))}, got {self.best_metric!r}")
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.similarity is not None and self.similarity not in SIMILARITIES:
-            raise ConfigError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        unknown = set(self.encoder) - set(ENCODER_SETTINGS.values())
+        if unknown:
+            raise ConfigError(f"unknown encoder settings {sorted(unknown)}")
         try:  # the given settings alone (the model fills the rest in at the start of training)
-            EncoderConfig(**{k: v for k, v in self.encoder_settings().items() if v is not None})
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+            EncoderConfig(**self.encoder)
+        except EncoderConfigError as e:
+            raise ConfigError(f"{_flag(ENCODER_FLAGS[e.field])} {e.problem}") from None
         return self
 
+    def settings(self) -> dict:
+        """The flat settings (:meth:`from_settings` of them gives this config back); encoder settings
+        not given are None."""
+        data = {}
+        for name, value in dataclasses.asdict(self).items():
+            if name == "encoder":
+                data.update({flag: value.get(key) for flag, key in ENCODER_SETTINGS.items()})
+            else:
+                data[name] = value
+        return data
+
     def to_yaml(self) -> str:
-        """The settings as YAML (train_config.yaml), without the per-invocation ones (resume, stop_after)."""
-        data = dataclasses.asdict(self)
-        data.pop("resume")
-        data.pop("auto_resume")
-        data.pop("stop_after")
+        """The flat settings as YAML (train_config.yaml), without the per-invocation ones (resume,
+        auto_resume, stop_after)."""
+        data = self.settings()
+        for name in ("resume", "auto_resume", "stop_after"):
+            data.pop(name)
         return yaml.safe_dump(data, sort_keys=False)
 
 
 NEGATIVES = ("auto", "given", "random", "bm25", "model")
 PAIRS = ("sample", "all")
-# EncoderConfig field -> TrainConfig field
-ENCODER_FIELDS = {"pooling": "pooling", "similarity": "similarity", "temperature": "temperature",
-                  "query_max_length": "query_max_length", "passage_max_length": "passage_max_length",
-                  "shared": "shared_encoder", "query_prompt": "query_prompt", "passage_prompt": "passage_prompt"}
+# flat setting (flag, YAML key) -> EncoderConfig field, in the order the flags are listed
+ENCODER_SETTINGS = {"shared_encoder": "shared", **{f.name: f.name for f in dataclasses.fields(EncoderConfig) if f.name != "shared"}}
+ENCODER_FLAGS = {field: flag for flag, field in ENCODER_SETTINGS.items()}
 
 # Settings that may differ between an interrupted run and its --resume without changing the result.
 RESUME_MAY_CHANGE = {
@@ -170,12 +178,24 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def _setting_types() -> dict[str, str]:
+    """Flat setting name -> its declared type (a string such as ``"int | None"``), in the order of the flags."""
+    encoder_types = {f.name: f.type for f in dataclasses.fields(EncoderConfig)}
+    types = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "encoder":
+            types.update({flag: f"{encoder_types[key]} | None" for flag, key in ENCODER_SETTINGS.items()})
+        else:
+            types[f.name] = f.type
+    return types
+
+
+SETTINGS = _setting_types()
 
 
 def _coerce(name: str, value, where: str):
-    """Check a YAML value's type against the field's declared type."""
-    kind = FIELDS[name].type
+    """Check a YAML value's type against the setting's declared type."""
+    kind = SETTINGS[name]
     if value is None:
         if "None" in kind:
             return None
@@ -222,7 +242,7 @@ def load_yaml(path: Path | str) -> dict:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         where = f"{path}:{lines.get(key, 1)}"
-        if name not in FIELDS or name == "resume":
+        if name not in SETTINGS or name in ("resume", "encoder"):
             raise ConfigError(f"{where}: unknown setting '{key}'")
         out[name] = _coerce(name, value, where)
     return out
@@ -234,19 +254,20 @@ PATH_SETTINGS = ("model", "train", "dev", "output")
 def resolve_encoder(cfg: TrainConfig, checkpoint: Path | None = None) -> tuple[TrainConfig, dict]:
     """Fill the encoder settings left None: from ``checkpoint`` (the run being resumed) when given,
     else from the starting model (:func:`dpr_service.core.pretrained.resolve_encoder_config`).
-    Returns the resolved config and where each setting came from. Raises ConfigError for a
+    Returns the resolved config and where each setting came from (by flat setting name, plus "kind"). Raises ConfigError for a
     ``--model`` that is not a model directory (before any data is read) or for bad values."""
     from dpr_service.core.pretrained import ModelDirError, resolve_encoder_config
 
     source = checkpoint if checkpoint is not None else cfg.model
     try:
-        config, sources = resolve_encoder_config(source, cfg.encoder_settings())
+        config, sources = resolve_encoder_config(source, cfg.encoder)
     except ModelDirError as e:
         raise ConfigError(f"--model {e}" if checkpoint is None else str(e)) from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    values = {ENCODER_FIELDS[k]: getattr(config, k) for k in ENCODER_FIELDS}
-    return dataclasses.replace(cfg, **values), {"kind": sources.pop("kind"), **{ENCODER_FIELDS[k]: v for k, v in sources.items()}}
+    kind = sources.pop("kind")
+    return (dataclasses.replace(cfg, encoder=dataclasses.asdict(config)),
+            {"kind": kind, **{ENCODER_FLAGS[k]: v for k, v in sources.items()}})
 
 
 def _same_setting(name: str, saved, now) -> bool:
@@ -289,4 +310,4 @@ def build_config(cli: dict, config_file: str | None = None) -> TrainConfig:
     """Defaults < the YAML file < flags given on the command line (``cli`` holds only those)."""
     values = load_yaml(config_file) if config_file else {}
     values.update(cli)
-    return TrainConfig(**values).validate()
+    return TrainConfig.from_settings(**values).validate()

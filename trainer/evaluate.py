@@ -19,28 +19,28 @@ from dpr_service.core.tokenize import TextTokenizer
 from .batches import fixed_batches
 
 
-def batch_losses(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: int | None = None) -> torch.Tensor:
+def batch_losses(encoder: BiEncoder, batch: Batch, runtime: Runtime, encode_batch_size: int | None = None) -> torch.Tensor:
     """Per-question DPR losses (B,) for one batch: the computation of a training step's forward,
     through :func:`dpr_service.core.scoring.batch_log_probs`, the function ``POST /score`` calls.
 
-    With ``chunk``, questions and passages are encoded ``chunk`` rows at a time (the batch's loss is
+    With ``encode_batch_size``, questions and passages are encoded that many rows at a time (the batch's loss is
     unchanged: without gradients the embeddings do not depend on how the rows are grouped), so a
     dev batch as large as a gradient-cached training batch fits in memory.
     """
-    log_probs = batch_log_probs(encoder, batch, runtime, chunk)  # (B, N)
+    log_probs = batch_log_probs(encoder, batch, runtime, encode_batch_size)  # (B, N)
     return -log_probs.gather(1, batch.positive_idx.to(log_probs.device).unsqueeze(1)).squeeze(1)
 
 
 @torch.no_grad()
 def dev_nll(encoder: BiEncoder, tokenizer: TextTokenizer, data: TrainData, runtime: Runtime,
-            batch_size: int, hard_negatives: int, chunk: int | None = None) -> float:
+            batch_size: int, hard_negatives: int, encode_batch_size: int | None = None) -> float:
     """Mean per-question loss over the dev examples in batches of ``batch_size`` (the training
-    batch: the loss depends on it), in file order, dropout off; encoded ``chunk`` rows at a time."""
+    batch: the loss depends on it), in file order, dropout off; encoded ``encode_batch_size`` rows at a time."""
     was_training = encoder.training
     encoder.eval()
     total, count = 0.0, 0
     for batch in fixed_batches(data.examples, data.corpus, tokenizer, batch_size, hard_negatives):
-        losses = batch_losses(encoder, batch, runtime, chunk)
+        losses = batch_losses(encoder, batch, runtime, encode_batch_size)
         total += float(losses.sum())
         count += losses.numel()
     encoder.train(was_training)

@@ -119,7 +119,8 @@ def prepare_run(cfg: TrainConfig, dist: distributed.Dist) -> tuple[TrainConfig, 
         raise ConfigError(f"{last_dir} exists: pass --resume to continue that run, or choose another --output")
     cfg, sources = resolve_encoder(cfg, last_dir if cfg.resume else None)
     kind = sources.pop("kind")
-    log.info("encoder settings (%s): %s", kind, ", ".join(f"{k} {getattr(cfg, k)!r} ({sources[k]})" for k in sources))
+    values = cfg.settings()
+    log.info("encoder settings (%s): %s", kind, ", ".join(f"{k} {values[k]!r} ({sources[k]})" for k in sources))
     cfg = dataclasses.replace(cfg, **{k: str(Path(v).expanduser().resolve()) for k in ("model", "train", "dev", "output")
                                       if (v := getattr(cfg, k)) and Path(v).expanduser().exists()})
     if cfg.resume:

@@ -101,9 +101,9 @@ class PassageStore:
         out: dict[int, tuple] = {}
         with self._connect() as db:
             for start in range(0, len(wanted), 900):  # SQLite's parameter limit
-                chunk = wanted[start : start + 900]
-                marks = ",".join("?" * len(chunk))
-                for row, *fields in db.execute(f"SELECT {columns} FROM passages WHERE row IN ({marks})", chunk):
+                some = wanted[start : start + 900]
+                marks = ",".join("?" * len(some))
+                for row, *fields in db.execute(f"SELECT {columns} FROM passages WHERE row IN ({marks})", some):
                     out[row] = tuple(fields)
         return out
 
@@ -113,9 +113,9 @@ class PassageStore:
         out: dict[str, tuple[int, str, str]] = {}
         with self._connect() as db:
             for start in range(0, len(wanted), 900):
-                chunk = wanted[start : start + 900]
-                marks = ",".join("?" * len(chunk))
-                for row, pid, title, text in db.execute(f"SELECT row, id, title, text FROM passages WHERE id IN ({marks})", chunk):
+                some = wanted[start : start + 900]
+                marks = ",".join("?" * len(some))
+                for row, pid, title, text in db.execute(f"SELECT row, id, title, text FROM passages WHERE id IN ({marks})", some):
                     out[pid] = (row, title, text)
         return out
 
@@ -362,11 +362,11 @@ class PinnedDirectory:
     def read(self, name: str) -> bytes:
         """The whole file ``name`` through this handle; raises ArtifactError when it is missing."""
         fd = self.open(name)
-        chunks = []
+        blocks = []
         os.lseek(fd, 0, os.SEEK_SET)
         while block := os.read(fd, 1 << 20):
-            chunks.append(block)
-        return b"".join(chunks)
+            blocks.append(block)
+        return b"".join(blocks)
 
     def sha256(self, name: str) -> str:
         """Hex sha256 of ``name`` read through this handle."""

@@ -17,6 +17,14 @@ POOLINGS = ("cls", "mean")
 SIMILARITIES = ("dot", "cosine")
 
 
+class EncoderConfigError(ValueError):
+    """A bad encoder setting: ``field`` names it, ``problem`` says what is wrong (the message is both)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """How text becomes a vector and how two vectors become a score.
@@ -42,19 +50,21 @@ class EncoderConfig:
     passage_prompt: str = ""
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        """Raises EncoderConfigError (a ValueError) naming the first bad setting."""
+        for name, allowed in (("pooling", POOLINGS), ("similarity", SIMILARITIES)):
+            if getattr(self, name) not in allowed:
+                raise EncoderConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise EncoderConfigError("temperature", f"must be > 0, got {self.temperature!r}")
         for name in ("query_max_length", "passage_max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
-                raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+                raise EncoderConfigError(name, f"must be an integer >= 2, got {value!r}")
+        if not isinstance(self.shared, bool):
+            raise EncoderConfigError("shared", f"must be true or false, got {self.shared!r}")
         for name in ("query_prompt", "passage_prompt"):
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+                raise EncoderConfigError(name, f"must be a string, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         """The config as saved in ``dpr_config.json``, with the format tag."""

@@ -68,14 +68,15 @@ def encode_texts(
 
 @torch.no_grad()
 def exact_search(
-    q_emb: torch.Tensor, p_emb: torch.Tensor, k: int, device: torch.device | str = "cpu", chunk: int = 1024
+    q_emb: torch.Tensor, p_emb: torch.Tensor, k: int, device: torch.device | str = "cpu", block: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brute-force inner-product top-k: (Q, D) x (N, D) -> scores (Q, k), indices (Q, k), best first."""
+    """Brute-force inner-product top-k: (Q, D) x (N, D) -> scores (Q, k), indices (Q, k), best first;
+    ``block`` queries at a time (a (block, N) score matrix in memory)."""
     k = min(k, p_emb.shape[0])
     p = p_emb.to(device, torch.float32)
     all_scores, all_idx = [], []
-    for start in range(0, q_emb.shape[0], chunk):
-        s = q_emb[start : start + chunk].to(device, torch.float32) @ p.T  # (chunk, N)
+    for start in range(0, q_emb.shape[0], block):
+        s = q_emb[start : start + block].to(device, torch.float32) @ p.T  # (block, N)
         top = s.topk(k, dim=1)
         all_scores.append(top.values.cpu())
         all_idx.append(top.indices.cpu())

@@ -43,18 +43,18 @@ class ItemScore:
     rank: int  # 1 = the positive scores highest among the candidates
 
 
-def batch_log_probs(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: int | None = None,
+def batch_log_probs(encoder: BiEncoder, batch: Batch, runtime: Runtime, encode_batch_size: int | None = None,
                     candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N) log-probabilities of each question over its candidates in ``batch``: the forward of a
     training step, with the encoder's similarity and temperature, passages of equal id as one
     (``batch.p_hashes``) and each question's other known positives masked (``batch.candidate_mask()``);
     ``candidate_mask`` (B, N) restricts the candidates further. Dropout is as the caller left the
-    encoder. With ``chunk``, rows are encoded ``chunk`` at a time (the result is unchanged without
+    encoder. With ``encode_batch_size``, rows are encoded that many at a time (the result is unchanged without
     gradients), so a batch as large as a gradient-cached one fits in memory."""
     batch = batch.to(runtime.device)
     with runtime.autocast():
-        q_emb = _encode_rows(encoder.encode_queries, batch.queries, chunk)  # (B, D)
-        p_emb = _encode_rows(encoder.encode_passages, batch.passages, chunk)  # (N, D)
+        q_emb = _encode_rows(encoder.encode_queries, batch.queries, encode_batch_size)  # (B, D)
+        p_emb = _encode_rows(encoder.encode_passages, batch.passages, encode_batch_size)  # (N, D)
     mask = batch.candidate_mask()
     if candidate_mask is not None:
         mask &= candidate_mask.to(mask.device)
@@ -63,9 +63,10 @@ def batch_log_probs(encoder: BiEncoder, batch: Batch, runtime: Runtime, chunk: i
                                p_ids=batch.p_hashes, candidate_mask=mask)
 
 
-def _encode_rows(encode, inputs: dict, chunk: int | None) -> torch.Tensor:
+def _encode_rows(encode, inputs: dict, encode_batch_size: int | None) -> torch.Tensor:
+    """``encode`` over the rows of ``inputs``, ``encode_batch_size`` at a time (all at once when None)."""
     n = inputs["input_ids"].shape[0]
-    step = chunk or n
+    step = encode_batch_size or n
     return torch.cat([encode(**{k: v[i : i + step] for k, v in inputs.items()}) for i in range(0, n, step)])
 
 
