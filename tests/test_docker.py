@@ -18,6 +18,7 @@ from conftest import write_beir
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker" / "docker-compose.yml"
 GPU = ROOT / "docker" / "docker-compose.gpu.yml"
+MILVUS = ROOT / "docker" / "docker-compose.milvus.yml"
 DPR = str(Path(sys.executable).parent / "dpr")
 
 
@@ -30,7 +31,7 @@ def compose_tool():
 
 def test_compose_files_validate():
     tool = compose_tool()
-    for files in ([COMPOSE], [COMPOSE, GPU]):
+    for files in ([COMPOSE], [COMPOSE, GPU], [MILVUS]):
         args = [a for f in files for a in ("-f", str(f))]
         proc = subprocess.run([tool, *args, "config"], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr
@@ -51,6 +52,23 @@ def test_compose_structure():
         assert any(v.endswith(":/data:ro") for v in services[name]["volumes"]), "training data must be read-only"
     assert "artifacts" in spec["volumes"]
     assert (ROOT / "docker" / ".env.example").is_file() and (ROOT / ".dockerignore").is_file()
+
+
+def test_milvus_compose_structure():
+    """Milvus standalone from its official images with healthchecks; export after index and a healthy
+    Milvus; stateless api replicas (no host port of their own) behind the load balancer."""
+    services = yaml.safe_load(MILVUS.read_text())["services"]
+    for name in ("etcd", "minio", "milvus", "api", "lb"):
+        assert "test" in services[name]["healthcheck"], name
+    assert services["milvus"]["image"].startswith("milvusdb/milvus:")
+    assert services["export"]["depends_on"] == {"index": {"condition": "service_completed_successfully"},
+                                                "milvus": {"condition": "service_healthy"}}
+    assert services["export"]["command"][:2] == ["index", "export"] and "--token-env" in services["export"]["command"]
+    api = services["api"]
+    assert api["deploy"]["replicas"] and "ports" not in api and api["command"][:2] == ["serve", "--milvus-uri"]
+    assert api["depends_on"]["export"]["condition"] == "service_completed_successfully"
+    assert services["lb"]["ports"] and services["lb"]["image"].startswith("nginx:")
+    assert "server api:8000" in (ROOT / "docker" / "nginx.conf").read_text()
 
 
 def test_dockerfile_lints_and_runs_as_non_root():
