@@ -66,12 +66,16 @@ def _run(prog: str, fn) -> int:
     from dpr_service.core.formats import DataError
 
     from dpr_service.core.artifact import ArtifactError
+    from dpr_service.core.milvus import MilvusUnavailable
 
     try:
         return fn() or 0
-    except (DataError, CheckpointError, ArtifactError, ValueError) as e:
+    except (DataError, CheckpointError, ArtifactError, ValueError, ImportError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except MilvusUnavailable as e:  # not bad input: the same command may succeed later
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # an --output under a file, a full disk, no permission: the path and the reason
         where = f"{e.filename}: " if e.filename else ""
         print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
@@ -82,7 +86,7 @@ def _run(prog: str, fn) -> int:
 
 
 def index_main(argv: list[str], prog: str = "dpr index") -> int:
-    """``dpr index build|add`` (docs/index.md): returns the exit status, 0 or 2 (one-line error); bad
+    """``dpr index build|add|export`` (docs/index.md, docs/milvus.md): returns the exit status, 0 or 2 (one-line error); bad
     arguments exit 2 through argparse."""
     parser = argparse.ArgumentParser(prog=prog, description="Build or extend a FAISS index artifact.")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -112,6 +116,7 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     a.add_argument("--batch-size", type=_positive_int, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
     a.add_argument("--device", default="auto")
     a.add_argument("--no-progress", dest="progress", action="store_false")
+    _export_args(sub.add_parser("export", help="copy an artifact into a Milvus collection (docs/milvus.md)"))
     args = parser.parse_args(argv)
 
     def go():
@@ -119,6 +124,8 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
 
         from .build import add, build
 
+        if args.action == "export":
+            return _export(args)
         if args.action == "build":
             shard, device = args.shard, args.device
             world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -133,6 +140,37 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
             print(f"index: {add(args.index, args.corpus, args.checkpoint, args.output, args.batch_size, args.device, args.progress)}")
 
     return _run(f"{prog} {args.action}", go)
+
+
+def _export_args(e: argparse.ArgumentParser) -> None:
+    """The flags of ``dpr index export``."""
+    from dpr_service.core.milvus import INDEX_TYPES
+
+    e.add_argument("--index", required=True, help="artifact directory (verified before anything is written)")
+    e.add_argument("--milvus-uri", required=True, help="http://host:19530 for a Milvus server or cluster, or a local "
+                   "file such as ./milvus.db for Milvus Lite")
+    e.add_argument("--collection", required=True, help="collection to write (created if missing; a collection of "
+                   "another checkpoint is refused)")
+    e.add_argument("--index-type", default="HNSW", choices=INDEX_TYPES, help="Milvus index, inner product (default HNSW)")
+    e.add_argument("--alias", help="point this alias at the collection once complete (servers read the alias)")
+    e.add_argument("--token-env", metavar="VAR", help="environment variable holding the Milvus token (user:password "
+                   "or API key); never given on the command line")
+    e.add_argument("--batch-size", type=_positive_int, default=1000, help="passages per upsert (default 1000)")
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _export(args) -> None:
+    """Run ``dpr index export``: one line on success; a token variable that is unset is an error naming it."""
+    from .milvus import export
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if token is None:
+            raise ValueError(f"--token-env {args.token_env}: the environment variable is not set")
+    written = export(args.index, args.milvus_uri, args.collection, args.index_type, token or None, args.alias,
+                     args.batch_size, args.progress)
+    print(f"collection: {args.collection} ({written} passages written now)")
 
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:

@@ -203,3 +203,23 @@ def test_vectors_of_an_ivf_artifact_are_exported_exactly(tmp_path, art):
         milvus.close()
     want = Searcher(flat).search(q_emb, 5)
     assert [[h.id for h in hs] for hs in got] == [[h.id for h in hs] for hs in want]
+
+
+def test_cli_export_as_docs_milvus_md_shows_it(tmp_path, art, capsys, monkeypatch):
+    from index.cli import index_main
+
+    flat, uri = art[3], str(tmp_path / "m.db")
+    cmd = ["export", "--index", str(flat), "--milvus-uri", uri, "--collection", "dpr_v1", "--alias", "dpr",
+           "--index-type", "FLAT", "--token-env", "DPR_MILVUS_TOKEN", "--no-progress"]
+    monkeypatch.setenv("DPR_MILVUS_TOKEN", "")  # Milvus Lite takes no token; an empty one is none
+    assert index_main(cmd) == 0
+    assert "collection: dpr_v1 (40 passages written now)" in capsys.readouterr().out
+    assert index_main(cmd) == 0
+    assert "(0 passages written now)" in capsys.readouterr().out
+    monkeypatch.delenv("DPR_MILVUS_TOKEN")
+    assert index_main(cmd) == 2
+    assert capsys.readouterr().err.strip().endswith("--token-env DPR_MILVUS_TOKEN: the environment variable is not set")
+    down = ["export", "--index", str(flat), "--milvus-uri", "http://127.0.0.1:9", "--collection", "x", "--no-progress"]
+    assert index_main(down) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Milvus at http://127.0.0.1:9 is unreachable" in err and "Traceback" not in err
