@@ -14,6 +14,7 @@ artifact to give Milvus the full vectors.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import faiss
@@ -35,7 +36,8 @@ INDEX_PARAMS = {"HNSW": {"M": 32, "efConstruction": 200}, "IVF_FLAT": {"nlist": 
 def export(index: Path | str, uri: str, collection: str, index_type: str = "HNSW", token: str | None = None,
            alias: str | None = None, batch_size: int = BATCH, progress: bool = True) -> int:
     """Write every passage of the artifact at ``index`` (id, row, vector, title, text) into the
-    Milvus ``collection`` at ``uri``, build its ``index_type`` index (inner product) and load it;
+    Milvus ``collection`` at ``uri``, build its ``index_type`` index (inner product), wait until every
+    row is indexed, and load it;
     with ``alias``, point that alias at the collection once it is complete (servers that read the
     alias switch to it on their next reload). Returns the passages written by this call (0 when the
     collection was already complete).
@@ -60,6 +62,8 @@ def export(index: Path | str, uri: str, collection: str, index_type: str = "HNSW
             written += stop - start
         bar.update(stop - start)
     bar.close()
+    client.flush(collection)
+    _wait_for_index(client, collection)
     found = row_count(client, collection)
     if found != n:  # another writer, or rows outside the artifact: never serve a mixture
         raise ArtifactError(f"Milvus collection {collection!r} holds {found} entities after the export, the artifact {n}")
@@ -129,6 +133,18 @@ def _warn_if_lossy(index: faiss.Index) -> None:
     if not isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)):
         log.warning("the artifact's index (%s) is compressed: Milvus gets its approximate vectors; export from a "
                     "Flat or HNSW artifact for the full ones", type(index).__name__)
+
+
+def _wait_for_index(client, collection: str, timeout_s: float = 3600.0) -> None:
+    """Wait until Milvus has indexed every row (until then searches scan unindexed segments: slow)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = client.describe_index(collection, "vector")
+        if info.get("state") == "Finished" and not info.get("pending_index_rows"):
+            return
+        if time.monotonic() > deadline:
+            raise MilvusUnavailable(f"Milvus did not finish indexing {collection!r} in {timeout_s:.0f} s ({info})")
+        time.sleep(0.5)
 
 
 def _point_alias(client, alias: str, collection: str) -> None:
