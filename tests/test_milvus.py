@@ -223,3 +223,125 @@ def test_cli_export_as_docs_milvus_md_shows_it(tmp_path, art, capsys, monkeypatc
     assert index_main(down) == 1
     err = capsys.readouterr().err.strip()
     assert "Milvus at http://127.0.0.1:9 is unreachable" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- serving from Milvus
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from dpr_service.api.app import create_app  # noqa: E402
+from dpr_service.api.settings import Settings  # noqa: E402
+
+SEARCH = {"queries": QUERIES, "top_k": 5, "with_text": True}
+
+
+@pytest.fixture(scope="module")
+def served(art, tmp_path_factory):
+    """A FLAT collection (alias ``dpr``) of the Flat artifact, and the artifact's own app for reference."""
+    root, ckpt, _, flat, fingerprint, _ = art
+    uri = str(tmp_path_factory.mktemp("served") / "m.db")
+    export_mod.export(flat, uri, "dpr_v1", index_type="FLAT", alias="dpr", progress=False)
+    return uri
+
+
+def milvus_app(uri, collection="dpr", **kw) -> TestClient:
+    return TestClient(create_app(Settings(milvus_uri=uri, milvus_collection=collection, device="cpu",
+                                          batch_max_wait_ms=1, **kw)))
+
+
+def test_search_from_milvus_equals_search_from_the_artifact(art, served):
+    flat = art[3]
+    with TestClient(create_app(Settings(index=flat, device="cpu", batch_max_wait_ms=1))) as faiss_app, \
+            milvus_app(served) as app:
+        assert app.get("/readyz").status_code == 200
+        want, got = faiss_app.post("/search", json=SEARCH).json(), app.post("/search", json=SEARCH).json()
+        for w, g in zip(want["results"], got["results"]):
+            assert [h["id"] for h in g] == [h["id"] for h in w]
+            assert [(h["title"], h["text"]) for h in g] == [(h["title"], h["text"]) for h in w]
+            np.testing.assert_allclose([h["score"] for h in g], [h["score"] for h in w], atol=1e-5)
+        for path, body in (("/encode", {"texts": QUERIES, "kind": "query"}),):
+            assert app.post(path, json=body).json() == faiss_app.post(path, json=body).json()  # unchanged
+        info = app.get("/info").json()
+        assert info["index"]["factory"] == "milvus:FLAT" and info["search"]["modes"] == ["dense"]
+        bm25 = app.post("/search", json={**SEARCH, "mode": "bm25"})
+        assert bm25.status_code == 409 and "mode" in bm25.text
+
+
+def test_collection_of_another_checkpoint_is_not_served(art, served, tmp_path, tiny_model):
+    other = _checkpoint(tmp_path / "other", tiny_model, seed_text="query: ")
+    with milvus_app(served, checkpoint=str(other)) as app:
+        ready = app.get("/readyz")
+        assert ready.status_code == 503 and "not with the checkpoint in use" in ready.json()["reason"]
+        assert app.post("/search", json=SEARCH).status_code == 503
+
+
+def test_milvus_down_or_unreachable_is_503_with_retry_after_never_500(art, served):
+    with milvus_app("http://127.0.0.1:9", milvus_timeout_s=1) as app:  # unreachable at start: the server still starts
+        ready = app.get("/readyz")
+        assert ready.status_code == 503 and "unreachable" in ready.json()["reason"]
+        down = app.post("/search", json=SEARCH)
+        assert down.status_code == 503 and down.headers["Retry-After"]
+    with milvus_app(served) as app:
+        assert app.post("/search", json=SEARCH).status_code == 200
+        app.app.state.resources.searcher.client.close()  # Milvus goes away under a serving server
+        down = app.post("/search", json=SEARCH)
+        assert down.status_code == 503 and down.headers["Retry-After"] and "Milvus" in down.json()["detail"]
+        assert app.get("/readyz").status_code == 503
+
+
+def test_reload_follows_the_alias_to_a_new_collection(art, served):
+    flat = art[3]
+    with milvus_app(served) as app:
+        assert app.get("/info").json()["index"]["factory"] == "milvus:FLAT"
+        export_mod.export(flat, served, "dpr_v2", index_type="HNSW", alias="dpr", progress=False)
+        assert app.post("/search", json=SEARCH).status_code == 200  # still the old collection until the reload
+        reloaded = app.post("/admin/reload")
+        assert reloaded.status_code == 200 and "#dpr" in reloaded.json()["index"]
+        assert app.get("/info").json()["index"]["factory"] == "milvus:HNSW"
+        assert app.post("/search", json=SEARCH).status_code == 200
+
+
+def test_dpr_serve_needs_a_collection_with_milvus(capsys):
+    from dpr_service.api.serve import main
+
+    assert main(["--milvus-uri", "./m.db"]) == 2
+    assert "--milvus-uri needs --collection" in capsys.readouterr().err
+
+
+try:
+    import schemathesis
+    from hypothesis import HealthCheck
+    from hypothesis import settings as hypothesis_settings
+    from schemathesis.checks import not_a_server_error
+except ImportError:  # the test extra installs it
+    schemathesis = None
+
+
+class _Forward:
+    """Forwards to the Milvus-backed app the fixture below builds (schemathesis runs its lifespan once)."""
+
+    target = None
+
+    async def __call__(self, scope, receive, send):
+        await self.target(scope, receive, send)
+
+
+FORWARD = _Forward()
+
+
+@pytest.fixture(scope="module")
+def fuzz_milvus_app(served):
+    FORWARD.target = create_app(Settings(milvus_uri=served, milvus_collection="dpr", device="cpu", batch_max_wait_ms=1))
+    return FORWARD
+
+
+if schemathesis is not None:
+    milvus_schema = schemathesis.openapi.from_dict(create_app(Settings(device="cpu")).openapi())
+    milvus_schema.app = FORWARD
+
+    @milvus_schema.include(path_regex="^/(search|readyz|info)$").parametrize()
+    @hypothesis_settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(HealthCheck))
+    def test_schemathesis_no_5xx_from_the_milvus_backed_app(case, fuzz_milvus_app):
+        """/search (and readiness, info) of a Milvus-backed server never answer 5xx, whatever the body."""
+        case.call_and_validate(checks=[not_a_server_error])

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from dpr_service.core.artifact import ArtifactError
 from dpr_service.core.checkpoint import CheckpointError
+from dpr_service.core.milvus import MilvusUnavailable
 
 from .errors import install_error_handlers
 from .guard import Guard
@@ -53,10 +54,10 @@ def _lifespan(settings: Settings, metrics: Metrics):
         try:
             res = await reloader.load()
             log.info("serving %s (%d passages) with %s", settings.index, res.searcher.count, res.loaded.path)
-        except (ArtifactError, CheckpointError, ValueError) as e:
+        except (ArtifactError, CheckpointError, ValueError, MilvusUnavailable) as e:
             app.state.load_error = str(e)
             log.error("not ready: %s", e)
-            if settings.wait_for_index:
+            if settings.wait_for_index or settings.milvus_uri:  # Milvus may come up later: keep trying
                 log.info("DPR_WAIT_FOR_INDEX: checking %s every second until an index there loads", settings.index)
                 reloader.watch_until_loaded()
         yield

@@ -9,7 +9,8 @@ the server's own troubles are 503 (retry) or a bare 500 (logged, never a traceba
 - 422: a field that fails its schema, a ``DPR_MAX_*`` limit or a rule between fields (``alpha`` only
   in hybrid mode): ``items[0].negatives[1]: ...``; a body that is not a JSON object:
   ``body: must be a JSON object, got an array``.
-- 503 with Retry-After: not ready, the query queue is full, or a reload retired the encoder.
+- 503 with Retry-After: not ready, the query queue is full, a reload retired the encoder, or Milvus
+  (``DPR_MILVUS_URI``) did not answer.
 - 500: anything unexpected: ``internal error`` (the traceback is logged, never sent).
 
 Field names are written as a client writes them: ``items[0].positive.title``.
@@ -22,6 +23,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
+from dpr_service.core.milvus import MilvusUnavailable
 
 from .batching import Overloaded, Stopped
 from .schemas import FieldError
@@ -101,6 +104,11 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
         return JSONResponse({"detail": "server reloading: the query encoder was replaced, retry"}, status_code=503,
                             headers=retry)
 
+    async def milvus_unavailable(request: Request, exc: MilvusUnavailable) -> JSONResponse:
+        log.warning("%s: %s", request.url.path, exc)
+        return JSONResponse({"detail": "search backend unavailable: Milvus did not answer, retry later"},
+                            status_code=503, headers=retry)
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse({"detail": "internal error"}, status_code=500)
@@ -109,4 +117,5 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(FieldError, field_error)  # LimitExceeded too
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(Stopped, stopped)
+    app.add_exception_handler(MilvusUnavailable, milvus_unavailable)
     app.add_exception_handler(Exception, unexpected)

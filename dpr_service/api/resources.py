@@ -22,6 +22,7 @@ from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.fsio import readable_directory
 from dpr_service.core.hybrid import Retriever
 from dpr_service.core.inference import encode_texts
+from dpr_service.core.milvus import MilvusSearcher
 from dpr_service.core.search import Searcher
 
 from .batching import QueryBatcher, Stopped
@@ -38,7 +39,7 @@ class Resources:
     """What a request needs, loaded together and swapped together on reload."""
 
     loaded: Loaded
-    searcher: Searcher
+    searcher: Searcher | MilvusSearcher
     runtime: Runtime
     batcher: QueryBatcher | None
 
@@ -67,18 +68,24 @@ def load_resources(settings: Settings, metrics: Metrics) -> Resources:
     """Load and verify checkpoint and index (its BM25 index too, when it has one), then search once
     (blocking; run it in a thread).
 
-    The checkpoint is ``DPR_CHECKPOINT`` or the one the manifest names. Raises ArtifactError (no
-    index configured, a missing or damaged index, an index of another checkpoint), CheckpointError
-    (a missing or damaged checkpoint) or ValueError (a bad device setting)."""
-    if settings.index is None:
-        raise ArtifactError("no index configured: set DPR_INDEX or pass --index")
+    The checkpoint is ``DPR_CHECKPOINT`` or the one the manifest names. With ``DPR_MILVUS_URI`` the
+    index is the Milvus collection ``DPR_MILVUS_COLLECTION`` (:class:`MilvusSearcher`; dense search
+    only) and the default checkpoint the one its properties name. Raises ArtifactError (no index
+    configured, a missing or damaged index or collection, one of another checkpoint), CheckpointError
+    (a missing or damaged checkpoint), MilvusUnavailable (Milvus does not answer) or ValueError (a
+    bad device setting)."""
     runtime = pick_runtime(settings.device, "auto")
-    manifest = read_manifest(settings.index)
-    checkpoint = settings.checkpoint or manifest.extra.get("checkpoint")
-    if not checkpoint:
-        raise ArtifactError(f"{settings.index}: the manifest names no checkpoint; set DPR_CHECKPOINT")
-    loaded = load_checkpoint(checkpoint, runtime.device)
-    searcher = Searcher(settings.index, loaded.fingerprint, bm25=True)
+    if settings.milvus_uri:
+        loaded, searcher = _load_milvus(settings, runtime)
+    else:
+        if settings.index is None:
+            raise ArtifactError("no index configured: set DPR_INDEX or pass --index (or DPR_MILVUS_URI)")
+        manifest = read_manifest(settings.index)
+        checkpoint = settings.checkpoint or manifest.extra.get("checkpoint")
+        if not checkpoint:
+            raise ArtifactError(f"{settings.index}: the manifest names no checkpoint; set DPR_CHECKPOINT")
+        loaded = load_checkpoint(checkpoint, runtime.device)
+        searcher = Searcher(settings.index, loaded.fingerprint, bm25=True)
     res = Resources(loaded, searcher, runtime, None)
     res.searcher.search(res.encode_queries([WARM_UP_QUERY]), 1, with_text=True)  # warm-up: /readyz waits for this
     if searcher.bm25 is not None:
@@ -87,6 +94,28 @@ def load_resources(settings: Settings, metrics: Metrics) -> Resources:
         log.info("%s has no BM25 index (built with --no-bm25): /search serves mode dense only", searcher.directory)
     metrics.index_size.set(searcher.count)
     return res
+
+
+def _load_milvus(settings: Settings, runtime: Runtime) -> tuple[Loaded, MilvusSearcher]:
+    """The checkpoint and the checked Milvus collection (the checkpoint: DPR_CHECKPOINT, else the one
+    the collection's properties name; the collection must have been exported with its fingerprint)."""
+    if not settings.milvus_collection:
+        raise ArtifactError("DPR_MILVUS_URI is set without DPR_MILVUS_COLLECTION (the collection or alias to serve)")
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+    searcher = MilvusSearcher(settings.milvus_uri, settings.milvus_collection, None, token, settings.milvus_timeout_s)
+    try:
+        checkpoint = settings.checkpoint or searcher.manifest.extra.get("checkpoint")
+        if not checkpoint:
+            raise ArtifactError(f"{searcher.directory}: the collection names no checkpoint; set DPR_CHECKPOINT")
+        loaded = load_checkpoint(checkpoint, runtime.device)
+        if loaded.fingerprint != searcher.manifest.checkpoint_fingerprint:
+            raise ArtifactError(f"{searcher.directory}: exported from an index built with checkpoint "
+                                f"{searcher.manifest.checkpoint_fingerprint[:16]}, not with the checkpoint in use "
+                                f"({loaded.fingerprint[:16]}); export an index of this checkpoint")
+    except Exception:
+        searcher.close()
+        raise
+    return loaded, searcher
 
 
 def start_batcher(res: Resources, settings: Settings, metrics: Metrics) -> None:
@@ -167,6 +196,8 @@ class Reloader:
             self.app.state.load_error = None
             if old is not None and old.batcher is not None:
                 self._spawn(old.batcher.stop())  # drains: what is queued on it is still answered
+            if old is not None and isinstance(old.searcher, MilvusSearcher):
+                self._spawn(self._close_later(old.searcher))
             return res
 
     def check(self) -> None:
@@ -185,6 +216,10 @@ class Reloader:
 
         async def watch() -> None:
             while self.app.state.resources is None:
+                if self.settings.milvus_uri:  # no artifact to stat: try to load again (every 5 s)
+                    await self._reload_changed()
+                    await asyncio.sleep(5 * self.check_every_s)
+                    continue
                 self.check()
                 await asyncio.sleep(self.check_every_s)
 
@@ -194,7 +229,8 @@ class Reloader:
         try:
             res = await self.load()
         except Exception as e:  # logged; the previous artifact (if any) keeps serving
-            log.error("the artifact at %s changed but does not load; still serving the previous one: %s", self.settings.index, e)
+            log.error("the artifact at %s changed but does not load; still serving the previous one: %s",
+                      self.settings.milvus_collection if self.settings.milvus_uri else self.settings.index, e)
             if self.app.state.resources is None:
                 self.app.state.load_error = str(e)
         else:
@@ -209,6 +245,12 @@ class Reloader:
         res = self.app.state.resources
         if res is not None and res.batcher is not None:
             await res.batcher.stop()
+
+    @staticmethod
+    async def _close_later(searcher: MilvusSearcher, after_s: float = 30.0) -> None:
+        """Close a retired collection's client once the searches already routed to it are done."""
+        await asyncio.sleep(after_s)
+        searcher.close()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

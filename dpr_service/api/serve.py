@@ -18,6 +18,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description="Serve retrieval and the DPR loss over REST (uvicorn).")
     parser.add_argument("--index", help="index artifact directory (or DPR_INDEX)")
     parser.add_argument("--checkpoint", help="checkpoint directory (default: the one named in the manifest; or DPR_CHECKPOINT)")
+    parser.add_argument("--milvus-uri", help="answer /search from this Milvus instead of a FAISS index (or DPR_MILVUS_URI; "
+                        "docs/milvus.md); the token comes from DPR_MILVUS_TOKEN")
+    parser.add_argument("--collection", help="the Milvus collection or alias to serve (or DPR_MILVUS_COLLECTION)")
     parser.add_argument("--wait-for-index", action="store_true",
                         help="start even when the index is missing or unreadable, and load it once it is there "
                              "(or DPR_WAIT_FOR_INDEX=1); without it such an index is an error (exit 2)")
@@ -38,8 +41,16 @@ def main(argv: list[str] | None = None, prog: str = "dpr serve") -> int:
         os.environ["DPR_CHECKPOINT"] = args.checkpoint
     if args.wait_for_index:
         os.environ["DPR_WAIT_FOR_INDEX"] = "1"
-    if not os.environ.get("DPR_INDEX"):
-        print(f"{prog}: error: give --index or set DPR_INDEX", file=sys.stderr)
+    if args.milvus_uri:
+        os.environ["DPR_MILVUS_URI"] = args.milvus_uri
+    if args.collection:
+        os.environ["DPR_MILVUS_COLLECTION"] = args.collection
+    milvus = bool(os.environ.get("DPR_MILVUS_URI"))
+    if milvus and not os.environ.get("DPR_MILVUS_COLLECTION"):
+        print(f"{prog}: error: --milvus-uri needs --collection (or DPR_MILVUS_COLLECTION)", file=sys.stderr)
+        return 2
+    if not milvus and not os.environ.get("DPR_INDEX"):
+        print(f"{prog}: error: give --index or set DPR_INDEX (or --milvus-uri and --collection)", file=sys.stderr)
         return 2
     from .settings import get_settings
 
@@ -48,7 +59,7 @@ def main(argv: list[str] | None = None, prog: str = "dpr serve") -> int:
     except Exception as e:  # pydantic ValidationError for a bad DPR_* value
         print(f"{prog}: error: bad DPR_* setting: {e}", file=sys.stderr)
         return 2
-    if not settings.wait_for_index:
+    if not settings.wait_for_index and not milvus:  # a Milvus that is not up yet is waited for (503 until then)
         from dpr_service.core.artifact import ArtifactError, read_manifest
 
         try:

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="checkpoint; default: the one named in the index manifest")
     api_key: SecretStr | None = Field(None, description="when set (and not empty), every route but /healthz, /readyz and / needs it")
     device: str = "auto"
+    # Milvus instead of the artifact's FAISS index for /search (docs/milvus.md); /score and /encode are unchanged
+    milvus_uri: str | None = Field(None, description="serve /search from this Milvus (http://host:19530, or a Milvus "
+                                   "Lite file) instead of DPR_INDEX's FAISS index")
+    milvus_collection: str | None = Field(None, description="the collection or alias dpr index export wrote")
+    milvus_token: SecretStr | None = Field(None, description="Milvus token (user:password or an API key)")
+    milvus_timeout_s: float = Field(5.0, gt=0, description="a Milvus call slower than this is a 503 with Retry-After")
     wait_for_index: bool = Field(False, description="an index missing (or unloadable) at start-up is waited for: "
                                  "checked every second, 503 until it loads; without it `dpr serve` exits 2")
     # limits: requests over them get a 4xx naming the field

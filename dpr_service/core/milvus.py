@@ -15,7 +15,8 @@ A collection holds one entity per passage:
     text    VARCHAR (at most 65,535 bytes, Milvus's limit)
 
 and, as collection properties, the artifact's ``dpr.format``, ``dpr.checkpoint_fingerprint``,
-``dpr.similarity``, ``dpr.dim``, ``dpr.count`` and ``dpr.index_type``, so that a server refuses a
+``dpr.similarity``, ``dpr.dim``, ``dpr.count``, ``dpr.index_type`` and ``dpr.checkpoint`` (the path
+the artifact's manifest names, the server's default checkpoint), so that a server refuses a
 collection built by another checkpoint, and one whose export has not finished (fewer rows than
 ``dpr.count``).
 """
@@ -71,7 +72,7 @@ def collection_properties(manifest: Manifest, index_type: str) -> dict[str, str]
     """The ``dpr.*`` properties describing a collection exported from the artifact of ``manifest``."""
     return {"dpr.format": FORMAT, "dpr.checkpoint_fingerprint": manifest.checkpoint_fingerprint,
             "dpr.similarity": manifest.similarity, "dpr.dim": str(manifest.dim), "dpr.count": str(manifest.count),
-            "dpr.index_type": index_type}
+            "dpr.index_type": index_type, "dpr.checkpoint": str(manifest.extra.get("checkpoint", ""))}
 
 
 def read_properties(client: Any, collection: str) -> dict[str, str]:
@@ -130,7 +131,7 @@ class MilvusSearcher:
                                 f"export did not finish (run dpr index export again)")
         self.manifest = Manifest(checkpoint_fingerprint=built, dim=self.dim, similarity=props["dpr.similarity"],
                                  count=found, factory=f"milvus:{self.index_type}", created="", files={},
-                                 extra={"milvus_collection": collection})
+                                 extra={"milvus_collection": collection, "checkpoint": props.get("dpr.checkpoint", "")})
         self.search_params = {"metric_type": "IP", "params": {"ef": ef} if self.index_type == "HNSW" else
                               {"nprobe": nprobe} if self.index_type.startswith("IVF") else {}}
 
@@ -168,6 +169,14 @@ class MilvusSearcher:
         except Exception as e:
             raise MilvusUnavailable(f"Milvus lookup failed ({_reason(e)})") from None
         return out
+
+    def ready(self) -> bool:
+        """Whether Milvus answers and holds the collection loaded (for ``/readyz``; never raises)."""
+        try:
+            state = self.client.get_load_state(self.collection, timeout=self.timeout_s)
+        except Exception:  # down, slow or the collection gone
+            return False
+        return str(state.get("state")).endswith("Loaded")
 
     def close(self) -> None:
         """Close the client's connection."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -22,10 +24,15 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(request: Request, reloader: AppReloader):
-    """200 once model and index are loaded and a warm-up query succeeded; 503 before (no auth)."""
+    """200 once model and index are loaded and a warm-up query succeeded (with Milvus: while it
+    answers and holds the collection loaded); 503 otherwise (no auth)."""
     reloader.check()  # probes also bring an idle worker to a new artifact
-    if request.app.state.resources is None:
-        reason = request.app.state.load_error or "loading"
+    res = request.app.state.resources
+    reason = None if res is not None else request.app.state.load_error or "loading"
+    if res is not None and hasattr(res.searcher, "ready"):  # Milvus: answering, with the collection loaded
+        if not await asyncio.get_running_loop().run_in_executor(None, res.searcher.ready):
+            reason = "Milvus does not answer or the collection is not loaded"
+    if reason is not None:
         return JSONResponse({"status": "not ready", "reason": reason, "detail": f"not ready: {reason}"},
                             status_code=503, headers={"Retry-After": "5"})
     return {"status": "ready"}
@@ -55,9 +62,12 @@ async def reload(reloader: AppReloader, settings: AppSettings) -> dict:
     """Load the artifact at DPR_INDEX, verify it and swap it in atomically. Requests in flight
     finish on the old one; a failed load keeps the old one serving and says why (409). With several
     worker processes this reloads the worker that got the request; every other worker notices
-    the new artifact by itself at its next request (at most a second later)."""
+    the new artifact by itself at its next request (at most a second later). With Milvus it reads
+    the collection (or alias) again: after ``dpr index export --alias`` moved it, each replica
+    switches on its reload; Milvus not answering is a 503 (MilvusUnavailable), the old one serving."""
     try:
         res = await reloader.load()  # the same DPR_INDEX path: rebuild or replace the artifact there first
     except (ArtifactError, CheckpointError, ValueError) as e:
         raise HTTPException(409, f"reload failed, still serving the previous index: {e}") from None
-    return {"status": "reloaded", "index": str(settings.index), "passages": res.searcher.count}
+    served = res.searcher.directory if settings.milvus_uri else settings.index
+    return {"status": "reloaded", "index": str(served), "passages": res.searcher.count}
