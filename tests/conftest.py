@@ -106,3 +106,14 @@ def write_beir(root: Path, n: int = 24, seed: int = 0, splits=("train", "dev")) 
         rows = [f"q{i}\td{i}\t1" for i in range(n) if i % len(splits) == s or split == "train"]
         (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
     return root
+
+
+class AsgiForward:
+    """An ASGI app that forwards to ``target``, set at run time: schemathesis needs an app when the
+    test module is collected, the app under test is built later by a fixture (and its lifespan run once)."""
+
+    target = None
+
+    async def __call__(self, scope, receive, send):
+        await self.target(scope, receive, send)
+

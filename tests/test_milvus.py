@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_beir
+from conftest import AsgiForward, write_beir
 
 pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus, milvus-lite) is not installed")
 pytest.importorskip("milvus_lite", reason="the milvus extra (pymilvus, milvus-lite) is not installed")
@@ -317,16 +317,7 @@ except ImportError:  # the test extra installs it
     schemathesis = None
 
 
-class _Forward:
-    """Forwards to the Milvus-backed app the fixture below builds (schemathesis runs its lifespan once)."""
-
-    target = None
-
-    async def __call__(self, scope, receive, send):
-        await self.target(scope, receive, send)
-
-
-FORWARD = _Forward()
+FORWARD = AsgiForward()  # to the Milvus-backed app the fixture below builds
 
 
 @pytest.fixture(scope="module")

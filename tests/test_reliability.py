@@ -43,7 +43,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, write_beir, write_plain
+from conftest import WORDS, AsgiForward, write_beir, write_plain
 from fastapi.testclient import TestClient
 
 from dpr_service.api.app import OPEN_ROUTES, app_routes, create_app
@@ -1026,16 +1026,7 @@ FUZZED: Counter = Counter()
 FUZZ_SETTINGS = dict(device="cpu", batch_max_wait_ms=1, api_key=KEY)
 
 
-class _Forward:
-    """An ASGI app that forwards to the app under test, which the fixture below sets at run time."""
-
-    target = None
-
-    async def __call__(self, scope, receive, send):
-        await self.target(scope, receive, send)
-
-
-FUZZ_TARGET = _Forward()
+FUZZ_TARGET = AsgiForward()  # to the app under test, which the fixture below sets
 
 
 @pytest.fixture(scope="module")
