@@ -19,7 +19,7 @@ from dpr_service.core.inference import encode_texts
 from dpr_service.core.metrics import Conventions, score_run, search_run
 from dpr_service.core.search import Searcher
 
-from .hybrid import Retriever
+from dpr_service.core.hybrid import Retriever
 
 log = logging.getLogger("index")
 
