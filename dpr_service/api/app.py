@@ -4,7 +4,7 @@ the Guard middleware, error handlers, the routers and the published schema.
 ::
 
     create_app(settings)            app.py        this file: puts the pieces together
-      routes/{retrieval,loss,embeddings,operations,web}.py   thin routes, one router per concern
+      routes/{retrieval,loss,embeddings,operations,web,openai}.py   thin routes, one router per concern
       deps.py                       Annotated dependencies (settings, resources, checked bodies)
       resources.py                  checkpoint + index + batcher, loaded and hot-reloaded
       limits.py                     the DPR_MAX_* table: checks requests, writes the schema
@@ -24,12 +24,12 @@ from dpr_service.core.artifact import ArtifactError
 from dpr_service.core.checkpoint import CheckpointError
 from dpr_service.core.milvus import MilvusUnavailable
 
-from .errors import install_error_handlers
+from .errors import OpenAIErrorShape, install_error_handlers
 from .guard import Guard
 from .metrics import Metrics
 from .openapi import install_openapi
 from .resources import Reloader
-from .routes import ROUTERS
+from .routes import ROUTERS, openai
 from .schemas import ERROR_RESPONSES
 from .settings import Settings, get_settings
 
@@ -82,8 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the API key, admission, then the body size, all before a byte of the body is read (guard.py)
     app.add_middleware(Guard, settings=settings, open_routes=OPEN_ROUTES, observe=metrics.observe_request,
                        known_paths=lambda: set(app_routes(app)))
+    app.add_middleware(OpenAIErrorShape)  # outside the Guard: its answers on /v1/... in OpenAI's shape too
     install_error_handlers(app, settings)
-    for router in ROUTERS:
+    for router in (*ROUTERS, openai.router):  # /v1/embeddings, /v1/models: routes/openai.py
         app.include_router(router)
     install_openapi(app, settings, OPEN_ROUTES)  # the schema carries the DPR_MAX_* limits and the key scheme
     return app

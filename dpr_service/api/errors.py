@@ -14,10 +14,15 @@ the server's own troubles are 503 (retry) or a bare 500 (logged, never a traceba
 - 500: anything unexpected: ``internal error`` (the traceback is logged, never sent).
 
 Field names are written as a client writes them: ``items[0].positive.title``.
+
+On the OpenAI-compatible routes (``/v1/...``) every one of these answers, the Guard's included, has
+OpenAI's shape instead: ``{"error": {"message": <the detail>, "type", "param": <the first field>,
+"code"}}`` (:class:`OpenAIErrorShape`, :func:`openai_shape`), which the ``openai`` client parses.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -111,7 +116,8 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+        body = {"detail": "internal error"}  # sent from outside every middleware: shaped here for /v1
+        return JSONResponse(openai_shape(500, body) if request.url.path.startswith(OPENAI_PREFIX) else body, status_code=500)
 
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(FieldError, field_error)  # LimitExceeded too
@@ -119,3 +125,69 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(Stopped, stopped)
     app.add_exception_handler(MilvusUnavailable, milvus_unavailable)
     app.add_exception_handler(Exception, unexpected)
+
+
+# ----------------------------------------------------------------------------- OpenAI's shape on /v1
+
+OPENAI_PREFIX = "/v1/"
+OPENAI_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+                409: "unsupported_value", 413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_value",
+                500: "internal_error", 503: "unavailable"}
+
+
+def openai_shape(status: int, body: dict) -> dict:
+    """Our error body (``{"detail", "errors"?}``) as OpenAI's: ``{"error": {"message", "type", "param",
+    "code"}}``; ``message`` is the detail, ``param`` the first field at fault (None for the whole body or
+    a header), ``type`` ``invalid_request_error`` (4xx) or ``server_error`` (5xx), ``code`` by status
+    (:data:`OPENAI_CODES`; the key's is OpenAI's own ``invalid_api_key``)."""
+    detail = body.get("detail")
+    fields = [e.get("field") for e in body.get("errors") or [] if isinstance(e, dict)]
+    param = fields[0] if fields and fields[0] != "body" else None
+    return {"error": {"message": detail if isinstance(detail, str) else json.dumps(detail),
+                      "type": "server_error" if status >= 500 else "invalid_request_error",
+                      "param": param, "code": OPENAI_CODES.get(status)}}
+
+
+class OpenAIErrorShape:
+    """ASGI middleware, outside the Guard: a JSON error answer (4xx/5xx with a ``detail``) on a path
+    under ``/v1/`` is re-written in OpenAI's shape (:func:`openai_shape`), headers such as Retry-After
+    kept. Other paths and answers pass through untouched."""
+
+    def __init__(self, app, prefix: str = OPENAI_PREFIX):
+        self.app, self.prefix = app, prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            return await self.app(scope, receive, send)
+        held: dict = {}  # the start of an error answer, and its body so far
+
+        async def reshaping_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400 and _is_json(message["headers"]):
+                held.update(start=message, body=b"")
+                return
+            if message["type"] != "http.response.body" or not held:
+                return await send(message)
+            held["body"] += message.get("body", b"")
+            if message.get("more_body", False):
+                return
+            start, body = held["start"], _reshaped(held["start"]["status"], held["body"])
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, reshaping_send)
+
+
+def _is_json(headers) -> bool:
+    return any(k.lower() == b"content-type" and v.split(b";")[0].strip() == b"application/json" for k, v in headers)
+
+
+def _reshaped(status: int, raw: bytes) -> bytes:
+    """``raw`` (an error body) in OpenAI's shape; unchanged when it is not one of ours (no ``detail``)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:  # an empty body (HEAD) or not JSON after all
+        return raw
+    if not isinstance(body, dict) or "detail" not in body:
+        return raw
+    return json.dumps(openai_shape(status, body)).encode()

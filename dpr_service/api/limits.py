@@ -21,6 +21,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel
 
+from .openai_schemas import EmbeddingsRequest
 from .schemas import EncodeRequest, FieldError, PassageIn, ScoreItemIn, ScoreRequest, SearchRequest
 from .settings import Settings
 
@@ -47,6 +48,8 @@ LIMITS: tuple[Limit, ...] = (
     Limit(ScoreItemIn, "negatives", "max_text_chars", "characters"),
     Limit(EncodeRequest, "texts", "max_queries", "items"),
     Limit(EncodeRequest, "texts", "max_text_chars", "characters"),
+    Limit(EmbeddingsRequest, "input", "max_queries", "items"),  # /v1/embeddings: /encode's limits
+    Limit(EmbeddingsRequest, "input", "max_text_chars", "characters"),
     Limit(PassageIn, "text", "max_text_chars", "characters"),
     Limit(PassageIn, "title", "max_text_chars", "characters"),  # titles: the same limit (and may be empty)
 )

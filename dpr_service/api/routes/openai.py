@@ -1,0 +1,74 @@
+"""The OpenAI-compatible routes: ``POST /v1/embeddings`` and ``GET /v1/models``, for the clients
+users already have (the ``openai`` package, and through it LangChain, LlamaIndex, Haystack).
+
+The embeddings are ``/encode``'s (the same :func:`.embeddings.embed`); the key, the limits and the
+errors are the other routes', in OpenAI's error shape (``errors.OpenAIErrorShape``). docs/openai.md
+says how a client uses them and why ``input_type`` is ``document`` by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+from fastapi import APIRouter
+
+from dpr_service.core.checkpoint import CONFIG_FILE
+from dpr_service.core.formats import Passage
+from dpr_service.core.tokenize import TextTokenizer
+
+from ..deps import JSON_BODY, KEY_REQUIRED, ServingResources, within_limits
+from ..openai_schemas import (DIMENSIONS_RESPONSES, OPENAI_ERROR_RESPONSES, Embedding, EmbeddingsRequest, EmbeddingsResponse,
+                              Model, ModelList, Usage)
+from ..resources import Resources
+from ..schemas import FieldError
+from .embeddings import embed, encoder_inputs
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[KEY_REQUIRED], responses=OPENAI_ERROR_RESPONSES)
+EmbeddingsBody = within_limits(EmbeddingsRequest)
+KINDS = {"query": "query", "document": "passage"}  # input_type -> the encoder's kind
+
+
+def served_model(res: Resources) -> Model:
+    """The checkpoint serving now, as OpenAI's Model object (id: its directory's name)."""
+    loaded = res.loaded
+    return Model(id=loaded.path.name, created=int((loaded.path / CONFIG_FILE).stat().st_mtime),
+                 dimensions=loaded.encoder.dim, fingerprint=loaded.fingerprint)
+
+
+def token_counts(tokenizer: TextTokenizer, items: list[str] | list[Passage], kind: str) -> list[int]:
+    """Tokens the encoder reads for each item: the checkpoint's tokenizer with its prompt and special
+    tokens, truncated to the kind's max length (the attention mask of the encoder's own input)."""
+    enc = tokenizer.queries(items) if kind == "query" else tokenizer.passages(items)
+    return enc["attention_mask"].sum(dim=1).tolist()
+
+
+def encoded(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    """One embedding as OpenAI sends it: floats, or base64 of its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+@router.post("/embeddings", response_model=EmbeddingsResponse, dependencies=[JSON_BODY], responses=DIMENSIONS_RESPONSES)
+async def embeddings(body: EmbeddingsBody, res: ServingResources) -> EmbeddingsResponse:
+    """OpenAI's create-embeddings: one embedding per input, in input order, as ``/encode`` gives it
+    (``input_type`` query or document, the default); ``usage`` counts the tokens the model read."""
+    dim = res.loaded.encoder.dim
+    if body.dimensions is not None and body.dimensions != dim:
+        raise FieldError("dimensions", f"this checkpoint embeds in {dim} dimensions, not {body.dimensions} "
+                                       "(embeddings are never shortened; leave dimensions out)", status=409)
+    kind = KINDS[body.input_type]
+    items = encoder_inputs(body.input, kind)
+    counts = await asyncio.get_running_loop().run_in_executor(None, token_counts, res.loaded.tokenizer, items, kind)
+    emb = (await embed(res, items, kind)).numpy()  # (N, D) float32
+    data = [Embedding(index=i, embedding=encoded(v, body.encoding_format)) for i, v in enumerate(emb)]
+    return EmbeddingsResponse(data=data, model=served_model(res).id,
+                              usage=Usage(prompt_tokens=sum(counts), total_tokens=sum(counts)))
+
+
+@router.get("/models", response_model=ModelList)
+async def models(res: ServingResources) -> ModelList:
+    """The checkpoint this server embeds with (one model)."""
+    return ModelList(data=[served_model(res)])
