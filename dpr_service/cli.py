@@ -16,6 +16,7 @@ COMMANDS = {
     "bm25": ("index.cli:bm25_main", "the BM25 baseline on the same queries"),
     "mine": ("index.cli:mine_main", "training data with hard negatives mined by BM25 or by a checkpoint"),
     "serve": ("dpr_service.api.serve:main", "serve /search, /score and /encode over REST (uvicorn)"),
+    "export": ("dpr_service.core.export_cli:main", "a checkpoint for sentence-transformers, transformers' DPR or ONNX Runtime"),
 }
 
 

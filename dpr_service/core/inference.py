@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from .device import Runtime
 from .encoder import BiEncoder
 from .formats import Passage
+from .onnx_export import OnnxRuntime
 from .tokenize import TextTokenizer
 
 
@@ -29,8 +30,9 @@ def encode_texts(
 ) -> torch.Tensor:
     """Embed queries (``kind="query"``, strings) or passages (``kind="passage"``, :class:`Passage`).
 
-    Items are sorted by length so each batch pads little, encoded without dropout, and returned
-    as float32 (N, D) on the CPU in the input order. Raises NonFiniteEmbeddings (a ValueError) when
+    Items are sorted by length so each batch pads little, encoded without dropout (by the torch
+    ``encoder``, or by ONNX Runtime when ``runtime`` is an :class:`~dpr_service.core.onnx_export.OnnxRuntime`
+    of it), and returned as float32 (N, D) on the CPU in the input order. Raises NonFiniteEmbeddings (a ValueError) when
     the model gives a NaN or infinite embedding (e.g. fp16 overflow): an index, a mined negative or
     a served answer is never computed from one.
     """
@@ -52,8 +54,11 @@ def encode_texts(
         batch = [items[i] for i in idx]
         enc = tokenizer.queries(batch) if kind == "query" else tokenizer.passages(batch)
         enc = {k: v.to(runtime.device, non_blocking=True) for k, v in enc.items()}
-        with runtime.autocast():
-            emb = encoder.encode_queries(**enc) if kind == "query" else encoder.encode_passages(**enc)
+        if isinstance(runtime, OnnxRuntime):  # ONNX Runtime's graphs of the same encoder (--runtime onnx)
+            emb = runtime.onnx.encode(kind, enc["input_ids"], enc["attention_mask"])
+        else:
+            with runtime.autocast():
+                emb = encoder.encode_queries(**enc) if kind == "query" else encoder.encode_passages(**enc)
         emb = emb.float().cpu()
         if not bool(torch.isfinite(emb).all()):
             bad = [i for i, row in zip(idx, torch.isfinite(emb).all(dim=1).tolist()) if not row]

@@ -1,0 +1,219 @@
+"""ONNX export of a checkpoint's encoders, and ONNX Runtime encoding (``--runtime onnx``).
+
+An export directory (``dpr export --format onnx``, or the cache ``--runtime onnx`` fills)::
+
+    query.onnx, passage.onnx   the two encoders (a shared encoder: one encoder.onnx), each
+                               (input_ids, attention_mask) int64 (B, L) -> embedding float32 (B, D),
+                               pooled (and L2-normalised for cosine) inside the graph; B and L dynamic
+    tokenizer/                 the checkpoint's tokenizer (input_ids and attention_mask only)
+    onnx_config.json           the encoder settings (prompts, max lengths, similarity), which file
+                               encodes which side, the checkpoint's fingerprint, the quantisation
+    README.md                  the model card (:func:`dpr_service.core.export.model_card`)
+    checksums.json             sha256 of every other file, checked before a session reads one
+
+The graphs come from torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``),
+which traces the very :meth:`BiEncoder.encode_queries` / ``encode_passages`` the trainer uses.
+``int8`` is onnxruntime's dynamic quantisation (``quantize_dynamic``: int8 weights of MatMul/Gemm,
+activations quantised per batch at run time), the method sentence-transformers' efficiency guide
+measures ~3x faster than fp32 torch on CPUs.
+
+ONNX Runtime encoding is a :class:`OnnxRuntime` (a :class:`~dpr_service.core.device.Runtime`):
+:func:`~dpr_service.core.inference.encode_texts` given one runs the tokens through the ONNX
+session instead of the torch encoder, and everything else (tokenisation, length sorting, checks)
+stays the same. The training loss (``/score``, the trainer) never uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, Loaded, verify_checksums, write_checksums
+from .device import Runtime
+from .fsio import atomic_directory
+
+FORMAT = "dpr-service-onnx/1"
+CONFIG_FILE = "onnx_config.json"
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+OPSET = 17
+
+
+class OnnxError(ValueError):
+    """An ONNX export directory that cannot be used (damaged, of another checkpoint, other quantisation)."""
+
+
+class _Side(nn.Module):
+    """One side of a :class:`~dpr_service.core.encoder.BiEncoder` as a module of (input_ids, attention_mask)."""
+
+    def __init__(self, loaded: Loaded, kind: str):
+        super().__init__()
+        self.encoder, self.kind = loaded.encoder, kind
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        encode = self.encoder.encode_queries if self.kind == "query" else self.encoder.encode_passages
+        return encode(input_ids, attention_mask).float()
+
+
+def side_files(shared: bool) -> dict[str, str]:
+    """The graph file of each side: one ``encoder.onnx`` for a shared encoder, else one per side."""
+    return {"query": "encoder.onnx", "passage": "encoder.onnx"} if shared else {"query": "query.onnx", "passage": "passage.onnx"}
+
+
+def write_onnx(loaded: Loaded, out: Path, quantize: str | None = None) -> None:
+    """Export ``loaded``'s encoders into ``out`` (the layout in the module docstring), fp32 or
+    ``quantize="int8"``; writes ``checksums.json`` last. Raises ImportError without onnx/onnxruntime."""
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+        if quantize:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs the onnx extra: pip install 'dpr-service[onnx]' ({e})") from None
+    from .export import export_tokenizer
+
+    cfg, files = loaded.config, side_files(loaded.config.shared)
+    was_buckets, loaded.encoder.length_buckets = loaded.encoder.length_buckets, 1  # no data-dependent branch in the graph
+    # a padded batch: traced without padding, transformers may drop the attention mask from the graph
+    sample = loaded.tokenizer.queries(["a", "a question to trace the encoder with, longer than the first"])
+    assert not bool(sample["attention_mask"].all()), "the tracing batch must have padding"
+    try:
+        for kind in ("query",) if cfg.shared else ("query", "passage"):
+            target = out / files[kind]
+            fp32 = out / f".{target.name}.fp32" if quantize else target
+            with warnings.catch_warnings():  # the tracer's notes on constants (shapes, is_causal) that hold here
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    _Side(loaded, kind).eval(), (sample["input_ids"], sample["attention_mask"]), str(fp32),
+                    input_names=["input_ids", "attention_mask"], output_names=["embedding"], opset_version=OPSET,
+                    dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                                  "embedding": {0: "batch"}},
+                    dynamo=False,
+                )
+            if quantize:
+                root = logging.getLogger()  # quantize_dynamic logs "consider pre-processing" on the root logger
+                was, root.disabled = root.disabled, True
+                try:
+                    quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8)
+                finally:
+                    root.disabled = was
+                fp32.unlink()
+    finally:
+        loaded.encoder.length_buckets = was_buckets
+    export_tokenizer(loaded, out / "tokenizer")
+    (out / CONFIG_FILE).write_text(json.dumps({
+        "format": FORMAT, "encoder": cfg.to_dict(), "files": files, "checkpoint_fingerprint": loaded.fingerprint,
+        "checkpoint": str(loaded.path), "quantize": quantize or "none", "opset": OPSET,
+    }, indent=2) + "\n")
+    write_checksums(out)
+
+
+class OnnxEncoder:
+    """ONNX Runtime sessions of an export directory: :meth:`encode` gives the embeddings the
+    torch encoder gives (to ~1e-6 in fp32; int8 within the tolerance docs/export.md states)."""
+
+    def __init__(self, directory: Path | str, expected_fingerprint: str | None = None, threads: int = 0):
+        """Check ``directory`` (every file against ``checksums.json``; its checkpoint fingerprint
+        against ``expected_fingerprint`` when given) and open one session per graph file
+        (``threads``: ONNX Runtime's intra-op threads, 0 = its default, one per core).
+        Raises OnnxError naming the file at fault, ImportError without onnxruntime."""
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        path = self.directory / CONFIG_FILE
+        if not path.is_file():
+            raise OnnxError(f"{path}: missing; {self.directory} is not an ONNX export (dpr export --format onnx)")
+        try:
+            if not verify_checksums(self.directory):
+                raise OnnxError(f"{self.directory / 'checksums.json'}: missing; the export is incomplete")
+            self.meta = json.loads(path.read_text())
+            if self.meta.get("format") != FORMAT:
+                raise OnnxError(f"{path}: format is {self.meta.get('format')!r}, expected {FORMAT!r}")
+        except (CheckpointError, json.JSONDecodeError) as e:
+            raise OnnxError(str(e)) from None
+        if expected_fingerprint is not None and self.meta["checkpoint_fingerprint"] != expected_fingerprint:
+            raise OnnxError(f"{self.directory}: exported from checkpoint {self.meta['checkpoint_fingerprint'][:16]}, "
+                            f"not from the one in use ({expected_fingerprint[:16]}); export this checkpoint")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        sessions = {name: ort.InferenceSession(str(self.directory / name), options, providers=["CPUExecutionProvider"])
+                    for name in set(self.meta["files"].values())}
+        self.sessions = {kind: sessions[name] for kind, name in self.meta["files"].items()}
+
+    @property
+    def quantize(self) -> str:
+        """'none' or 'int8'."""
+        return self.meta.get("quantize", "none")
+
+    def encode(self, kind: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) int64 token ids and mask of queries (``kind="query"``) or passages -> (B, D) float32."""
+        feeds = {"input_ids": input_ids.cpu().numpy().astype("int64"), "attention_mask": attention_mask.cpu().numpy().astype("int64")}
+        return torch.from_numpy(self.sessions[kind].run(["embedding"], feeds)[0])
+
+
+@dataclass(frozen=True)
+class OnnxRuntime(Runtime):
+    """A CPU fp32 :class:`Runtime` whose query and passage encoding runs on ``onnx``'s sessions
+    (:func:`~dpr_service.core.inference.encode_texts`); autocast and the device are torch's CPU fp32,
+    for whatever still runs in torch (``/score``'s loss)."""
+
+    onnx: OnnxEncoder = field(default=None, compare=False)
+    name: str = "onnx"
+
+
+def default_cache_dir() -> Path:
+    """Where on-the-fly exports are kept: ``$DPR_ONNX_CACHE``, else ``$XDG_CACHE_HOME/dpr-service/onnx``
+    (``~/.cache/dpr-service/onnx``)."""
+    if os.environ.get("DPR_ONNX_CACHE"):
+        return Path(os.environ["DPR_ONNX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpr-service" / "onnx"
+
+
+def onnx_runtime(loaded: Loaded, runtime: str = "onnx", onnx_dir: Path | str | None = None,
+                 cache_dir: Path | str | None = None) -> OnnxRuntime:
+    """The :class:`OnnxRuntime` for ``loaded`` and ``runtime`` (``onnx`` fp32 or ``onnx-int8``).
+
+    With ``onnx_dir``: that export, which must be of this checkpoint (fingerprint) and of this
+    quantisation. Otherwise the cached export ``<cache_dir>/<fingerprint>-<fp32|int8>`` (default
+    :func:`default_cache_dir`), exported now when it is missing or fails its checksums (written
+    atomically: a killed export leaves nothing that loads). Raises OnnxError, ImportError."""
+    if runtime not in ("onnx", "onnx-int8"):
+        raise ValueError(f"runtime must be onnx or onnx-int8, got {runtime!r}")
+    quantize = "int8" if runtime == "onnx-int8" else "none"
+    if onnx_dir is not None:
+        encoder = OnnxEncoder(onnx_dir, loaded.fingerprint)
+        if encoder.quantize != quantize:
+            raise OnnxError(f"{onnx_dir}: an export with quantize {encoder.quantize}, but runtime {runtime} was asked for")
+    else:
+        target = Path(cache_dir or default_cache_dir()) / f"{loaded.fingerprint}-{'int8' if quantize == 'int8' else 'fp32'}"
+        try:
+            encoder = OnnxEncoder(target, loaded.fingerprint)
+        except OnnxError:
+            if target.exists():
+                shutil.rmtree(target)
+            with atomic_directory(target) as tmp:
+                write_onnx(loaded, tmp, None if quantize == "none" else quantize)
+            encoder = OnnxEncoder(target, loaded.fingerprint)
+    return OnnxRuntime(torch.device("cpu"), "fp32", onnx=encoder, name=runtime)
+
+
+def pick_encoding_runtime(loaded: Loaded, base: Runtime, runtime: str = "torch", onnx_dir: Path | str | None = None,
+                          cache_dir: Path | str | None = None) -> Runtime:
+    """``base`` for ``runtime="torch"``, else :func:`onnx_runtime` (which needs ``base`` on the CPU:
+    ONNX Runtime runs here on CPUs only). Raises ValueError (a bad runtime name, a CUDA device),
+    OnnxError, ImportError."""
+    if runtime == "torch":
+        if onnx_dir is not None:
+            raise ValueError("an ONNX export directory is for --runtime onnx or onnx-int8, not torch")
+        return base
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if base.device.type != "cpu":
+        raise ValueError(f"--runtime {runtime} encodes on the CPU; use --device cpu (the device is {base.device})")
+    return onnx_runtime(loaded, runtime, onnx_dir, cache_dir)

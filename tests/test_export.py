@@ -1,0 +1,294 @@
+"""``dpr export`` and ONNX Runtime encoding, against dpr-service's own encoder.
+
+The oracle is :func:`dpr_service.core.inference.encode_texts` with the torch encoder (what ``POST
+/encode`` returns); the exports are read back by the libraries users load them with:
+sentence-transformers, transformers' DPR classes and ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpr_service.core import EncoderConfig, Passage, load_base_model, load_checkpoint, save_checkpoint
+from dpr_service.core.device import Runtime
+from dpr_service.core.export_cli import main as export_main
+from dpr_service.core.inference import encode_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = Runtime(torch.device("cpu"), "fp32")
+QUERIES = ["what is the apple near the river", "comet", "which castle of the dragon is near the silver ocean in winter"]
+TEXTS = ["the apple is near the river fact", "zebra", "the castle and the dragon story of the forest near the ocean " * 3]
+TITLED = [Passage("the apple is near the river fact", "apple"), Passage("zebra"), Passage("the comet story", "comet and the planet")]
+
+CONFIGS = {
+    "shared-mean-cosine-prompts": EncoderConfig(pooling="mean", similarity="cosine", temperature=0.05, shared=True,
+                                                query_max_length=8, passage_max_length=24,
+                                                query_prompt="query: ", passage_prompt="passage: "),
+    "two-cls-dot": EncoderConfig(pooling="cls", similarity="dot", shared=False, query_max_length=16, passage_max_length=32),
+    "shared-cls-dot": EncoderConfig(pooling="cls", similarity="dot", shared=True, query_max_length=16, passage_max_length=32),
+    "two-mean-cosine-prompts": EncoderConfig(pooling="mean", similarity="cosine", temperature=0.05, shared=False,
+                                             query_max_length=8, passage_max_length=24,
+                                             query_prompt="query: ", passage_prompt="passage: "),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    """One checkpoint per CONFIGS entry; two-encoder ones get a passage encoder that differs from the
+    query encoder (so a swapped route would show)."""
+    root = tmp_path_factory.mktemp("export-ckpts")
+    out = {}
+    for name, cfg in CONFIGS.items():
+        encoder, tokenizer = load_base_model(str(tiny_model), cfg)
+        if not cfg.shared:
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for p in encoder.passage_model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        out[name] = root / name / "last"
+        save_checkpoint(out[name], encoder, tokenizer)
+    return out
+
+
+def ours(path: Path, kind: str, items) -> torch.Tensor:
+    loaded = load_checkpoint(path)
+    return encode_texts(loaded.encoder, loaded.tokenizer, items, kind, CPU)
+
+
+def export(args: list[str], capsys=None) -> tuple[int, str]:
+    code = export_main(args)
+    err = capsys.readouterr().err if capsys else ""
+    return code, err
+
+
+# ----------------------------------------------------------------------------- sentence-transformers
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sentence_transformers_export_gives_our_embeddings(name, checkpoints, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    ckpt, out = checkpoints[name], tmp_path / "st"
+    assert export_main(["--checkpoint", str(ckpt), "--format", "sentence-transformers", "--output", str(out)]) == 0
+    model = st.SentenceTransformer(str(out), device="cpu")
+    q = torch.from_numpy(model.encode_query(QUERIES, convert_to_numpy=True))
+    p = torch.from_numpy(model.encode_document(TEXTS, convert_to_numpy=True))
+    torch.testing.assert_close(q, ours(ckpt, "query", QUERIES), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p, ours(ckpt, "passage", [Passage(t) for t in TEXTS]), atol=1e-5, rtol=0)
+    cfg = CONFIGS[name]
+    assert model.similarity_fn_name == ("cosine" if cfg.similarity == "cosine" else "dot")
+    assert model.prompts.get("query", "") == cfg.query_prompt and model.prompts.get("document", "") == cfg.passage_prompt
+    if cfg.similarity == "cosine":
+        torch.testing.assert_close(q.norm(dim=1), torch.ones(len(QUERIES)), atol=1e-5, rtol=0)
+    # the passage side truncates at the passage length, the query side at the query length
+    long = "river " * 40
+    torch.testing.assert_close(torch.from_numpy(model.encode_document([long])), ours(ckpt, "passage", [Passage(long)]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(model.encode_query([long])), ours(ckpt, "query", [long]), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- transformers' DPR
+
+
+@pytest.mark.parametrize("name", ["two-cls-dot", "shared-cls-dot"])
+def test_hf_dpr_pooler_output_is_our_embedding(name, checkpoints, tmp_path):
+    from transformers import AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder
+
+    ckpt, out = checkpoints[name], tmp_path / "dpr"
+    assert export_main(["--checkpoint", str(ckpt), "--format", "hf-dpr", "--output", str(out)]) == 0
+    q_tok = AutoTokenizer.from_pretrained(out / "question_encoder")
+    c_tok = AutoTokenizer.from_pretrained(out / "context_encoder")
+    q_enc = DPRQuestionEncoder.from_pretrained(out / "question_encoder").eval()
+    c_enc = DPRContextEncoder.from_pretrained(out / "context_encoder").eval()
+    with torch.no_grad():
+        q = q_enc(**q_tok(QUERIES, truncation=True, padding=True, return_tensors="pt")).pooler_output
+        titles, texts = [p.title for p in TITLED[:1]], [p.text for p in TITLED[:1]]
+        titled = c_enc(**c_tok(titles, texts, truncation=True, padding=True, return_tensors="pt")).pooler_output
+        p = c_enc(**c_tok(TEXTS, truncation=True, padding=True, return_tensors="pt")).pooler_output
+    torch.testing.assert_close(q, ours(ckpt, "query", QUERIES), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p, ours(ckpt, "passage", [Passage(t) for t in TEXTS]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(titled, ours(ckpt, "passage", TITLED[:1]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("shared-mean-cosine-prompts", "this checkpoint pools by mean"),
+    ("two-mean-cosine-prompts", "this checkpoint pools by mean"),
+])
+def test_hf_dpr_refuses_what_dpr_cannot_represent(name, reason, checkpoints, tmp_path, capsys):
+    code, err = export(["--checkpoint", str(checkpoints[name]), "--format", "hf-dpr", "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and reason in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_hf_dpr_refuses_cosine_and_prompts(tmp_path, tiny_model, capsys):
+    for cfg, reason in ((EncoderConfig(pooling="cls", similarity="cosine", passage_max_length=32), "by cosine"),
+                        (EncoderConfig(pooling="cls", query_prompt="q: ", passage_max_length=32), "has prompts")):
+        encoder, tokenizer = load_base_model(str(tiny_model), cfg)
+        save_checkpoint(tmp_path / "c", encoder, tokenizer)
+        code, err = export(["--checkpoint", str(tmp_path / "c"), "--format", "hf-dpr", "--output", str(tmp_path / "o")], capsys)
+        assert code == 2 and reason in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def onnx_embeddings(out: Path, ckpt: Path, kind: str, items) -> torch.Tensor:
+    from dpr_service.core.onnx_export import OnnxEncoder, OnnxRuntime
+
+    loaded = load_checkpoint(ckpt)
+    runtime = OnnxRuntime(torch.device("cpu"), "fp32", onnx=OnnxEncoder(out, loaded.fingerprint))
+    return encode_texts(loaded.encoder, loaded.tokenizer, items, kind, runtime, batch_size=2)
+
+
+@pytest.mark.parametrize("name", ["shared-mean-cosine-prompts", "two-cls-dot"])
+def test_onnx_runtime_gives_torch_embeddings_in_fp32(name, checkpoints, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ckpt, out = checkpoints[name], tmp_path / "onnx"
+    assert export_main(["--checkpoint", str(ckpt), "--format", "onnx", "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.onnx")) == (["encoder.onnx"] if CONFIGS[name].shared else ["passage.onnx", "query.onnx"])
+    # batches of 2 with different lengths (dynamic batch and sequence axes), titled and untitled passages
+    passages = TITLED + [Passage(t) for t in TEXTS]
+    torch.testing.assert_close(onnx_embeddings(out, ckpt, "query", QUERIES), ours(ckpt, "query", QUERIES), atol=1e-4, rtol=0)
+    torch.testing.assert_close(onnx_embeddings(out, ckpt, "passage", passages), ours(ckpt, "passage", passages), atol=1e-4, rtol=0)
+    import onnx
+
+    graph = onnx.load(str(next(out.glob("*.onnx")))).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"] and graph.output[0].name == "embedding"
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    config = json.loads((out / "onnx_config.json").read_text())
+    assert config["encoder"] == CONFIGS[name].to_dict() and config["quantize"] == "none"
+
+
+INT8_MIN_COSINE = 0.999  # measured on tiny random BERTs: worst per-text cosine(int8, fp32) 0.99998; MiniLM: docs/export.md
+
+
+@pytest.mark.parametrize("name", ["shared-mean-cosine-prompts", "two-cls-dot"])
+def test_onnx_int8_stays_close_to_fp32(name, checkpoints, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ckpt, out = checkpoints[name], tmp_path / "int8"
+    assert export_main(["--checkpoint", str(ckpt), "--format", "onnx", "--quantize", "int8", "--output", str(out)]) == 0
+    assert json.loads((out / "onnx_config.json").read_text())["quantize"] == "int8"
+    passages = TITLED + [Passage(t) for t in TEXTS]
+    for kind, items in (("query", QUERIES), ("passage", passages)):
+        got, want = onnx_embeddings(out, ckpt, kind, items), ours(ckpt, kind, items)
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=1)
+        assert float(cos.min()) > INT8_MIN_COSINE, cos
+        assert not torch.allclose(got, want, atol=1e-6), "int8 gave fp32's numbers: was anything quantised?"
+
+
+def test_onnx_export_directory_is_checked(checkpoints, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dpr_service.core.onnx_export import OnnxEncoder, OnnxError, onnx_runtime
+
+    ckpt = checkpoints["two-cls-dot"]
+    loaded = load_checkpoint(ckpt)
+    cache = tmp_path / "cache"
+    first = onnx_runtime(loaded, "onnx", cache_dir=cache)
+    assert first.onnx.directory == cache / f"{loaded.fingerprint}-fp32"
+    stamp = (first.onnx.directory / "query.onnx").stat().st_mtime_ns
+    assert onnx_runtime(loaded, "onnx", cache_dir=cache).onnx.directory == first.onnx.directory
+    assert (first.onnx.directory / "query.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
+    with open(first.onnx.directory / "passage.onnx", "r+b") as fh:  # damaged: named, and the cache exports anew
+        fh.seek(100)
+        fh.write(b"\0\1\2\3")
+    with pytest.raises(OnnxError, match="passage.onnx: checksum does not match"):
+        OnnxEncoder(first.onnx.directory)
+    again = onnx_runtime(loaded, "onnx", cache_dir=cache)
+    torch.testing.assert_close(encode_texts(loaded.encoder, loaded.tokenizer, QUERIES, "query", again),
+                               ours(ckpt, "query", QUERIES), atol=1e-4, rtol=0)
+    other = load_checkpoint(checkpoints["shared-cls-dot"])
+    with pytest.raises(OnnxError, match="not from the one in use"):
+        onnx_runtime(other, "onnx", onnx_dir=first.onnx.directory)
+    with pytest.raises(OnnxError, match="quantize none, but runtime onnx-int8"):
+        onnx_runtime(loaded, "onnx-int8", onnx_dir=first.onnx.directory)
+
+
+# ----------------------------------------------------------------------------- model card and errors
+
+
+def test_model_card_has_training_config_data_and_dev_figures(checkpoints, tmp_path):
+    run = tmp_path / "run"
+    save = load_checkpoint(checkpoints["two-cls-dot"])
+    save_checkpoint(run / "best", save.encoder, save.tokenizer)
+    (run / "train_config.yaml").write_text("model: /models/tiny\ntrain: /data/train\ndev: /data/dev\nlr: 2.0e-05\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval": {"ndcg@10": 0.5}}) + "\n"
+                                       + json.dumps({"step": 3, "loss": 0.2}) + "\n"
+                                       + json.dumps({"step": 6, "eval": {"ndcg@10": 0.8125, "mrr@10": 0.75}}) + "\n")
+    assert export_main(["--checkpoint", str(run / "best"), "--format", "sentence-transformers", "--output", str(tmp_path / "o")]) == 0
+    card = (tmp_path / "o" / "README.md").read_text()
+    for expected in ("- train: `/data/train`", "- dev: `/data/dev`", "| ndcg@10 | 0.8125 |", "| step | 6 |",
+                     "lr: 2.0e-05", "| pooling | `'cls'` |", "sentence-transformers"):
+        assert expected in card, expected
+    assert "0.5000" not in card  # the last evaluation, not the first
+
+
+def test_model_card_without_a_run_says_so(checkpoints, tmp_path):
+    assert export_main(["--checkpoint", str(checkpoints["shared-cls-dot"]), "--format", "hf-dpr", "--output", str(tmp_path / "o")]) == 0
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "None recorded (the run had no dev set)." in card and "Not recorded" in card
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (["--format", "sentence-transformers", "--output", "{tmp}/o", "--checkpoint", "{tmp}/nowhere"], "no such checkpoint directory"),
+    (["--format", "hf-dpr", "--output", "{tmp}/o", "--checkpoint", "{ckpt}", "--quantize", "int8"], "--quantize int8 is for --format onnx only"),
+    (["--format", "tflite", "--output", "{tmp}/o", "--checkpoint", "{ckpt}"], "argument --format: invalid choice"),
+    (["--format", "onnx", "--output", "{tmp}/o"], "the following arguments are required: --checkpoint"),
+])
+def test_cli_errors_are_one_line_and_exit_2(args, complaint, checkpoints, tmp_path, capsys):
+    args = [a.format(tmp=tmp_path, ckpt=checkpoints["two-cls-dot"]) for a in args]
+    try:
+        code = export_main(args)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and complaint in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_checkpoint_is_named(checkpoints, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "c"
+    shutil.copytree(checkpoints["two-cls-dot"], ckpt)
+    with open(ckpt / "query_encoder" / "model.safetensors", "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\0\0\0\0")
+    code, err = export(["--checkpoint", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "model.safetensors: checksum does not match" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- docs/export.md
+
+
+def doc_commands() -> list[str]:
+    """The ``dpr ...`` lines of docs/export.md's sh blocks."""
+    text = (ROOT / "docs" / "export.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.startswith("dpr ")]
+
+
+def test_docs_export_commands_run_as_written(checkpoints, tmp_path):
+    """Every ``dpr`` command of docs/export.md, in order, with CKPT, CORPUS, OUT... as the doc defines them."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("sentence_transformers")
+    from conftest import write_beir
+
+    commands = doc_commands()
+    assert len(commands) >= 5, commands
+    env = {"CKPT": str(checkpoints["two-cls-dot"]), "CORPUS": str(write_beir(tmp_path / "beir", n=12, splits=("train", "test"))),
+           "RUN": str(tmp_path)}
+    for line in commands:
+        argv = [a.replace("$CKPT", env["CKPT"]).replace("$CORPUS", env["CORPUS"]).replace("runs/", env["RUN"] + "/")
+                for a in shlex.split(line)]
+        assert argv[0] == "dpr"
+        if argv[1] == "serve":  # checked by --help only here; test_export_runtime serves with --runtime onnx
+            argv.append("--help")
+        r = subprocess.run([sys.executable, "-m", "dpr_service.cli", *argv[1:]], capture_output=True, text=True, timeout=300,
+                           env={**__import__("os").environ, "DPR_ONNX_CACHE": str(tmp_path / "cache")})
+        assert r.returncode == 0, f"{line}\n{r.stderr}"
