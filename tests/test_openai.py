@@ -164,6 +164,16 @@ def test_models_lists_the_served_checkpoint(server, client):
     assert abs(m["created"] - time.time()) < 24 * 3600
 
 
+def test_models_of_a_base_model_directory(tmp_path, tiny_model):
+    """A server of a base model (a Hugging Face directory, no dpr_config.json) lists it too."""
+    index = build(tiny_model, write_beir(tmp_path / "beir", n=4), tmp_path / "index", factory="Flat", progress=False)
+    with TestClient(create_app(Settings(index=index, checkpoint=tiny_model, device="cpu"))) as c:
+        r = c.get("/v1/models")
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["id"] == tiny_model.name
+        assert r.json()["data"][0]["created"] == int(tiny_model.stat().st_mtime)
+
+
 # ----------------------------------------------------------------------------- errors: /encode's, in OpenAI's shape
 
 
@@ -334,7 +344,7 @@ if schemathesis is not None:
     def test_schemathesis_every_check_on_the_v1_routes(case, fuzz_app):
         """/v1/embeddings and /v1/models: positive and negative data, every check (no 5xx, statuses,
         headers and bodies as published, OpenAI's error shape included, valid data accepted)."""
-        case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"})
+        case.call_and_validate(headers={"X-API-Key": KEY})  # as tests/test_reliability.py (Bearer: the client tests)
 else:
     def test_schemathesis_every_check_on_the_v1_routes():
         pytest.skip("schemathesis is not installed: pip install -e '.[test]'")

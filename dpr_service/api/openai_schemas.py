@@ -103,7 +103,7 @@ class Model(BaseModel):
 
     id: str = Field(description="the checkpoint directory's name")
     object: Literal["model"] = "model"
-    created: int = Field(description="when the checkpoint was written (Unix seconds, its config file's mtime)")
+    created: int = Field(description="when the checkpoint directory last changed (Unix seconds, its mtime)")
     owned_by: str = "dpr-service"
     dimensions: int
     fingerprint: str = Field(description="sha256 of the checkpoint's files, as GET /info gives it")

@@ -14,7 +14,6 @@ import base64
 import numpy as np
 from fastapi import APIRouter
 
-from dpr_service.core.checkpoint import CONFIG_FILE
 from dpr_service.core.formats import Passage
 from dpr_service.core.tokenize import TextTokenizer
 
@@ -31,9 +30,10 @@ KINDS = {"query": "query", "document": "passage"}  # input_type -> the encoder's
 
 
 def served_model(res: Resources) -> Model:
-    """The checkpoint serving now, as OpenAI's Model object (id: its directory's name)."""
+    """The checkpoint serving now, as OpenAI's Model object (id: its directory's name; created: the
+    directory's mtime, 0 when it is not a local directory)."""
     loaded = res.loaded
-    return Model(id=loaded.path.name, created=int((loaded.path / CONFIG_FILE).stat().st_mtime),
+    return Model(id=loaded.path.name, created=int(loaded.path.stat().st_mtime) if loaded.path.is_dir() else 0,
                  dimensions=loaded.encoder.dim, fingerprint=loaded.fingerprint)
 
 
