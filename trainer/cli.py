@@ -37,6 +37,13 @@ HELP = {
                   "memory depends on N, not on --batch-size; same gradients, about one extra forward pass of time",
     "max_steps": "optimiser steps (wins over --epochs)",
     "epochs": "passes over the training data (fractions allowed; default: about 2,500 examples, 1 to 10 epochs)",
+    "lr": "peak learning rate (default: 2e-5, DPR's; 5e-4 with --lora-r, Hu et al.'s for LoRA)",
+    "lora_r": "train LoRA adapters of this rank (Hu et al. 2021) instead of every weight: the base model stays frozen "
+              "and checkpoints hold only the adapters (off by default)",
+    "lora_alpha": "LoRA scale numerator: the adapters' update is multiplied by alpha / r (default: r)",
+    "lora_dropout": "dropout on the LoRA adapters' input (default: 0.1)",
+    "lora_targets": "comma-separated names of the linear modules that get adapters (default: the model family's "
+                    "attention projections, e.g. query,key,value for BERT)",
     "warmup_ratio": "share of steps with linear warm-up (then linear decay to 0)",
     "warmup_steps": "warm-up steps (wins over --warmup-ratio)",
     "max_grad_norm": "gradient clipping norm",

@@ -54,7 +54,7 @@ class TrainConfig:
     chunk_size: int | None = None  # gradient caching: encode the batch in chunks of this many texts
     max_steps: int | None = None  # wins over epochs when given
     epochs: float | None = None  # None: from the data size (default_epochs)
-    lr: float = 2e-5
+    lr: float | None = None  # None: DEFAULT_LR (DPR's 2e-5), or DEFAULT_LORA_LR with --lora-r (see resolve_defaults)
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     warmup_ratio: float = 0.1
@@ -62,6 +62,12 @@ class TrainConfig:
     max_grad_norm: float = 2.0
     seed: int = 42
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop with an error, or skip the step and count it
+    # LoRA adapters (Hu et al. 2021; dpr_service/core/lora.py) instead of full fine-tuning: --lora-r turns
+    # them on; the other three are None unless given (resolve_defaults fills them in)
+    lora_r: int | None = None  # the rank of each adapter
+    lora_alpha: float | None = None  # the update is scaled by alpha / r; None: alpha = r (scale 1, as Hu et al.)
+    lora_dropout: float | None = None  # dropout on each adapter's input; None: 0.1 (Tevatron's LoRA retrievers)
+    lora_targets: str | None = None  # comma-separated module names; None: the model family's attention projections
     # the machine
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler
@@ -123,8 +129,9 @@ class TrainConfig:
             raise ConfigError(f"--mine-ratio must be in (0, 1], got {self.mine_ratio!r}")
         if self.remine_every is not None and self.negatives == "given":
             raise ConfigError("--remine-every mines new negatives with the model: use it with --negatives model (or auto)")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
+        self._validate_lora()
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.best_metric not in METRICS:
@@ -139,6 +146,33 @@ class TrainConfig:
         except EncoderConfigError as e:
             raise ConfigError(f"{_flag(ENCODER_FLAGS[e.field])} {e.problem}") from None
         return self
+
+    def _validate_lora(self) -> None:
+        if self.lora_r is None:
+            given = [name for name in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"{_flag(given[0])} needs --lora-r (the adapters' rank): LoRA is off without it")
+            return
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 1:
+            raise ConfigError(f"--lora-r must be a positive integer, got {self.lora_r!r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha must be > 0, got {self.lora_alpha!r}")
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_targets is not None and not all(self.lora_targets.split(",")):
+            raise ConfigError(f"--lora-targets must be comma-separated module names (e.g. query,key,value), "
+                              f"got {self.lora_targets!r}")
+
+    def resolve_defaults(self) -> "TrainConfig":
+        """The config with the defaults that depend on other settings filled in: ``lr`` (DEFAULT_LR, or
+        DEFAULT_LORA_LR with --lora-r: adapters start at zero and need a larger step), and with
+        --lora-r ``lora_alpha`` (= r) and ``lora_dropout`` (0.1). ``lora_targets`` stays None when not
+        given: the model decides it (:func:`dpr_service.core.lora.default_targets`)."""
+        lora = self.lora_r is not None
+        return dataclasses.replace(
+            self, lr=self.lr if self.lr is not None else DEFAULT_LORA_LR if lora else DEFAULT_LR,
+            lora_alpha=self.lora_alpha if self.lora_alpha is not None or not lora else float(self.lora_r),
+            lora_dropout=self.lora_dropout if self.lora_dropout is not None or not lora else 0.1)
 
     def settings(self) -> dict:
         """The flat settings (:meth:`from_settings` of them gives this config back); encoder settings
@@ -161,6 +195,10 @@ class TrainConfig:
 
 
 NEGATIVES = ("auto", "given", "random", "bm25", "model")
+DEFAULT_LR = 2e-5  # DPR's (Karpukhin et al. 2020)
+# LoRA's: Hu et al. 2021 trained RoBERTa-base's adapters with 4e-4 to 5e-4 (their Table 9), 10-25x the full
+# fine-tuning rate, since the update starts at zero and only a small share of the weights move
+DEFAULT_LORA_LR = 5e-4
 PAIRS = ("sample", "all")
 # flat setting (flag, YAML key) -> EncoderConfig field, in the order the flags are listed
 ENCODER_SETTINGS = {"shared_encoder": "shared", **{f.name: f.name for f in dataclasses.fields(EncoderConfig) if f.name != "shared"}}

@@ -15,6 +15,7 @@ rank 0 alone mines, evaluates and writes files.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -28,7 +29,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dpr_service.core.checkpoint import atomic_directory, load_base_model, load_checkpoint, write_checkpoint
+from dpr_service.core.checkpoint import (CheckpointError, atomic_directory, base_fingerprint, load_base_model,
+                                         load_checkpoint, write_checkpoint)
+from dpr_service.core.encoder import BiEncoder
 from dpr_service.core.fsio import recover_directory
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.formats import EvalData, TrainData, read_eval_data, read_train_data
@@ -118,6 +121,9 @@ def prepare_run(cfg: TrainConfig, dist: distributed.Dist) -> tuple[TrainConfig, 
     if not cfg.resume and last_dir.exists():
         raise ConfigError(f"{last_dir} exists: pass --resume to continue that run, or choose another --output")
     cfg, sources = resolve_encoder(cfg, last_dir if cfg.resume else None)
+    cfg = cfg.resolve_defaults()
+    if cfg.lora_r is not None and importlib.util.find_spec("peft") is None:
+        raise ConfigError("--lora-r needs the peft package: pip install 'dpr-service[lora]'")
     kind = sources.pop("kind")
     values = cfg.settings()
     log.info("encoder settings (%s): %s", kind, ", ".join(f"{k} {values[k]!r} ({sources[k]})" for k in sources))
@@ -184,12 +190,42 @@ def lr_multiplier(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def add_lora(cfg: TrainConfig, encoder: BiEncoder) -> tuple[BiEncoder, str]:
+    """New LoRA adapters (--lora-r, --lora-alpha, --lora-dropout, --lora-targets) on the starting
+    model's encoder(s); returns the encoder and the starting model's fingerprint, which the
+    checkpoints record. Raises ConfigError for a --model that is not a local directory or
+    --lora-targets that name no module."""
+    from dpr_service.core import lora
+
+    try:
+        fingerprint = base_fingerprint(cfg.model)
+    except CheckpointError as e:
+        raise ConfigError(f"--lora-r: {e}") from None
+    try:
+        targets = tuple(cfg.lora_targets.split(",")) if cfg.lora_targets else lora.default_targets(encoder.query_model)
+        settings = lora.LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets)
+        encoder = lora.add_adapters(encoder, settings)
+    except lora.LoraError as e:
+        raise ConfigError(f"--lora-targets: {e}") from None
+    log.info("LoRA: rank %d, alpha %g, dropout %g, on %s of %s", settings.r, settings.alpha, settings.dropout,
+             ",".join(targets), "the shared encoder" if encoder.config.shared else "both encoders")
+    return encoder, fingerprint
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of ``module``, a shared tensor counted once."""
+    params = {id(p): p for p in module.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def make_optimizer(cfg: TrainConfig, encoder: torch.nn.Module, total_steps: int, runtime: Runtime):
-    """AdamW (no weight decay on biases and LayerNorm weights) and its LambdaLR schedule."""
+    """AdamW over the parameters that train (all, or the LoRA adapters only; no weight decay on
+    biases and LayerNorm weights) and its LambdaLR schedule."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     decay, no_decay = [], []
     for p in encoder.parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, eps=cfg.adam_eps, fused=runtime.device.type == "cuda",
@@ -204,13 +240,14 @@ class Checkpointer:
     Writes are atomic (a killed write leaves the previous checkpoint), rank 0 only, and refused for
     non-finite weights (CheckpointError from write_checkpoint): a diverged model is never saved."""
 
-    def __init__(self, cfg: TrainConfig, encoder, tokenizer, base_model: str, is_main: bool):
+    def __init__(self, cfg: TrainConfig, encoder, tokenizer, base_model: str, is_main: bool, base_fingerprint: str = ""):
         self.cfg, self.encoder, self.tokenizer, self.base_model, self.is_main = cfg, encoder, tokenizer, base_model, is_main
+        self.base_fingerprint = base_fingerprint  # a LoRA run's: its checkpoints name the base model they need
         self.out = Path(cfg.output)
 
     def _write(self, name: str, extra) -> None:
         with atomic_directory(self.out / name) as tmp:
-            write_checkpoint(tmp, self.encoder, self.tokenizer, self.base_model)
+            write_checkpoint(tmp, self.encoder, self.tokenizer, self.base_model, self.base_fingerprint)
             (tmp / "train_config.yaml").write_text(self.cfg.to_yaml())
             extra(tmp)
 
@@ -329,12 +366,17 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
 
     # ---- data, model, run length
     data, eval_data, nll_data = load_data(cfg)
-    if cfg.resume:
-        loaded = load_checkpoint(last_dir, runtime.device)
-        encoder, tokenizer, base_model = loaded.encoder, loaded.tokenizer, loaded.base_model
+    if cfg.resume:  # a LoRA run's adapters stay apart from the base, trainable
+        loaded = load_checkpoint(last_dir, runtime.device, merge_adapters=False)
+        encoder, tokenizer, base_model, base_fp = loaded.encoder, loaded.tokenizer, loaded.base_model, loaded.base_fingerprint
     else:
         encoder, tokenizer = load_base_model(cfg.model, cfg.encoder_config())
-        base_model = cfg.model
+        base_model, base_fp = cfg.model, ""
+        if cfg.lora_r is not None:
+            encoder, base_fp = add_lora(cfg, encoder)
+    trainable, total = count_parameters(encoder)
+    log.info("parameters: %s of %s train (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total),
+             ", the LoRA adapters; the base model is frozen" if cfg.lora_r is not None else "")
     encoder.to(runtime.device).train()
     encoder.length_buckets = cfg.length_buckets
     groups = group_by_question(data.examples) if cfg.pairs == "sample" else None
@@ -360,7 +402,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
              f", re-mined every {cfg.remine_every} epoch(s)" if cfg.remine_every else "")
     run = Run(cfg, dist, runtime, data, eval_data, nll_data, encoder, tokenizer,
               prepare_models(encoder, dist, runtime.device), groups, plan, method, optimizer, scheduler,
-              scaler, Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main), model_kind=model_kind)
+              scaler, Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main, base_fp), model_kind=model_kind)
     if cfg.resume:
         run.step, run.best, run.skipped = progress["step"], progress.get("best"), progress.get("skipped_nonfinite", 0)
         if progress.get("world_size", 1) != dist.world_size:

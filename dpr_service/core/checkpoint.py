@@ -6,6 +6,8 @@ Layout of a checkpoint directory::
     query_encoder/       save_pretrained: config.json + model.safetensors (plain transformers loads it)
     passage_encoder/     the same; absent when the encoder is shared (then query_encoder/ is both)
     tokenizer/           save_pretrained of the tokenizer
+    (lora.json)          a LoRA checkpoint only: its base model (path and fingerprint); the encoder
+                         directories then hold adapters (adapter_config.json + adapter_model.safetensors)
     (training_state/)    written by the trainer only, for --resume; ignored here
     checksums.json       sha256 of every other file, written when the directory is committed
 
@@ -13,6 +15,11 @@ Weights are safetensors only; nothing is pickled. A directory is written beside 
 and renamed into it when complete (:func:`atomic_directory`), so a kill never leaves a half-written
 checkpoint where a reader would take it for a whole one. Loading checks every file against
 ``checksums.json`` first, so a damaged file is named before transformers or torch read it.
+
+A LoRA checkpoint (``dpr train --lora-r``; :mod:`dpr_service.core.lora`) holds only the adapters and
+names its base model by path and fingerprint (:func:`base_fingerprint`); :func:`load_checkpoint`
+loads the base, refuses it when its fingerprint differs (naming both), adds the adapters and, unless
+asked not to, merges them into the weights, so every consumer gets a plain bi-encoder.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +50,7 @@ disable_hub_progress_bars()  # "Writing model shards" on every save
 CONFIG_FILE = "dpr_config.json"
 CHECKSUMS_FILE = "checksums.json"
 QUERY_DIR, PASSAGE_DIR, TOKENIZER_DIR = "query_encoder", "passage_encoder", "tokenizer"
+LORA_FILE = "lora.json"
 
 
 class CheckpointError(Exception):
@@ -52,7 +61,8 @@ class CheckpointError(Exception):
 class Loaded:
     """A checkpoint loaded by :func:`load_checkpoint`: the encoders (in eval mode, on the asked
     device), the tokenizer with the checkpoint's max lengths, its config, where it was read from,
-    its fingerprint (sha256 hex) and the base model it was trained from."""
+    its fingerprint (sha256 hex) and the base model it was trained from; for a LoRA checkpoint,
+    also that base model's fingerprint (:func:`base_fingerprint`)."""
 
     encoder: BiEncoder
     tokenizer: TextTokenizer
@@ -60,6 +70,7 @@ class Loaded:
     path: Path
     fingerprint: str
     base_model: str
+    base_fingerprint: str = ""
 
 
 # ----------------------------------------------------------------------------- atomic directories and checksums
@@ -116,8 +127,11 @@ def verify_checksums(directory: Path) -> set[str]:
 
 
 def _encoder_files(root: Path) -> list[Path]:
+    """The files the fingerprint covers beside the config: the encoders' (weights or adapters) and
+    a LoRA checkpoint's ``lora.json`` (its base model)."""
     return [f for sub in (QUERY_DIR, PASSAGE_DIR) if (root / sub).is_dir()
-            for f in sorted(p for p in (root / sub).rglob("*") if p.is_file())]
+            for f in sorted(p for p in (root / sub).rglob("*") if p.is_file())] + \
+        ([root / LORA_FILE] if (root / LORA_FILE).is_file() else [])
 
 
 def _fingerprint(root: Path, config: dict) -> str:
@@ -134,18 +148,31 @@ def _fingerprint(root: Path, config: dict) -> str:
 # ----------------------------------------------------------------------------- write
 
 
-def write_checkpoint(directory: Path, encoder: BiEncoder, tokenizer: TextTokenizer, base_model: str = "") -> str:
+def write_checkpoint(directory: Path, encoder: BiEncoder, tokenizer: TextTokenizer, base_model: str = "",
+                     base_fingerprint: str = "") -> str:
     """Write the model part of a checkpoint into ``directory`` (normally an :func:`atomic_directory`).
 
-    Returns the fingerprint. Raises CheckpointError, writing nothing, when a weight is NaN or infinite:
-    a diverged model is never saved.
+    An encoder with LoRA adapters (peft models) is written as its adapters and ``lora.json``, which
+    names ``base_model`` (a local directory) and ``base_fingerprint`` (:func:`base_fingerprint` of it;
+    required then). Returns the fingerprint. Raises CheckpointError, writing nothing, when a weight
+    is NaN or infinite: a diverged model is never saved; ValueError for adapters without a base.
     """
     directory = Path(directory)
     if not is_finite(encoder):
         raise CheckpointError(f"{directory}: not written, the weights are not finite (NaN or inf): the run diverged")
-    encoder.query_model.save_pretrained(directory / QUERY_DIR, safe_serialization=True)
-    if not encoder.config.shared:
-        encoder.passage_model.save_pretrained(directory / PASSAGE_DIR, safe_serialization=True)
+    models = [(QUERY_DIR, encoder.query_model)] + ([] if encoder.config.shared else [(PASSAGE_DIR, encoder.passage_model)])
+    if has_adapters(encoder):
+        from . import lora
+
+        if not (base_model and base_fingerprint):
+            raise ValueError("a LoRA checkpoint needs its base model's path and fingerprint")
+        for sub, model in models:
+            lora.save_adapters(model, directory / sub)
+        (directory / LORA_FILE).write_text(json.dumps({"base_model": base_model, "base_fingerprint": base_fingerprint},
+                                                      indent=2) + "\n")
+    else:
+        for sub, model in models:
+            model.save_pretrained(directory / sub, safe_serialization=True)
     tokenizer.hf.save_pretrained(directory / TOKENIZER_DIR)
     meta = {**encoder.config.to_dict(), "base_model": base_model}
     fingerprint = _fingerprint(directory, meta)
@@ -153,15 +180,22 @@ def write_checkpoint(directory: Path, encoder: BiEncoder, tokenizer: TextTokeniz
     return fingerprint
 
 
+def has_adapters(encoder: BiEncoder) -> bool:
+    """True when the encoder's models carry LoRA adapters (peft models: ``dpr train --lora-r``)."""
+    peft = sys.modules.get("peft")  # never imported: no peft model can exist
+    return peft is not None and isinstance(encoder.query_model, peft.PeftModel)
+
+
 def is_finite(encoder: torch.nn.Module) -> bool:
     """True when every parameter is finite (no NaN, no inf)."""
     return all(bool(torch.isfinite(p).all()) for p in encoder.parameters())
 
 
-def save_checkpoint(directory: Path | str, encoder: BiEncoder, tokenizer: TextTokenizer, base_model: str = "") -> str:
-    """Atomically write a model-only checkpoint to ``directory``; returns its fingerprint."""
+def save_checkpoint(directory: Path | str, encoder: BiEncoder, tokenizer: TextTokenizer, base_model: str = "",
+                    base_fingerprint: str = "") -> str:
+    """Atomically write a model-only checkpoint to ``directory`` (:func:`write_checkpoint`); returns its fingerprint."""
     with atomic_directory(directory) as tmp:
-        return write_checkpoint(tmp, encoder, tokenizer, base_model)
+        return write_checkpoint(tmp, encoder, tokenizer, base_model, base_fingerprint)
 
 
 # ----------------------------------------------------------------------------- read
@@ -186,7 +220,8 @@ def read_config(directory: Path | str) -> tuple[EncoderConfig, dict]:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", verify: bool = True) -> Loaded:
+def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", verify: bool = True,
+                    merge_adapters: bool = True) -> Loaded:
     """Load a checkpoint for inference or further training, checking that its pieces fit.
 
     Checks: the config parses; the encoder and tokenizer directories exist; the fingerprint
@@ -196,6 +231,11 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
     A plain transformers or sentence-transformers model directory (``config.json``, no
     ``dpr_config.json``) loads too, with the settings it implies (:func:`load_model_dir`): so the
     zero-shot baseline of a starting model is ``dpr index build --checkpoint MODEL_DIR``.
+
+    A LoRA checkpoint (``lora.json``) loads its base model from the path it names, refuses it when
+    the base's :func:`base_fingerprint` is not the recorded one (naming both), and adds the adapters:
+    merged into the weights (``merge_adapters``, for inference: a plain transformers model, as fast as
+    the base) or kept apart and trainable (the trainer's ``--resume``).
     Raises CheckpointError naming the file at fault.
     """
     directory = Path(directory)
@@ -217,8 +257,12 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
                 "(a file was changed, truncated or copied incompletely)"
             )
     tokenizer = _load_tokenizer(directory / TOKENIZER_DIR)
-    query_model = _load_model(directory / QUERY_DIR, safetensors_only=True)
-    passage_model = None if config.shared else _load_model(directory / PASSAGE_DIR, safetensors_only=True)
+    base = {}
+    if (directory / LORA_FILE).is_file():
+        query_model, passage_model, base = _load_with_adapters(directory, config, merge_adapters)
+    else:
+        query_model = _load_model(directory / QUERY_DIR, safetensors_only=True)
+        passage_model = None if config.shared else _load_model(directory / PASSAGE_DIR, safetensors_only=True)
     encoder = _assemble(query_model, passage_model, tokenizer, config, str(directory))
     if not is_finite(encoder):
         raise CheckpointError(f"{directory}: the weights are not finite (NaN or inf): the run that wrote them diverged")
@@ -230,7 +274,63 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", v
         path=directory,
         fingerprint=raw.get("fingerprint", ""),
         base_model=raw.get("base_model", ""),
+        base_fingerprint=base.get("base_fingerprint", ""),
     )
+
+
+def base_fingerprint(path: Path | str) -> str:
+    """The fingerprint a LoRA checkpoint records for its base model (sha256 hex): a dpr-service
+    checkpoint's own fingerprint (from its ``dpr_config.json``), or, for a transformers model
+    directory, the sha256 of its ``config.json`` and weight files (names and bytes). Raises
+    CheckpointError when ``path`` is neither (a hub id has no files to fingerprint)."""
+    p = Path(path).expanduser()
+    if (p / CONFIG_FILE).is_file():
+        return read_config(p)[1].get("fingerprint", "")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{path}: no such model directory (a LoRA checkpoint names its base model by a local path)")
+    return _hash_model_files(hashlib.sha256(), p).hexdigest()
+
+
+def _hash_model_files(h, directory: Path):
+    """Feed ``config.json`` and the weight files of a model directory (names and bytes) to ``h``; returns it."""
+    for f in sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            fsio.sha256_update(h, fh.read)
+    return h
+
+
+def _load_with_adapters(directory: Path, config: EncoderConfig, merge: bool):
+    """A LoRA checkpoint's (query model, passage model or None, lora.json): the base model it names,
+    checked by fingerprint, with the adapters of each encoder directory (merged when ``merge``)."""
+    path = directory / LORA_FILE
+    try:
+        meta = json.loads(path.read_text())
+        base, expected = meta["base_model"], meta["base_fingerprint"]
+        if not (isinstance(base, str) and isinstance(expected, str)):
+            raise TypeError("base_model and base_fingerprint must be strings")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    actual = base_fingerprint(base)
+    if actual != expected:
+        raise CheckpointError(f"{directory}: the adapters were trained on base model {base} with fingerprint {expected}, "
+                              f"but {base} now has fingerprint {actual}: restore that base model (or retrain)")
+    try:
+        from . import lora
+    except ImportError:
+        raise CheckpointError(f"{directory}: a LoRA checkpoint needs the peft package "
+                              "(pip install 'dpr-service[lora]')") from None
+    encoder, _ = load_base_model(base, config)
+    models = []
+    for sub, model in ((QUERY_DIR, encoder.query_model), (PASSAGE_DIR, None if config.shared else encoder.passage_model)):
+        if model is not None:
+            try:
+                model = lora.load_adapters(model, directory / sub, trainable=not merge)
+            except lora.LoraError as e:
+                raise CheckpointError(str(e)) from None
+            model = lora.merge(model) if merge else model
+        models.append(model)
+    return models[0], models[1], meta
 
 
 def load_model_dir(directory: Path | str, device: torch.device | str = "cpu") -> Loaded:
@@ -249,11 +349,7 @@ def load_model_dir(directory: Path | str, device: torch.device | str = "cpu") ->
     encoder, tokenizer = load_base_model(str(directory), config)
     if not is_finite(encoder):
         raise CheckpointError(f"{directory}: the weights are not finite (NaN or inf)")
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    for f in sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            fsio.sha256_update(h, fh.read)
+    h = _hash_model_files(hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()), directory)
     encoder.to(device).eval()
     return Loaded(encoder=encoder, tokenizer=tokenizer, config=config, path=directory, fingerprint=h.hexdigest(),
                   base_model=str(directory))
