@@ -42,6 +42,7 @@ from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.formats import Passage, read_corpus
 from dpr_service.core.hybrid import stored_passages
 from dpr_service.core.inference import encode_texts
+from dpr_service.core.onnx_export import OnnxRuntime, pick_encoding_runtime
 
 from .factory import check_factory, choose_factory, gpu_faiss_available, make_index, parse_size, tune_search
 from .workdir import corpus_sha256, part_path, finish, prepare_work, remove_leftovers, take_lock
@@ -81,9 +82,14 @@ def _encode_parts(loaded: Loaded, corpus: list[Passage], work: Path, parts: list
 
 def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, factory: str = "auto",
           batch_size: int | None = 0, shard: tuple[int, int] | None = None, memory_budget: str = "8GB",
-          device: str = "auto", progress: bool = True, part_size: int | None = 0, bm25: bool = True) -> Path | None:
+          device: str = "auto", progress: bool = True, part_size: int | None = 0, bm25: bool = True,
+          encoder_runtime: str = "torch", onnx_dir: str | Path | None = None) -> Path | None:
     """Encode (this shard of) the corpus and, when every shard is encoded, build the artifact (with
     a BM25 index of the same passages unless ``bm25`` is False: ``--no-bm25``).
+
+    ``encoder_runtime`` ``onnx`` or ``onnx-int8`` (``--runtime``) encodes with ONNX Runtime on the
+    CPU: the export at ``onnx_dir``, or one made now and cached
+    (:func:`dpr_service.core.onnx_export.onnx_runtime`); the manifest records which runtime encoded.
 
     ``part_size`` passages (default ``PART_SIZE``) go to each resumable embeddings file; shard i of n
     encodes the parts c with c % n == i. ``batch_size`` 0 or None: 512 on a GPU, 64 on the CPU.
@@ -101,6 +107,7 @@ def build(checkpoint: str | Path, corpus_path: str | Path, output: str | Path, f
     output = recover_directory(prepare_output(output, directory=True))
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
+    runtime = pick_encoding_runtime(loaded, runtime, encoder_runtime, onnx_dir)
     corpus = read_corpus(corpus_path)
     n, dim = len(corpus), loaded.encoder.dim
     batch_size = batch_size or (512 if runtime.device.type == "cuda" else 64)
@@ -162,7 +169,8 @@ def _merge(loaded: Loaded, corpus: list[Passage], work: Path, n_parts: int, outp
             tmp, checkpoint_fingerprint=loaded.fingerprint, dim=dim, similarity=loaded.config.similarity,
             count=n, factory=factory, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             # absolute: `dpr serve` and `dpr index add` may run from another directory
-            extra={"search_params": tune_search(index), "checkpoint": str(checkpoint.resolve())},
+            extra={"search_params": tune_search(index), "checkpoint": str(checkpoint.resolve()),
+                   "encoder_runtime": runtime.name if isinstance(runtime, OnnxRuntime) else "torch"},
         )
 
 
@@ -174,8 +182,10 @@ def _write_bm25(corpus: list[Passage], artifact: Path, progress: bool) -> None:
 
 
 def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path | None = None,
-        output: str | Path | None = None, batch_size: int | None = 0, device: str = "auto", progress: bool = True) -> Path:
-    """Add passages to an artifact, producing a new verified artifact (in place unless ``output``).
+        output: str | Path | None = None, batch_size: int | None = 0, device: str = "auto", progress: bool = True,
+        encoder_runtime: str = "torch", onnx_dir: str | Path | None = None) -> Path:
+    """Add passages to an artifact, producing a new verified artifact (in place unless ``output``),
+    encoded by ``encoder_runtime`` as in :func:`build`.
 
     Duplicate ids (already indexed, or repeated in the new file) are an error, never an overwrite.
     An artifact with a BM25 index gets a new one over all its passages (BM25's statistics are
@@ -192,6 +202,7 @@ def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path |
         raise ValueError(f"batch_size must be positive (or 0 for the default), got {batch_size}")
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
+    runtime = pick_encoding_runtime(loaded, runtime, encoder_runtime, onnx_dir)
     if loaded.fingerprint != old.manifest.checkpoint_fingerprint:
         raise ArtifactError(f"{index_dir}: built with another checkpoint than {checkpoint}; new passages would not be comparable")
     new = read_corpus(corpus_path)

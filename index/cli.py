@@ -107,6 +107,7 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
                    help="leave out the BM25 index of the same passages (then /search serves mode dense only; docs/index.md)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: the encoder's device, and FAISS's GPU for "
                    "Flat and IVF indexes when faiss-gpu is installed (default auto)")
+    _runtime_args(b)
     b.add_argument("--no-progress", dest="progress", action="store_false")
     a = sub.add_parser("add", help="add passages to an artifact (a new verified artifact)")
     a.add_argument("--index", required=True, help="artifact directory")
@@ -115,6 +116,7 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     a.add_argument("--output", help="write the new artifact here instead of replacing --index")
     a.add_argument("--batch-size", type=_positive_int, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
     a.add_argument("--device", default="auto")
+    _runtime_args(a)
     a.add_argument("--no-progress", dest="progress", action="store_false")
     _export_args(sub.add_parser("export", help="copy an artifact into a Milvus collection (docs/milvus.md)"))
     args = parser.parse_args(argv)
@@ -134,12 +136,24 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
                 if device == "auto" and torch.cuda.is_available():
                     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             out = build(args.checkpoint, args.corpus, args.output, args.factory, args.batch_size, shard,
-                        args.memory_budget, device, args.progress, args.part_size, args.bm25)
+                        args.memory_budget, device, args.progress, args.part_size, args.bm25,
+                        encoder_runtime=args.runtime, onnx_dir=args.onnx_dir)
             print(f"index: {out}" if out else "shard encoded; the index is built when every shard is done")
         else:
-            print(f"index: {add(args.index, args.corpus, args.checkpoint, args.output, args.batch_size, args.device, args.progress)}")
+            out = add(args.index, args.corpus, args.checkpoint, args.output, args.batch_size, args.device, args.progress,
+                      encoder_runtime=args.runtime, onnx_dir=args.onnx_dir)
+            print(f"index: {out}")
 
     return _run(f"{prog} {args.action}", go)
+
+
+def _runtime_args(parser: argparse.ArgumentParser) -> None:
+    """--runtime and --onnx-dir of ``dpr index build`` and ``add`` (docs/index.md, docs/export.md)."""
+    parser.add_argument("--runtime", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                        help="encode passages with torch (default) or ONNX Runtime on the CPU, fp32 or dynamic int8 "
+                             "(exported on the fly and cached in $DPR_ONNX_CACHE, default ~/.cache/dpr-service/onnx)")
+    parser.add_argument("--onnx-dir", help="with --runtime onnx*: an export of this checkpoint (dpr export --format onnx) "
+                        "instead of the cache")
 
 
 def _export_args(e: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ sentence-transformers, transformers' DPR classes and ONNX Runtime.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -83,6 +84,9 @@ def test_sentence_transformers_export_gives_our_embeddings(name, checkpoints, tm
     torch.testing.assert_close(q, ours(ckpt, "query", QUERIES), atol=1e-5, rtol=0)
     torch.testing.assert_close(p, ours(ckpt, "passage", [Passage(t) for t in TEXTS]), atol=1e-5, rtol=0)
     cfg = CONFIGS[name]
+    if not cfg.passage_prompt:  # a titled passage as the pair [title, text] (token type 0 on both, as ours)
+        pairs = torch.from_numpy(model.encode_document([[p.title, p.text] for p in TITLED if p.title]))
+        torch.testing.assert_close(pairs, ours(ckpt, "passage", [p for p in TITLED if p.title]), atol=1e-5, rtol=0)
     assert model.similarity_fn_name == ("cosine" if cfg.similarity == "cosine" else "dot")
     assert model.prompts.get("query", "") == cfg.query_prompt and model.prompts.get("document", "") == cfg.passage_prompt
     if cfg.similarity == "cosine":
@@ -274,21 +278,125 @@ def doc_commands() -> list[str]:
 
 
 def test_docs_export_commands_run_as_written(checkpoints, tmp_path):
-    """Every ``dpr`` command of docs/export.md, in order, with CKPT, CORPUS, OUT... as the doc defines them."""
+    """Every ``dpr`` command of docs/export.md, in order, from the repository root, with the doc's
+    checkpoints (runs/demo/best, runs/dpr/best) replaced by a two-encoder CLS checkpoint and runs/ by
+    a temporary directory; ``dpr serve`` is only parsed (--help): serving is tested above."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("sentence_transformers")
-    from conftest import write_beir
-
     commands = doc_commands()
-    assert len(commands) >= 5, commands
-    env = {"CKPT": str(checkpoints["two-cls-dot"]), "CORPUS": str(write_beir(tmp_path / "beir", n=12, splits=("train", "test"))),
-           "RUN": str(tmp_path)}
+    assert len(commands) == 7, commands
+    ckpt = str(checkpoints["two-cls-dot"])
     for line in commands:
-        argv = [a.replace("$CKPT", env["CKPT"]).replace("$CORPUS", env["CORPUS"]).replace("runs/", env["RUN"] + "/")
-                for a in shlex.split(line)]
-        assert argv[0] == "dpr"
-        if argv[1] == "serve":  # checked by --help only here; test_export_runtime serves with --runtime onnx
-            argv.append("--help")
+        line = line.replace("runs/demo/best", ckpt).replace("runs/dpr/best", ckpt).replace("runs/", f"{tmp_path}/")
+        argv = shlex.split(line) + (["--help"] if line.startswith("dpr serve") else [])
         r = subprocess.run([sys.executable, "-m", "dpr_service.cli", *argv[1:]], capture_output=True, text=True, timeout=300,
-                           env={**__import__("os").environ, "DPR_ONNX_CACHE": str(tmp_path / "cache")})
+                           cwd=ROOT, env={**os.environ, "DPR_ONNX_CACHE": str(tmp_path / "cache")})
         assert r.returncode == 0, f"{line}\n{r.stderr}"
+    assert (tmp_path / "demo" / "export-st" / "modules.json").is_file()
+    assert (tmp_path / "dpr" / "export-dpr" / "context_encoder" / "config.json").is_file()
+    from dpr_service.core.artifact import read_manifest
+
+    assert read_manifest(tmp_path / "demo" / "index-int8").extra["encoder_runtime"] == "onnx-int8"
+
+
+# ----------------------------------------------------------------------------- --runtime onnx: index build and serve
+
+
+@pytest.fixture(scope="module")
+def built(checkpoints, tmp_path_factory):
+    """The same corpus indexed (Flat) by torch and by ONNX Runtime (fp32, exported on the fly into a cache)."""
+    pytest.importorskip("onnxruntime")
+    from conftest import write_beir
+    from index.cli import index_main
+
+    root = tmp_path_factory.mktemp("runtime")
+    beir = write_beir(root / "beir", n=40, splits=("train", "test"))
+    ckpt = checkpoints["two-cls-dot"]
+    common = ["build", "--checkpoint", str(ckpt), "--corpus", str(beir), "--factory", "Flat", "--no-progress", "--device", "cpu"]
+    assert index_main([*common, "--output", str(root / "torch")]) == 0
+    os.environ["DPR_ONNX_CACHE"] = str(root / "cache")
+    try:
+        assert index_main([*common, "--output", str(root / "onnx"), "--runtime", "onnx"]) == 0
+    finally:
+        del os.environ["DPR_ONNX_CACHE"]
+    return root, ckpt, beir
+
+
+def assert_same_ranking(got: list[dict], want: list[dict], atol: float = 1e-4) -> None:
+    """Equal ids rank by rank (a swap allowed only between two passages whose scores tie within
+    ``atol``) and equal scores to ``atol``."""
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=atol, rtol=0)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g["id"] != w["id"]:
+            tied = [h["id"] for h in want if abs(h["score"] - w["score"]) <= atol]
+            assert g["id"] in tied, (i, g, w)
+
+
+def test_index_built_with_onnx_runtime_searches_like_torch(built):
+    import numpy as np
+
+    from dpr_service.core.artifact import read_manifest
+    from dpr_service.core.search import Searcher
+
+    root, ckpt, _ = built
+    assert read_manifest(root / "onnx").extra["encoder_runtime"] == "onnx"
+    assert read_manifest(root / "torch").extra["encoder_runtime"] == "torch"
+    loaded = load_checkpoint(ckpt)
+    q = ours(ckpt, "query", QUERIES).numpy()
+    a, b = Searcher(root / "torch", loaded.fingerprint), Searcher(root / "onnx", loaded.fingerprint)
+    np.testing.assert_allclose(b.index.reconstruct_n(0, b.count), a.index.reconstruct_n(0, a.count), atol=1e-4, rtol=0)
+    for got, want in zip(b.search(q, 10), a.search(q, 10)):
+        assert_same_ranking([{"id": h.id, "score": h.score} for h in got], [{"id": h.id, "score": h.score} for h in want])
+
+
+def test_serve_with_onnx_runtime_answers_like_torch_and_scores_with_torch(built, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from dpr_service.api.app import create_app
+    from dpr_service.api.settings import Settings
+
+    root, ckpt, _ = built
+    body = {"queries": QUERIES, "top_k": 10}
+    score = {"items": [{"question": QUERIES[0], "positive": {"title": "apple", "text": TEXTS[0]},
+                        "negatives": [{"text": TEXTS[1]}, {"text": TEXTS[2]}]}], "in_batch": False}
+    with TestClient(create_app(Settings(index=root / "torch", device="cpu", batch_max_wait_ms=1))) as torch_app, \
+            TestClient(create_app(Settings(index=root / "torch", device="cpu", batch_max_wait_ms=1, runtime="onnx",
+                                           onnx_cache=tmp_path / "cache"))) as onnx_app:
+        assert onnx_app.get("/readyz").status_code == 200
+        assert (tmp_path / "cache").is_dir()  # exported at start into DPR_ONNX_CACHE
+        want, got = torch_app.post("/search", json=body).json(), onnx_app.post("/search", json=body).json()
+        for g, w in zip(got["results"], want["results"]):
+            assert_same_ranking(g, w)
+        for kind, texts in (("query", QUERIES), ("passage", TEXTS)):
+            enc = {"texts": texts, "kind": kind}
+            torch.testing.assert_close(torch.tensor(onnx_app.post("/encode", json=enc).json()["embeddings"]),
+                                       torch.tensor(torch_app.post("/encode", json=enc).json()["embeddings"]), atol=1e-4, rtol=0)
+        got, want = onnx_app.post("/score", json=score).json(), torch_app.post("/score", json=score).json()
+        assert got["results"] == want["results"] and "loss" in str(got)  # torch on both: bit-equal
+
+
+def test_serve_with_an_export_of_another_checkpoint_is_not_ready(built, checkpoints, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from dpr_service.api.app import create_app
+    from dpr_service.api.settings import Settings
+
+    root, _, _ = built
+    assert export_main(["--checkpoint", str(checkpoints["shared-cls-dot"]), "--format", "onnx", "--output", str(tmp_path / "o")]) == 0
+    with TestClient(create_app(Settings(index=root / "torch", device="cpu", runtime="onnx", onnx_dir=tmp_path / "o"))) as app:
+        ready = app.get("/readyz")
+        assert ready.status_code == 503 and "not from the one in use" in ready.json()["reason"]
+
+
+def test_runtime_flags_are_checked(built, capsys):
+    from dpr_service.api.serve import main as serve_main
+    from index.cli import index_main
+
+    root, ckpt, beir = built
+    with pytest.raises(SystemExit) as stop:
+        serve_main(["--index", str(root / "torch"), "--runtime", "tensorrt"])
+    assert stop.value.code == 2 and "argument --runtime: invalid choice" in capsys.readouterr().err
+    code = index_main(["build", "--checkpoint", str(ckpt), "--corpus", str(beir), "--output", str(root / "x"),
+                       "--onnx-dir", str(root), "--no-progress"])
+    assert code == 2 and "is for --runtime onnx or onnx-int8, not torch" in capsys.readouterr().err

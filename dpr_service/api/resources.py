@@ -23,6 +23,7 @@ from dpr_service.core.fsio import readable_directory
 from dpr_service.core.hybrid import Retriever
 from dpr_service.core.inference import encode_texts
 from dpr_service.core.milvus import MilvusSearcher
+from dpr_service.core.onnx_export import pick_encoding_runtime
 from dpr_service.core.search import Searcher
 
 from .batching import QueryBatcher, Stopped
@@ -73,7 +74,12 @@ def load_resources(settings: Settings, metrics: Metrics) -> Resources:
     only) and the default checkpoint the one its properties name. Raises ArtifactError (no index
     configured, a missing or damaged index or collection, one of another checkpoint), CheckpointError
     (a missing or damaged checkpoint), MilvusUnavailable (Milvus does not answer) or ValueError (a
-    bad device setting)."""
+    bad device setting; OnnxError, a damaged ONNX export or one of another checkpoint).
+
+    With ``DPR_RUNTIME=onnx`` (or ``onnx-int8``) the runtime is an OnnxRuntime: ``/search`` and
+    ``/encode`` embed with ONNX Runtime (the export at ``DPR_ONNX_DIR``, or one made now and cached),
+    while ``/score`` still runs the torch encoder, because it must give the trainer's loss exactly
+    (dropout off, fp32, the same modules), not an approximation of it."""
     runtime = pick_runtime(settings.device, "auto")
     if settings.milvus_uri:
         loaded, searcher = _load_milvus(settings, runtime)
@@ -86,6 +92,12 @@ def load_resources(settings: Settings, metrics: Metrics) -> Resources:
             raise ArtifactError(f"{settings.index}: the manifest names no checkpoint; set DPR_CHECKPOINT")
         loaded = load_checkpoint(checkpoint, runtime.device)
         searcher = Searcher(settings.index, loaded.fingerprint, bm25=True)
+    try:
+        runtime = pick_encoding_runtime(loaded, runtime, settings.runtime, settings.onnx_dir, settings.onnx_cache)
+    except Exception:
+        if isinstance(searcher, MilvusSearcher):
+            searcher.close()
+        raise
     res = Resources(loaded, searcher, runtime, None)
     res.searcher.search(res.encode_queries([WARM_UP_QUERY]), 1, with_text=True)  # warm-up: /readyz waits for this
     if searcher.bm25 is not None:

@@ -24,6 +24,11 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument("--wait-for-index", action="store_true",
                         help="start even when the index is missing or unreadable, and load it once it is there "
                              "(or DPR_WAIT_FOR_INDEX=1); without it such an index is an error (exit 2)")
+    parser.add_argument("--runtime", choices=("torch", "onnx", "onnx-int8"),
+                        help="encode queries and passages with torch (default) or ONNX Runtime on the CPU, fp32 or "
+                             "dynamic int8 (or DPR_RUNTIME); /score keeps torch")
+    parser.add_argument("--onnx-dir", help="with --runtime onnx*: an export of the checkpoint (dpr export --format onnx; "
+                        "or DPR_ONNX_DIR); default: exported at start and cached")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
@@ -41,6 +46,10 @@ def main(argv: list[str] | None = None, prog: str = "dpr serve") -> int:
         os.environ["DPR_CHECKPOINT"] = args.checkpoint
     if args.wait_for_index:
         os.environ["DPR_WAIT_FOR_INDEX"] = "1"
+    if args.runtime:
+        os.environ["DPR_RUNTIME"] = args.runtime
+    if args.onnx_dir:
+        os.environ["DPR_ONNX_DIR"] = args.onnx_dir
     if args.milvus_uri:
         os.environ["DPR_MILVUS_URI"] = args.milvus_uri
     if args.collection:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,13 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="checkpoint; default: the one named in the index manifest")
     api_key: SecretStr | None = Field(None, description="when set (and not empty), every route but /healthz, /readyz and / needs it")
     device: str = "auto"
+    # ONNX Runtime for query and passage embeddings (/search, /encode); /score keeps torch (docs/serving.md)
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field("torch", description="what encodes queries and passages: "
+                                                           "torch, or ONNX Runtime on the CPU (fp32 or dynamic int8)")
+    onnx_dir: Path | None = Field(None, description="with runtime onnx*: an export of the checkpoint (dpr export "
+                                  "--format onnx); default: exported on start and cached in DPR_ONNX_CACHE")
+    onnx_cache: Path | None = Field(None, description="where on-the-fly ONNX exports are cached "
+                                    "(default ~/.cache/dpr-service/onnx)")
     # Milvus instead of the artifact's FAISS index for /search (docs/milvus.md); /score and /encode are unchanged
     milvus_uri: str | None = Field(None, description="serve /search from this Milvus (http://host:19530, or a Milvus "
                                    "Lite file) instead of DPR_INDEX's FAISS index")

@@ -25,6 +25,7 @@ stays the same. The training loss (``/score``, the trainer) never uses it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from .checkpoint import CheckpointError, Loaded, verify_checksums, write_checksu
 from .device import Runtime
 from .fsio import atomic_directory
 
+log = logging.getLogger(__name__)
 FORMAT = "dpr-service-onnx/1"
 CONFIG_FILE = "onnx_config.json"
 RUNTIMES = ("torch", "onnx", "onnx-int8")
@@ -192,14 +194,20 @@ def onnx_runtime(loaded: Loaded, runtime: str = "onnx", onnx_dir: Path | str | N
             raise OnnxError(f"{onnx_dir}: an export with quantize {encoder.quantize}, but runtime {runtime} was asked for")
     else:
         target = Path(cache_dir or default_cache_dir()) / f"{loaded.fingerprint}-{'int8' if quantize == 'int8' else 'fp32'}"
-        try:
-            encoder = OnnxEncoder(target, loaded.fingerprint)
-        except OnnxError:
-            if target.exists():
-                shutil.rmtree(target)
-            with atomic_directory(target) as tmp:
-                write_onnx(loaded, tmp, None if quantize == "none" else quantize)
-            encoder = OnnxEncoder(target, loaded.fingerprint)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # one exporter at a time (server workers, index builds starting together); flock ends with the process
+        with open(target.with_name(target.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                encoder = OnnxEncoder(target, loaded.fingerprint)
+            except OnnxError as e:
+                if target.exists():
+                    log.warning("re-exporting the cached ONNX export: %s", e)
+                    shutil.rmtree(target)
+                log.info("exporting %s to ONNX (%s) in %s", loaded.path, runtime, target)
+                with atomic_directory(target) as tmp:
+                    write_onnx(loaded, tmp, None if quantize == "none" else quantize)
+                encoder = OnnxEncoder(target, loaded.fingerprint)
     return OnnxRuntime(torch.device("cpu"), "fp32", onnx=encoder, name=runtime)
 
 
