@@ -14,8 +14,6 @@ import json
 import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,8 @@ from index.build import build
 openai = pytest.importorskip("openai", reason="the `test` extra installs the openai client")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import load  # noqa: E402  (benchmarks/load.py: starts `dpr serve` and waits until it is ready)
 KEY = "openai-test-key-0123456789"
 LIMITS = {"max_queries": 8, "max_text_chars": 300, "max_body_bytes": 20_000}
 QUERY_LEN, PASSAGE_LEN = 16, 32
@@ -55,35 +55,19 @@ def art(tmp_path_factory, tiny_model):
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(art):
-    """``dpr serve`` as users start it (its environment carries the key and the limits); its base URL."""
-    port = _free_port()
-    env = {**os.environ, "DPR_API_KEY": KEY, "DPR_DEVICE": "cpu", "DPR_BATCH_MAX_WAIT_MS": "1",
+    """``dpr serve`` as users start it (benchmarks/load.py's run_server; the environment carries the
+    key and the limits); its base URL."""
+    env = {"DPR_API_KEY": KEY, "DPR_DEVICE": "cpu", "DPR_BATCH_MAX_WAIT_MS": "1",
            **{f"DPR_{k.upper()}": str(v) for k, v in LIMITS.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "dpr_service.cli", "serve", "--index", str(art / "index"),
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    port = load.free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        proc = load.run_server(str(art / "index"), batching=True, port=port)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"dpr serve exited: {proc.stderr.read()}"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError("dpr serve never became ready")
-        yield base
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -27,11 +27,13 @@ _TEXT = {"type": "string", "pattern": NON_BLANK}
 InputTexts = Annotated[list[str], WithJsonSchema({"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}]})]
 
 
-def _is_token_ids(value) -> bool:
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_ids(value: list) -> bool:
     """``[1, 2]`` or ``[[1, 2], [3]]``: what OpenAI takes as pre-tokenized input."""
-    return bool(value) and all(isinstance(v, int) and not isinstance(v, bool) or
-                               isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
-                               for v in value)
+    return bool(value) and all(_is_id(v) or (isinstance(v, list) and v and all(_is_id(t) for t in v)) for v in value)
 
 
 class EmbeddingsRequest(BaseModel):
