@@ -138,6 +138,12 @@ def test_merged_embeddings_equal_unmerged_and_peft_s_own_loader(tmp_path, base):
         b = encode_texts(unmerged.encoder, unmerged.tokenizer, items, side, CPU)
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert not torch.allclose(encode_texts(merged.encoder, merged.tokenizer, TEXTS, "query", CPU), zero_shot, atol=1e-3)
+    # a LoRA checkpoint as --model starts a run from its merged weights (full fine-tuning, or new
+    # adapters whose base is that checkpoint, named by its own fingerprint)
+    start, _ = load_base_model(str(ckpt), ENC)
+    assert not isinstance(start.query_model, peft.PeftModel) and base_fingerprint(ckpt) == merged.fingerprint
+    assert torch.allclose(encode_texts(start.eval(), merged.tokenizer, TEXTS, "query", CPU),
+                          encode_texts(merged.encoder, merged.tokenizer, TEXTS, "query", CPU), atol=1e-6)
     # the reference: peft's own from_pretrained on the saved query adapters, mean-pooled by hand
     reference = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(str(base)), str(ckpt / "query_encoder")).eval()
     tokens = merged.tokenizer.hf(TEXTS, padding=True, return_tensors="pt")
