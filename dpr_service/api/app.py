@@ -26,6 +26,7 @@ from dpr_service.core.milvus import MilvusUnavailable
 
 from .errors import OpenAIErrorShape, install_error_handlers
 from .guard import Guard
+from .jobs import JobSettings, install_jobs
 from .metrics import Metrics
 from .openapi import install_openapi
 from .resources import Reloader
@@ -66,7 +67,7 @@ def _lifespan(settings: Settings, metrics: Metrics):
     return lifespan
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, jobs_settings: JobSettings | None = None) -> FastAPI:
     """The service as an ASGI app, for ``settings`` (default: the ``DPR_*`` environment).
 
     Nothing is loaded here: the checkpoint and the index load in the lifespan (``/readyz`` is 503
@@ -86,5 +87,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, settings)
     for router in (*ROUTERS, openai.router):  # /v1/embeddings, /v1/models: routes/openai.py
         app.include_router(router)
+    install_jobs(app, jobs_settings)  # /jobs, /datasets and the job runner, when DPR_ADMIN_KEY is set (jobs/)
     install_openapi(app, settings, OPEN_ROUTES)  # the schema carries the DPR_MAX_* limits and the key scheme
     return app

@@ -1,0 +1,194 @@
+"""The runner: starts queued jobs as ``dpr train`` child processes, one per slot (one per configured
+GPU, else one on the CPU), follows them, and records how they end.
+
+Each job is ``python -m dpr_service.cli train --config <job>/config.yaml --output <job>/run
+--auto-resume``, its output in ``<job>/train.log``. Nothing is lost on a crash:
+
+- a child dies with the server (Linux ``PR_SET_PDEATHSIG``: SIGTERM, on which the trainer finishes
+  its step and saves ``last/``); at the next start the runner waits for any such process still
+  saving, then starts every job found ``running`` again, and ``--auto-resume`` continues it from
+  ``last/`` exactly (the trainer's resume is bit-identical);
+- a server that stops cleanly (lifespan end) SIGTERMs its children and leaves them ``running``;
+- a child that exits non-zero on its own is ``failed``, with the log's last line as the error.
+
+Cancel is SIGTERM too (``last/`` saved and kept); the job is then ``cancelled``. Only one process
+per state directory runs jobs (an ``flock`` on ``runner.lock``): with ``dpr serve --workers N`` the
+others serve the routes from the shared SQLite table and take over if the runner's worker dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .progress import log_tail
+from .store import Job, JobStore
+
+log = logging.getLogger("dpr_service.api.jobs")
+PR_SET_PDEATHSIG = 1
+
+
+def train_command(job_dir: Path) -> list[str]:
+    """The child process of a job: ``dpr train`` with the job's config and ``--auto-resume``."""
+    return [sys.executable, "-m", "dpr_service.cli", "train", "--config", str(job_dir / "config.yaml"),
+            "--output", str(job_dir / "run"), "--auto-resume"]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def runs_job(pid: int | None, job_dir: Path) -> bool:
+    """Whether ``pid`` is a live process (not a zombie) whose command line names ``job_dir``:
+    a job's child left from a previous server (a reused pid names something else)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(job_dir).encode() in cmdline
+
+
+class Runner:
+    """Runs the jobs of ``store`` in ``slots`` (each a CUDA_VISIBLE_DEVICES value, or None for the CPU),
+    looking every ``poll_s`` seconds, in a thread of its own: :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, store: JobStore, slots: list[str | None], poll_s: float = 0.5, orphan_wait_s: float = 600.0):
+        self.store, self.slots, self.poll_s, self.orphan_wait_s = store, list(slots), poll_s, orphan_wait_s
+        self.procs: dict[str, tuple[subprocess.Popen, str | None]] = {}  # job id -> (child, slot)
+        self._signalled: set[str] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._lock_file = None
+
+    def start(self) -> None:
+        """Start the runner's thread (it first waits for the state directory's lock)."""
+        self._thread = threading.Thread(target=self._main, name="dpr-jobs-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, wait_s: float = 120.0) -> None:
+        """SIGTERM every child and wait up to ``wait_s`` for them to save ``last/``; their jobs stay
+        ``running``, for the next start to continue. Blocking."""
+        self._stop.set()
+        with self._lock:
+            for proc, _ in self.procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + wait_s
+            for proc, _ in self.procs.values():
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self.procs.clear()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    # ------------------------------------------------------------------ the thread
+
+    def _main(self) -> None:
+        while not self._stop.is_set() and not self._take_lock():
+            self._stop.wait(2.0)  # another worker process runs the jobs; take over if it dies
+        if self._stop.is_set():
+            return
+        try:
+            self._recover()
+            while not self._stop.is_set():
+                with self._lock:
+                    if not self._stop.is_set():
+                        self.tick()
+                self._stop.wait(self.poll_s)
+        except Exception:  # logged: the routes keep answering from the table
+            log.exception("the job runner stopped")
+
+    def _take_lock(self) -> bool:
+        fh = open(self.store.directory / "runner.lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        self._lock_file = fh
+        return True
+
+    def _recover(self) -> None:
+        """Jobs left ``running`` by a previous server: wait for a child of it that is still saving
+        (SIGKILL after ``orphan_wait_s``), then start the job again with ``--auto-resume``."""
+        for job in self.store.list(("running",)):
+            job_dir = self.store.job_dir(job.id)
+            deadline = time.monotonic() + self.orphan_wait_s
+            while runs_job(job.pid, job_dir) and time.monotonic() < deadline and not self._stop.is_set():
+                time.sleep(0.2)
+            if runs_job(job.pid, job_dir):
+                os.kill(job.pid, signal.SIGKILL)
+            if job.cancel:
+                self.store.update(job.id, state="cancelled", finished=time.time(), pid=None)
+                continue
+            free = [s for s in self.slots if s not in {slot for _, slot in self.procs.values()}]
+            if free:
+                log.info("job %s was running when the server stopped: continuing it (--auto-resume)", job.id)
+                self._launch(job, free[0])
+            else:  # more running jobs than slots (the slots changed): wait in the queue
+                self.store.update(job.id, state="queued", pid=None)
+
+    def tick(self) -> None:
+        """One look: record children that ended, SIGTERM cancelled ones, start queued jobs in free slots."""
+        for job_id, (proc, _) in list(self.procs.items()):
+            rc = proc.poll()
+            if rc is not None:
+                del self.procs[job_id]
+                self._signalled.discard(job_id)
+                self._finish(job_id, rc)
+        for job in self.store.list(("running",)):
+            if job.cancel and job.id in self.procs and job.id not in self._signalled:
+                self.procs[job.id][0].send_signal(signal.SIGTERM)  # the trainer saves last/ and exits
+                self._signalled.add(job.id)
+        busy = {slot for _, slot in self.procs.values()}
+        free = [s for s in self.slots if s not in busy]
+        for job, slot in zip(self.store.list(("queued",)), free):
+            self._launch(job, slot)
+
+    def _launch(self, job: Job, slot: str | None) -> None:
+        job_dir = self.store.job_dir(job.id)
+        env = dict(os.environ)
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        with open(job_dir / "train.log", "ab") as out:
+            if job.attempts:
+                out.write(f"\n--- restarted with --auto-resume (attempt {job.attempts + 1}) ---\n".encode())
+                out.flush()
+            proc = subprocess.Popen(train_command(job_dir), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=job_dir, env=env, preexec_fn=_die_with_parent, start_new_session=True)
+        self.procs[job.id] = (proc, slot)
+        self.store.update(job.id, state="running", pid=proc.pid, slot=slot, attempts=job.attempts + 1,
+                          started=job.started or time.time())
+        log.info("job %s started (pid %d%s)", job.id, proc.pid, f", GPU {slot}" if slot is not None else "")
+
+    def _finish(self, job_id: str, rc: int) -> None:
+        job = self.store.get(job_id)
+        if job is None:
+            return
+        if job.cancel:
+            state, error = "cancelled", None
+        elif rc == 0:
+            state, error = "succeeded", None
+        else:
+            last = log_tail(self.store.job_dir(job_id) / "train.log", 1)
+            state, error = "failed", f"dpr train exited with code {rc}" + (f": {last}" if last else "")
+        self.store.update(job_id, state=state, error=error, finished=time.time(), pid=None)
+        log.info("job %s %s", job_id, state)

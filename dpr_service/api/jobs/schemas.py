@@ -1,0 +1,79 @@
+"""Bodies of the job and data set routes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobOut(BaseModel):
+    """A job: ``state`` queued / running / succeeded / failed / cancelled; ``step`` and ``total`` in
+    optimiser steps (total null until the trainer has planned the run); ``metrics`` the last logged
+    step (loss, lr, grad_norm, examples_per_s); ``evals`` every evaluation (``{"step", "eval", "best"}``);
+    ``error`` and ``log_tail`` when it failed."""
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    settings: dict[str, Any]
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    total: int | None = None
+    metrics: dict[str, Any] | None = None
+    evals: list[dict[str, Any]] = []
+    error: str | None = None
+    attempts: int = 0
+    promoted: str | None = None
+    cancel_requested: bool = False
+    log_tail: str | None = None
+
+
+class JobList(BaseModel):
+    """Every job, oldest first."""
+
+    jobs: list[JobOut]
+
+
+class Created(BaseModel):
+    """A job queued: its id and its state (``queued``)."""
+
+    id: str
+    state: str
+
+
+class PromoteRequest(BaseModel):
+    """Promote a job: the corpus to index (a name under the data root), and ``force`` to promote a
+    model whose dev metric is worse than the served one's."""
+
+    model_config = ConfigDict(extra="forbid")
+    corpus: str = Field(..., min_length=1, max_length=500, description="corpus name under DPR_DATA_ROOT (a BEIR "
+                        "directory, a corpus.jsonl or DPR's psgs .tsv)")
+    force: bool = False
+
+
+class Promoted(BaseModel):
+    """The new index serving: the checkpoint indexed, the corpus, how many passages, and the dev
+    metrics compared (``job``/``served``: null when that checkpoint has no eval.json)."""
+
+    job: str
+    checkpoint: str
+    corpus: str
+    index: str
+    passages: int
+    comparison: dict[str, Any]
+
+
+class Dataset(BaseModel):
+    """Data under the data root: ``kind`` beir, model, directory or file; ``bytes`` its size."""
+
+    name: str
+    kind: str
+    bytes: int
+
+
+class DatasetList(BaseModel):
+    """The entries at the top of the data root."""
+
+    datasets: list[Dataset]

@@ -1,0 +1,58 @@
+"""The training service's settings (``DPR_ADMIN_KEY``, ``DPR_JOBS_*``, ``DPR_DATA_ROOT``...), read from
+the environment like the service's own (:class:`dpr_service.api.settings.Settings`), behind a cached
+getter that tests override by passing their own to ``create_app(..., jobs_settings=...)``.
+
+Everything here is off unless ``DPR_ADMIN_KEY`` is set (and not empty): without it the ``/jobs`` and
+``/datasets`` routes answer 404 and no runner starts.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..settings import Settings
+
+
+class JobSettings(BaseSettings):
+    """Training-service settings; each field ``name`` is read from ``DPR_<NAME>``. Sizes in bytes.
+    Raises pydantic's ValidationError for a value of the wrong type or out of range."""
+
+    model_config = SettingsConfigDict(env_prefix="DPR_", env_file=None, env_ignore_empty=True, extra="ignore")
+
+    admin_key: SecretStr | None = Field(None, description="turns the training service on: every /jobs and /datasets "
+                                        "route needs it as X-Admin-Key (DPR_API_KEY never opens them)")
+    jobs_dir: Path = Field(Path("dpr-jobs"), description="state directory: jobs.sqlite and one directory per job")
+    data_root: Path = Field(Path("data"), description="data sets, corpora and starting models are named relative to it")
+    max_upload_bytes: int = Field(200_000_000, ge=1, description="largest data set upload (a zip: also its unpacked size)")
+    jobs_model: str | None = Field(None, description="the starting model when a job names none (a path the operator "
+                                   "chose; jobs themselves name models under DPR_DATA_ROOT)")
+    jobs_gpus: str | None = Field(None, description="comma-separated CUDA device ids: one job runs on each at a time "
+                                  "(unset: one job at a time on the CPU)")
+    jobs_poll_s: float = Field(0.5, gt=0, description="how often the runner looks at its jobs")
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value):
+        """An empty key is no key (the service stays off), as DPR_API_KEY's rule."""
+        return Settings._empty_key_is_no_key(value)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the training service is on (``DPR_ADMIN_KEY`` set)."""
+        return self.admin_key is not None
+
+    def slots(self) -> list[str | None]:
+        """Where jobs run at once: one slot per configured GPU id (its CUDA_VISIBLE_DEVICES), or one CPU slot (None)."""
+        if not self.jobs_gpus:
+            return [None]
+        return [g.strip() for g in self.jobs_gpus.split(",") if g.strip()]
+
+
+@lru_cache
+def get_job_settings() -> JobSettings:
+    """The settings from the environment, read once."""
+    return JobSettings()

@@ -1,0 +1,59 @@
+"""``POST /datasets`` (upload a training file or a zipped BEIR directory) and ``GET /datasets``:
+data under ``DPR_DATA_ROOT``, for training jobs and promotions to name. Admin key only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from ..jobs.data import DataRefused, ingest, list_data
+from ..jobs.deps import ADMIN_REQUIRED, AppJobSettings
+from ..jobs.schemas import Dataset, DatasetList
+from ..schemas import ErrorResponse
+
+router = APIRouter(tags=["training"], dependencies=[ADMIN_REQUIRED],
+                   responses={401: {"model": ErrorResponse, "description": "missing or wrong admin key (X-Admin-Key)"}})
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "application/zip": {"schema": {"type": "string", "format": "binary"}}},
+    "description": "the file's bytes: a training file (DPR or plain JSONL, as dpr train reads) or a zip of a BEIR "
+                   "directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"}}
+
+
+@router.get("/datasets", response_model=DatasetList)
+async def list_datasets(js: AppJobSettings) -> DatasetList:
+    """The data sets, corpora and models under the data root, by name."""
+    entries = await asyncio.get_running_loop().run_in_executor(None, list_data, js.data_root)
+    return DatasetList(datasets=[Dataset(**e) for e in entries])
+
+
+@router.post("/datasets", status_code=201, response_model=Dataset, openapi_extra=UPLOAD_BODY, responses={
+    409: {"model": ErrorResponse, "description": "the name is taken"},
+    413: {"model": ErrorResponse, "description": "over DPR_MAX_UPLOAD_BYTES (a zip: also unpacked)"}})
+async def upload(request: Request, js: AppJobSettings,
+                 name: Annotated[str, Query(min_length=1, max_length=100, description="the name to store it under")]) -> Dataset:
+    """Store an upload under ``name`` after reading it as ``dpr train`` would: a bad line is 422
+    naming the file and the line; a zip entry that would leave its directory (absolute, ``..``, a
+    link) is refused; more than DPR_MAX_UPLOAD_BYTES (sent, or unpacked) is 413."""
+    js.data_root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=js.data_root)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            async for block in request.stream():
+                size += len(block)
+                if size > js.max_upload_bytes:
+                    raise DataRefused("body", f"upload over {js.max_upload_bytes} bytes (DPR_MAX_UPLOAD_BYTES)", status=413)
+                out.write(block)
+        if size == 0:
+            raise DataRefused("body", "empty upload: send the file's bytes as the body")
+        entry = await asyncio.get_running_loop().run_in_executor(None, ingest, js.data_root, name, Path(tmp),
+                                                                 js.max_upload_bytes)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return Dataset(**entry)
