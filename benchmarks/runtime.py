@@ -10,7 +10,8 @@ Speed rounds alternate the runtimes (torch, onnx, onnx-int8, st-onnx, then again
 machine slows each alike. The quality part builds one Flat index per runtime with the real
 command (``dpr index build --runtime``) and evaluates it with ``dpr eval``'s own function twice:
 queries encoded by torch (what ``dpr eval`` does) and by the same runtime as the index (what
-``dpr serve --runtime`` does). Results go to ``--out`` (JSON) as they are measured.
+``dpr serve --runtime`` does); torch's index also with queries by each runtime (serving an existing
+index with ``--runtime onnx-int8``). Results go to ``--out`` (JSON) as they are measured.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def part_quality(args, out: Path) -> None:
                             "--device", "cpu", "--runtime", name], check=True, env={**os.environ, "DPR_ONNX_CACHE": str(work / "cache")})
         build_s = time.perf_counter() - t0
         row = {"index_build_seconds": build_s}
-        for queries_by in dict.fromkeys(("torch", name)):
+        # queries by torch (dpr eval), by the index's runtime (dpr serve --runtime), and on torch's index by each
+        for queries_by in RUNTIMES if name == "torch" else dict.fromkeys(("torch", name)):
             runtime = encoding_runtime(loaded, queries_by, work / "cache")
             ev.encode_texts = lambda enc, tok, items, kind, _rt, *a, **kw: encode_texts(enc, tok, items, kind, runtime, *a, **kw)
             try:
