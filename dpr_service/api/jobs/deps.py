@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 
 from ..guard import check_key
@@ -41,3 +41,17 @@ def job_store(request: Request) -> JobStore:
 ADMIN_REQUIRED = Depends(require_admin)
 AppJobSettings = Annotated[JobSettings, Depends(job_settings)]
 Store = Annotated[JobStore, Depends(job_store)]
+
+
+OTHER_METHODS = ["PUT", "PATCH", "OPTIONS", "TRACE"]
+
+
+def allow_only(router: APIRouter, path: str, allowed: list[str]) -> None:
+    """Answer the methods ``path`` lacks with 405 and ``Allow: <allowed>`` (every method of the
+    path, where Starlette names only those of the first route matching it)."""
+
+    async def not_allowed() -> None:
+        raise HTTPException(405, "Method Not Allowed", headers={"Allow": ", ".join(allowed)})
+
+    others = [m for m in ["GET", "POST", "DELETE", "HEAD", *OTHER_METHODS] if m not in allowed]
+    router.add_api_route(path, not_allowed, methods=others, include_in_schema=False)

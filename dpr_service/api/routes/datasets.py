@@ -12,16 +12,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from ..jobs.data import DataRefused, ingest, list_data
-from ..jobs.deps import ADMIN_REQUIRED, AppJobSettings
+from ..jobs.deps import ADMIN_REQUIRED, AppJobSettings, allow_only
 from ..jobs.schemas import Dataset, DatasetList
 from ..schemas import ErrorResponse
 
 router = APIRouter(tags=["training"], dependencies=[ADMIN_REQUIRED],
                    responses={401: {"model": ErrorResponse, "description": "missing or wrong admin key (X-Admin-Key)"}})
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "application/zip": {"schema": {"type": "string", "format": "binary"}}},
-    "description": "the file's bytes: a training file (DPR or plain JSONL, as dpr train reads) or a zip of a BEIR "
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    "description": "the file's bytes (any Content-Type; a zip is known by its signature): a training file (DPR or plain JSONL, as dpr train reads) or a zip of a BEIR "
                    "directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"}}
 
 
@@ -57,3 +56,6 @@ async def upload(request: Request, js: AppJobSettings,
     finally:
         Path(tmp).unlink(missing_ok=True)
     return Dataset(**entry)
+
+
+allow_only(router, "/datasets", ["GET", "POST"])

@@ -18,7 +18,7 @@ from dpr_service.core.checkpoint import CheckpointError
 from ..deps import JSON_BODY, AppReloader, AppSettings
 from ..jobs import service
 from ..jobs.data import resolve_name
-from ..jobs.deps import ADMIN_REQUIRED, AppJobSettings, Store
+from ..jobs.deps import ADMIN_REQUIRED, AppJobSettings, Store, allow_only
 from ..jobs.progress import metrics_lines
 from ..jobs.schemas import Created, JobList, JobOut, Promoted, PromoteRequest
 from ..jobs.store import Job, JobStore
@@ -160,3 +160,7 @@ async def build_index(job_dir: Path, checkpoint: Path, corpus: Path, output: Pat
         lines = log.read_text(errors="replace").strip().splitlines()
         raise service.JobRefused("corpus" if rc == 2 else "job_id",
                                  f"dpr index build failed (exit {rc}): {lines[-1] if lines else ''}", 409 if rc != 2 else 422)
+
+
+allow_only(router, "", ["GET", "POST"])
+allow_only(router, "/{job_id}", ["GET", "DELETE"])
