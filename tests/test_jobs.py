@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 from conftest import write_beir, write_plain
+from test_web import browser  # noqa: F401  (the headless chromium fixture)
 from dpr_service.api.app import app_routes, create_app
 from dpr_service.api.jobs import JobSettings
 from dpr_service.api.settings import Settings
@@ -370,3 +371,77 @@ if schemathesis is not None:
 else:
     def test_schemathesis_over_the_job_routes():
         pytest.skip("schemathesis is not installed: pip install -e '.[test]'")
+
+
+# ----------------------------------------------------------------------------- the Train tab, in the browser
+
+
+@pytest.fixture
+def train_server(world, tmp_path, monkeypatch):
+    """The real app under uvicorn (test_web's Server) with the training service on."""
+    import functools
+
+    import test_web
+
+    monkeypatch.setattr(test_web, "create_app", functools.partial(create_app, jobs_settings=job_settings(world, tmp_path)))
+    shutil.copytree(world / "index", tmp_path / "index")
+    with test_web.Server(Settings(index=tmp_path / "index", device="cpu", batch_max_wait_ms=1)) as server:
+        yield server
+
+
+def test_the_train_tab_uploads_trains_charts_the_event_stream_and_promotes(world, tmp_path, train_server, browser):
+    """Upload a file, start a job with the main settings, follow its curve (SVG from the event stream)
+    to the end, promote it; the chart and the job row agree with the API. Screenshot: h18-train-tab.png."""
+    import test_web
+    from selenium.webdriver.support.ui import Select
+
+    driver, base, by_id = browser, train_server.base, test_web.by_id
+    test_web.open_page(driver, base)
+    by_id(driver, "tab-train").click()
+    by_id(driver, "admin-key").send_keys(ADMIN)
+    by_id(driver, "admin-save").click()
+    test_web.wait_for(driver, lambda d: "train.jsonl" in [o.get_attribute("value") for o in Select(by_id(d, "train-data")).options],
+                      what="the data sets")
+    upload = tmp_path / "web-upload.jsonl"
+    write_plain(upload, n=8, seed=3)
+    try:
+        by_id(driver, "upload-file").send_keys(str(upload))
+        test_web.type_into(driver, "upload-name", "web-upload")
+        by_id(driver, "upload-submit").click()
+        test_web.wait_for(driver, lambda d: Select(by_id(d, "train-data")).first_selected_option.get_attribute("value")
+                          == "web-upload.jsonl", what="the upload")
+        assert (world / "data" / "web-upload.jsonl").read_bytes() == upload.read_bytes()
+    finally:
+        (world / "data" / "web-upload.jsonl").unlink(missing_ok=True)
+
+    Select(by_id(driver, "train-model")).select_by_value("tiny")
+    Select(by_id(driver, "train-data")).select_by_value("train.jsonl")
+    Select(by_id(driver, "train-dev")).select_by_value("beir")
+    for field, value in (("train-max-steps", 8), ("train-batch-size", 4), ("train-eval-every", 4), ("train-log-every", 1)):
+        test_web.type_into(driver, field, str(value))
+    by_id(driver, "train-submit").click()
+    test_web.wait_for(driver, lambda d: by_id(d, "chart").get_attribute("data-ended"), timeout=300, what="the job's end event")
+    job_id = by_id(driver, "chart").get_attribute("data-job")
+    job = httpx.get(f"{base}/jobs/{job_id}", headers=H).json()
+    assert job["state"] == "succeeded" and by_id(driver, "chart").get_attribute("data-ended") == "succeeded"
+    assert job["settings"] == {"train": "train.jsonl", "model": "tiny", "dev": "beir", "max_steps": 8, "batch_size": 4,
+                               "eval_every": 4, "log_every": 1}
+    chart = by_id(driver, "chart")
+    assert chart.find_element("css selector", "path.loss").get_attribute("data-points") == "8"
+    assert chart.find_element("css selector", "path.ndcg").get_attribute("data-points") == str(len(job["evals"])) == "2"
+    test_web.wait_for(driver, lambda d: "succeeded" in d.find_element("css selector", f'tr[data-job="{job_id}"]').text,
+                      what="the job row")
+    row = driver.find_element("css selector", f'tr[data-job="{job_id}"]').text
+    assert f"{job['metrics']['loss']:.4f}" in row and f"{job['evals'][-1]['eval']['ndcg@10']:.4f}" in row
+    shot = test_web.screenshot(driver, tmp_path, "h18-train-tab")
+    if Path("/work/exp/helpers").is_dir():
+        shutil.copy(shot, "/work/exp/helpers/h18-train-tab.png")
+
+    Select(by_id(driver, "promote-corpus")).select_by_value("beir")
+    driver.find_element("css selector", f'tr[data-job="{job_id}"] button.promote').click()
+    test_web.wait_for(driver, lambda d: job_id in by_id(d, "info-checkpoint").get_attribute("title"), timeout=180,
+                      what="the promoted checkpoint in the header")
+    assert httpx.get(f"{base}/jobs/{job_id}", headers=H).json()["promoted"] == "beir"
+    by_id(driver, "tab-search").click()  # the other tabs still work
+    test_web.search(driver, "what is the apple near the river", 3)
+    test_web.wait_for(driver, lambda d: len(test_web.results(d)) == 3, what="search results")
