@@ -269,15 +269,16 @@ def test_score_equals_the_trainers_loss_for_a_lora_checkpoint(lora_artifact, tmp
 # ----------------------------------------------------------------------------- torchrun
 
 
-def test_torchrun_lora_matches_one_process_and_resumes(tmp_path, data):
-    """2 processes (gloo), a shared encoder, gradient caching, adapters without dropout: every step's
-    loss and gradient norm equal one process's; stopped and resumed under torchrun, the adapters
-    equal the uninterrupted torchrun run's bit for bit."""
+@pytest.mark.parametrize("shared", [True, False])
+def test_torchrun_lora_matches_one_process_and_resumes(tmp_path, data, shared):
+    """2 processes (gloo), one or two encoders, gradient caching, adapters without dropout: every
+    step's loss and gradient norm equal one process's; stopped and resumed under torchrun, the
+    adapters equal the uninterrupted torchrun run's bit for bit."""
     model = make_tiny_model(tmp_path / "nodrop", dropout=0.0)
     from test_scale import _cfg
     from trainer.cli import main
 
-    flags = dict(lora_r=4, lora_dropout=0.0, shared_encoder=True, chunk_size=2)
+    flags = dict(lora_r=4, lora_dropout=0.0, chunk_size=2, **{"shared_encoder" if shared else "no_shared_encoder": True})
     assert main(_cfg(tmp_path / "single", model, data, **flags)) == 0
     torchrun("-m", "trainer", *_cfg(tmp_path / "two", model, data, **flags))
     one = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
