@@ -445,3 +445,66 @@ def test_the_train_tab_uploads_trains_charts_the_event_stream_and_promotes(world
     by_id(driver, "tab-search").click()  # the other tabs still work
     test_web.search(driver, "what is the apple near the river", 3)
     test_web.wait_for(driver, lambda d: len(test_web.results(d)) == 3, what="search results")
+
+
+# ----------------------------------------------------------------------------- docs/jobs.md
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def doc_session() -> str:
+    """The sh block of docs/jobs.md marked as the session this test runs."""
+    text = (ROOT / "docs" / "jobs.md").read_text()
+    marker = text.index("<!-- session: run by tests/test_jobs.py")
+    return text[marker:].split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def json_values(text: str) -> list:
+    """The JSON values printed one after another (curl -s adds no newline)."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        at += len(text[at:]) - len(text[at:].lstrip())
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def test_the_docs_curl_session_runs_as_written(world, tmp_path):
+    """docs/jobs.md's curl session, run by bash against a real `dpr serve` (the tiny model as `minilm`,
+    served from a checkpoint whose dev nDCG@10 is 1.0, so the first promotion is refused), with only the
+    URL and the zip's path replaced."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copytree(world / "data" / "tiny", data / "minilm")
+    shutil.copytree(world / "served", tmp_path / "served")
+    (tmp_path / "served" / "eval.json").write_text(json.dumps({"step": 0, "ndcg@10": 1.0}))
+    build(tmp_path / "served", world / "data" / "beir", tmp_path / "index", factory="Flat", progress=False)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DPR_ADMIN_KEY": ADMIN, "DPR_JOBS_DIR": str(tmp_path / "jobs"), "DPR_DATA_ROOT": str(data),
+           "DPR_DEVICE": "cpu", "DPR_MAX_BODY_BYTES": "50000000", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "dpr"), "serve", "--index", str(tmp_path / "index"),
+                               "--port", str(port), "--log-level", "warning"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _up(base)
+        script = doc_session().replace("http://localhost:8000", base).replace("/tmp/demo.zip", str(tmp_path / "demo.zip"))
+        r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert '"name":"demo","kind":"beir"' in out
+    events = sse_events(out[out.index("event: "):].splitlines())
+    end = [data for name, data in events if name == "end"]
+    assert len(end) == 1 and end[0]["state"] == "succeeded", out[-2000:]
+    assert [d["step"] for name, d in events if name == "metrics" and "eval" in d] == [20, 40, 60]
+    job, refused, promoted, search = json_values(out[out.index("event: end"):].split("\n\n", 1)[1])
+    assert job["state"] == "succeeded" and job["step"] == job["total"] == 60 and len(job["evals"]) == 3
+    assert refused["errors"][0]["field"] == "force"  # refused: the served checkpoint's dev nDCG@10 is 1.0
+    assert promoted["corpus"] == "demo" and promoted["comparison"]["served"] == 1.0
+    demo_ids = {json.loads(line)["_id"] for line in (ROOT / "dpr_service" / "demo_data" / "corpus.jsonl").read_text().splitlines()}
+    assert len(search["results"][0]) == 3 and {h["id"] for h in search["results"][0]} <= demo_ids

@@ -120,17 +120,18 @@ def ingest(root: Path, name: str, upload: Path, limit: int) -> dict:
             _check_beir(beir)
         except DataError as e:
             raise DataRefused("body", _shown(e, tmp, name)) from None
-        if beir != tmp:  # the zip held one top directory: its contents become the data set
+        if beir != tmp:  # the zip held a directory: its contents become the data set
+            top = tmp / beir.relative_to(tmp).parts[0]
             for item in list(beir.iterdir()):
                 item.rename(tmp / item.name)
-            beir.rmdir()
+            shutil.rmtree(top)
     return {"name": name, "kind": "beir", "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file())}
 
 
 def _unzip(upload: Path, into: Path, limit: int) -> Path:
     """Unpack ``upload`` into ``into``, refusing entries that escape it (absolute, ``..``, links) and
     more than ``limit`` bytes unpacked (counted as written, whatever the headers say). Returns the BEIR
-    root: ``into``, or its one top directory holding corpus.jsonl."""
+    root: ``into``, or the directory holding corpus.jsonl below a chain of single directories."""
     try:
         archive = zipfile.ZipFile(upload)
     except zipfile.BadZipFile as e:
@@ -158,13 +159,16 @@ def _unzip(upload: Path, into: Path, limit: int) -> Path:
                         dst.write(block)
             except (zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:  # damaged, unsupported, encrypted
                 raise DataRefused("body", f"zip entry {info.filename!r} cannot be read ({e})") from None
-    if (into / "corpus.jsonl").is_file():
-        return into
-    tops = [p for p in into.iterdir() if not p.name.startswith((".", "__MACOSX"))]
-    if len(tops) == 1 and tops[0].is_dir() and (tops[0] / "corpus.jsonl").is_file():
-        return tops[0]
+    root = into
+    while not (root / "corpus.jsonl").is_file():  # a zip of a directory (or of its path): down to the data set
+        entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+        if len(entries) != 1 or not entries[0].is_dir():
+            break
+        root = entries[0]
+    if (root / "corpus.jsonl").is_file():
+        return root
     raise DataRefused("body", "the zip holds no BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), "
-                              "at its top or in one top directory")
+                              "at its top or under its one top directory")
 
 
 def _check_beir(root: Path) -> None:
