@@ -498,7 +498,7 @@ def test_a_reload_answers_every_search_in_flight(artifact, tmp_path, monkeypatch
             second = [post(i) for i in range(3, 6)]  # queued behind it
             await asyncio.sleep(0.1)
             old = app.state.resources
-            assert old.batcher.depth == 3
+            assert 3 <= old.batcher.depth <= 5  # the first batch (1 to 3 texts: an idle encoder takes what is queued) encodes
             r = await h.post("/admin/reload")
             assert r.status_code == 200, r.text
             assert app.state.resources is not old

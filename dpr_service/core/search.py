@@ -112,13 +112,24 @@ class Searcher:
     def search(self, q_emb: np.ndarray, k: int, with_text: bool = False) -> list[list[Hit]]:
         """q_emb (Q, D) float32 -> one ranked list of at most k hits per query (best first).
 
-        The passage store is read once for all hits: ids only, or ids, titles and texts with ``with_text``."""
+        The passage store is read once for all hits: ids only, or ids, titles and texts with
+        ``with_text``. The two steps are :meth:`nearest` and :meth:`hits` (``POST /search`` times them
+        apart)."""
+        return self.hits(*self.nearest(q_emb, k), with_text=with_text)
+
+    def nearest(self, q_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The FAISS search: q_emb (Q, D) float32 -> (scores, rows), each (Q, min(k, count)), best
+        first; row -1 where the index has no more. Raises ValueError for k < 1 or a shape not (Q, D)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         xq = np.ascontiguousarray(q_emb, dtype=np.float32)
         if xq.ndim != 2 or xq.shape[1] != self.manifest.dim:
             raise ValueError(f"query embeddings must have shape (Q, {self.manifest.dim}), got {xq.shape}")
-        D, I = self.index.search(xq, min(k, self.count))  # (Q, k) scores and rows; -1 where none
+        return self.index.search(xq, min(k, self.count))  # (Q, k) scores and rows; -1 where none
+
+    def hits(self, D: np.ndarray, I: np.ndarray, with_text: bool = False) -> list[list[Hit]]:
+        """The passage lookup: :meth:`nearest`'s (scores, rows) -> one list of hits per query, from one
+        read of the passage store (ids, and titles and texts with ``with_text``)."""
         found = I[I >= 0].tolist()
         rows = self.store.by_rows(found, text=with_text)
         return [
