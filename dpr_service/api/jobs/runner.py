@@ -18,7 +18,6 @@ others serve the routes from the shared SQLite table and take over if the runner
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
 import os
@@ -33,7 +32,6 @@ from .progress import log_tail
 from .store import Job, JobStore
 
 log = logging.getLogger("dpr_service.api.jobs")
-PR_SET_PDEATHSIG = 1
 
 
 def train_command(job_dir: Path) -> list[str]:
@@ -42,9 +40,23 @@ def train_command(job_dir: Path) -> list[str]:
             "--output", str(job_dir / "run"), "--auto-resume"]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+# The child's first program: ask Linux to SIGTERM it when the runner's thread dies (PR_SET_PDEATHSIG = 1,
+# kept across exec), give up if that already happened, then exec dpr train. A small interpreter of its own
+# instead of Popen(preexec_fn=...): Python code between fork and exec in a threaded server can deadlock.
+DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != parent:
+    sys.exit(128 + signal.SIGTERM)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def child_command(job_dir: Path) -> list[str]:
+    """:func:`train_command` started through :data:`DIE_WITH_PARENT` (this process as its parent)."""
+    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *train_command(job_dir)]
 
 
 def runs_job(pid: int | None, job_dir: Path) -> bool:
@@ -172,8 +184,8 @@ class Runner:
             if job.attempts:
                 out.write(f"\n--- restarted with --auto-resume (attempt {job.attempts + 1}) ---\n".encode())
                 out.flush()
-            proc = subprocess.Popen(train_command(job_dir), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=job_dir, env=env, preexec_fn=_die_with_parent, start_new_session=True)
+            proc = subprocess.Popen(child_command(job_dir), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=job_dir, env=env, start_new_session=True)
         self.procs[job.id] = (proc, slot)
         self.store.update(job.id, state="running", pid=proc.pid, slot=slot, attempts=job.attempts + 1,
                           started=job.started or time.time())
