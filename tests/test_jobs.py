@@ -400,16 +400,16 @@ def test_the_train_tab_uploads_trains_charts_the_event_stream_and_promotes(world
     by_id(driver, "tab-train").click()
     by_id(driver, "admin-key").send_keys(ADMIN)
     by_id(driver, "admin-save").click()
-    test_web.wait_for(driver, lambda d: "train.jsonl" in [o.get_attribute("value") for o in Select(by_id(d, "train-data")).options],
-                      what="the data sets")
+    test_web.wait_for(driver, lambda d: "train.jsonl" in d.execute_script(
+        "return [...document.getElementById('train-data').options].map((o) => o.value)"), what="the data sets")
     upload = tmp_path / "web-upload.jsonl"
     write_plain(upload, n=8, seed=3)
     try:
         by_id(driver, "upload-file").send_keys(str(upload))
         test_web.type_into(driver, "upload-name", "web-upload")
         by_id(driver, "upload-submit").click()
-        test_web.wait_for(driver, lambda d: Select(by_id(d, "train-data")).first_selected_option.get_attribute("value")
-                          == "web-upload.jsonl", what="the upload")
+        test_web.wait_for(driver, lambda d: d.execute_script("return document.getElementById('train-data').value")
+                          == "web-upload.jsonl", what="the upload")  # read by script: the list is re-rendered meanwhile
         assert (world / "data" / "web-upload.jsonl").read_bytes() == upload.read_bytes()
     finally:
         (world / "data" / "web-upload.jsonl").unlink(missing_ok=True)
@@ -429,16 +429,16 @@ def test_the_train_tab_uploads_trains_charts_the_event_stream_and_promotes(world
     chart = by_id(driver, "chart")
     assert chart.find_element("css selector", "path.loss").get_attribute("data-points") == "8"
     assert chart.find_element("css selector", "path.ndcg").get_attribute("data-points") == str(len(job["evals"])) == "2"
-    test_web.wait_for(driver, lambda d: "succeeded" in d.find_element("css selector", f'tr[data-job="{job_id}"]').text,
-                      what="the job row")
-    row = driver.find_element("css selector", f'tr[data-job="{job_id}"]').text
+    row_text = f"return (document.querySelector('tr[data-job=\"{job_id}\"]') || {{}}).innerText || ''"
+    row = test_web.wait_for(driver, lambda d: (lambda t: t if "succeeded" in t else None)(d.execute_script(row_text)),
+                            what="the job row")  # read by script: the table is re-rendered every 2 s
     assert f"{job['metrics']['loss']:.4f}" in row and f"{job['evals'][-1]['eval']['ndcg@10']:.4f}" in row
     shot = test_web.screenshot(driver, tmp_path, "h18-train-tab")
     if Path("/work/exp/helpers").is_dir():
         shutil.copy(shot, "/work/exp/helpers/h18-train-tab.png")
 
     Select(by_id(driver, "promote-corpus")).select_by_value("beir")
-    driver.find_element("css selector", f'tr[data-job="{job_id}"] button.promote').click()
+    driver.execute_script(f"document.querySelector('tr[data-job=\"{job_id}\"] button.promote').click()")  # no stale row
     test_web.wait_for(driver, lambda d: job_id in by_id(d, "info-checkpoint").get_attribute("title"), timeout=180,
                       what="the promoted checkpoint in the header")
     assert httpx.get(f"{base}/jobs/{job_id}", headers=H).json()["promoted"] == "beir"
