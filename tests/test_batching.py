@@ -195,3 +195,36 @@ def test_search_stages_are_in_metrics(artifact, batching):  # noqa: F811
     assert {k: c for k, (c, _) in after_dense.items() if c} == dict.fromkeys(STAGES, 1)
     assert {k: c for k, (c, _) in after_bm25.items() if c} == {"queue_wait": 1, "encode": 1, "search": 2, "lookup": 1}
     assert 0 < sum(s for _, s in after_bm25.values()) <= latency
+
+
+def test_the_load_benchmark_breakdown_reads_the_servers_histograms(artifact):  # noqa: F811
+    """benchmarks/load.py's per-stage means between two scrapes equal what the app's own registry
+    holds (prometheus_client's get_sample_value) for the requests in between."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import load
+
+    app = create_app(Settings(index=artifact / "index", device="cpu"))
+
+    async def main():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as h:
+            await h.post("/search", json={"query": "warm"})
+            reg = app.state.metrics.registry
+            value = lambda name, **labels: reg.get_sample_value(name, labels) or 0.0  # noqa: E731
+            first = {st: (value("dpr_search_stage_seconds_sum", stage=st), value("dpr_search_stage_seconds_count", stage=st))
+                     for st in STAGES}
+            before = load.histogram_totals((await h.get("/metrics")).text)
+            await asyncio.gather(*(h.post("/search", json={"queries": [f"apple {i}", "river"]}) for i in range(4)))
+            after = load.histogram_totals((await h.get("/metrics")).text)
+            last = {st: (value("dpr_search_stage_seconds_sum", stage=st), value("dpr_search_stage_seconds_count", stage=st))
+                    for st in STAGES}
+            return load.breakdown(before, after), first, last
+
+    got, first, last = asyncio.run(main())
+    for st in STAGES:
+        assert last[st][1] - first[st][1] == 4
+        assert got[f"{st}_ms"] == pytest.approx((last[st][0] - first[st][0]) / 4 * 1000)
+    assert 1 <= got["mean_batch"] <= 8  # 8 queries in 4 requests, 1 to 8 a batch
