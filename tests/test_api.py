@@ -429,7 +429,7 @@ def test_auth_on_every_route(artifact):
                   if methods and not path.startswith(("/docs", "/redoc", "/openapi"))]
         assert len(routes) >= 8
         bodies = {"/search": {"query": "apple"}, "/score": {"items": [{"question": "q", "positive": "p"}]},
-                  "/encode": {"texts": ["a"]}}
+                  "/encode": {"texts": ["a"]}, "/v1/embeddings": {"model": "m", "input": "a"}}
         for path, method in routes:
             kw = {"json": bodies.get(path, {})} if method == "POST" else {}
             if path in OPEN_ROUTES:

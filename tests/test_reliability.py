@@ -981,7 +981,8 @@ def test_every_path_but_the_open_ones_refuses_a_missing_or_wrong_key(art):
                     tried += 1
                     assert r.status_code == 401, (method, path, headers, r.status_code)
                     if method != "HEAD":
-                        assert r.json()["detail"].startswith("missing or wrong API key")
+                        body = r.json()  # /v1/...: OpenAI's error shape (docs/openai.md)
+                        assert (body["error"]["message"] if path.startswith("/v1/") else body["detail"]).startswith("missing or wrong API key")
         # an oversized body without the key: 401 too, nothing read
         r = c.post("/search", content=b"x", headers={"content-length": "999999999"})
         assert r.status_code == 401

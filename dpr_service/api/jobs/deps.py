@@ -17,8 +17,8 @@ admin_header = APIKeyHeader(name="X-Admin-Key", auto_error=False, scheme_name="A
 
 
 def require_admin(request: Request, key: Annotated[str | None, Depends(admin_header)]) -> None:
-    """X-Admin-Key against DPR_ADMIN_KEY in constant time (guard.check_key: both sides hashed, then
-    compared with hmac.compare_digest); 401 otherwise. ``Authorization: Bearer`` is the query key's
+    """X-Admin-Key against DPR_ADMIN_KEY in constant time (the guard's own ``check_key``: both
+    sides hashed, the digests compared); 401 otherwise. ``Authorization: Bearer`` is the query key's
     and never counts here. (With DPR_API_KEY set, the Guard wants that key on every route as well.)"""
     js: JobSettings = request.app.state.job_settings
     if js.admin_key is None or not check_key(js.admin_key.get_secret_value(), key or "", ""):
