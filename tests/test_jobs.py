@@ -288,10 +288,26 @@ def test_oversized_uploads_are_413(world, tmp_path):
     app = create_app(Settings(index=None, device="cpu"), job_settings(world, tmp_path, max_upload_bytes=len(big) - 1))
     with TestClient(app) as c:
         assert c.post("/datasets?name=big", headers=H, content=big).status_code == 413
+        assert c.post("/datasets?name=big", headers=H, content=iter([big])).status_code == 413  # chunked
         bomb = _zip({"corpus.jsonl": b" " * (len(big) * 50)})  # small zipped, over the limit unpacked
         assert len(bomb) < len(big)
         assert c.post("/datasets?name=bomb", headers=H, content=bomb).status_code == 413
     assert not (world / "data" / "big.jsonl").exists() and not (world / "data" / "bomb").exists()
+
+
+def test_uploads_have_their_own_limit_not_the_request_body_limit(world, tmp_path):
+    """DPR_MAX_UPLOAD_BYTES bounds /datasets (streamed to disk, never buffered), DPR_MAX_BODY_BYTES
+    the other routes: an upload far over the body limit is stored, sent whole or chunked."""
+    lines = (world / "data" / "train.jsonl").read_bytes()
+    small = Settings(index=None, device="cpu", max_body_bytes=len(lines) // 4)
+    try:
+        with TestClient(create_app(small, job_settings(world, tmp_path))) as c:
+            assert c.post("/datasets?name=whole", headers=H, content=lines).status_code == 201
+            assert c.post("/datasets?name=chunked", headers=H, content=iter([lines[:100], lines[100:]])).status_code == 201
+            assert c.post("/jobs", headers=H, content=b" " * len(lines)).status_code == 413  # other routes: the body limit
+    finally:
+        for name in ("whole", "chunked"):
+            (world / "data" / f"{name}.jsonl").unlink(missing_ok=True)
 
 
 def test_a_bad_setting_is_422_naming_it_by_the_trainers_own_rules(world, tmp_path):

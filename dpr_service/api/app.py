@@ -80,9 +80,10 @@ def create_app(settings: Settings | None = None, jobs_settings: JobSettings | No
                   docs_url=None, redoc_url=None)  # routes/web.py serves them, with local assets
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.body_limits = {}  # paths whose route streams its body, and their limit (install_jobs adds /datasets)
     # the API key, admission, then the body size, all before a byte of the body is read (guard.py)
     app.add_middleware(Guard, settings=settings, open_routes=OPEN_ROUTES, observe=metrics.observe_request,
-                       known_paths=lambda: set(app_routes(app)))
+                       known_paths=lambda: set(app_routes(app)), body_limits=app.state.body_limits)
     app.add_middleware(OpenAIErrorShape)  # outside the Guard: its answers on /v1/... in OpenAI's shape too
     install_error_handlers(app, settings)
     for router in (*ROUTERS, openai.router):  # /v1/embeddings, /v1/models: routes/openai.py

@@ -13,7 +13,8 @@ In this order, and all before a byte of the body is read:
    and the memory held by bodies in progress is bounded by ``max_in_flight x max_body_bytes``.
 3. **Body size.** A Content-Length that is not a number gets 400; one over ``DPR_MAX_BODY_BYTES``
    gets 413 unread; a body without one (chunked) is counted as it arrives and refused as soon as it
-   passes the limit.
+   passes the limit. A path in ``body_limits`` (the data set upload, whose route streams the body
+   to disk and counts it itself) has its own limit (``DPR_MAX_UPLOAD_BYTES``) and is not buffered.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class Guard:
     """ASGI middleware: key, admission and body size, then counts the request in the metrics."""
 
     def __init__(self, app, settings, open_routes: set[str], observe: Callable[[str, int, float], None] | None = None,
-                 known_paths: Callable[[], set[str]] | None = None):
+                 known_paths: Callable[[], set[str]] | None = None, body_limits: dict[str, int] | None = None):
         self.app, self.settings, self.open_routes = app, settings, open_routes
+        self.body_limits = body_limits if body_limits is not None else {}  # path -> bytes; the route streams it
         self.observe = observe or (lambda path, status, seconds: None)
         self._known_paths, self._known = known_paths, None
         self.in_flight = 0
@@ -88,11 +90,12 @@ class Guard:
                                       {"Retry-After": str(s.retry_after_s)})
             if length is not None and not (length.isascii() and length.isdigit()):
                 return await _respond(counted_send, 400, f"invalid Content-Length header {_shown(length)}: not a number of bytes")
-            if length is not None and int(length) > s.max_body_bytes:
-                return await _respond(counted_send, 413, f"request body over {s.max_body_bytes} bytes")
+            limit = self.body_limits.get(path, s.max_body_bytes)
+            if length is not None and int(length) > limit:
+                return await _respond(counted_send, 413, f"request body over {limit} bytes")
             self.in_flight += guarded
             try:
-                if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                if length is None and scope["method"] in ("POST", "PUT", "PATCH") and path not in self.body_limits:
                     body = bytearray()
                     while True:  # chunked upload: count as it arrives, keep at most the limit
                         message = await receive()

@@ -40,6 +40,8 @@ def install_jobs(app: FastAPI, settings: JobSettings | None = None) -> None:
 
     app.include_router(jobs.router)
     app.include_router(datasets.router)
+    # uploads are streamed to disk by the route: DPR_MAX_UPLOAD_BYTES, not DPR_MAX_BODY_BYTES, bounds them
+    getattr(app.state, "body_limits", {})["/datasets"] = settings.max_upload_bytes
     inner = app.router.lifespan_context
 
     @asynccontextmanager
