@@ -264,7 +264,8 @@ def test_search_from_milvus_equals_search_from_the_artifact(art, served):
         info = app.get("/info").json()
         assert info["index"]["factory"] == "milvus:FLAT" and info["search"]["modes"] == ["dense"]
         bm25 = app.post("/search", json={**SEARCH, "mode": "bm25"})
-        assert bm25.status_code == 409 and "mode" in bm25.text
+        assert bm25.status_code == 409 and bm25.json()["errors"][0]["field"] == "mode"
+        assert "Milvus collection has no BM25" in bm25.json()["detail"], bm25.text  # not "built with --no-bm25"
 
 
 def test_collection_of_another_checkpoint_is_not_served(art, served, tmp_path, tiny_model):

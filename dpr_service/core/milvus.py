@@ -109,6 +109,7 @@ class MilvusSearcher:
     """
 
     bm25 = None
+    no_bm25 = "a Milvus collection has no BM25 index (search with mode 'dense')"
 
     def __init__(self, uri: str, collection: str, checkpoint_fingerprint: str | None = None,
                  token: str | None = None, timeout_s: float = 10.0, ef: int = 128, nprobe: int = 32):

@@ -45,6 +45,9 @@ class Searcher:
     (:func:`dpr_service.core.hybrid.artifact_bm25` builds one over the passage store then).
     """
 
+    #: why ``bm25`` can be None, for a client's error message
+    no_bm25 = "this index was built with --no-bm25 (rebuild it without --no-bm25, or search with mode 'dense')"
+
     def __init__(self, directory: str | Path, checkpoint_fingerprint: str | None = None, bm25: bool = False):
         requested = Path(directory)
         for attempt in range(3):

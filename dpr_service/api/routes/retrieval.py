@@ -90,11 +90,11 @@ def dense_hits(res: Resources, body: SearchRequest, q_emb: np.ndarray, stages: d
 def search_plan(body: SearchRequest, res: Resources) -> tuple[str, float | None]:
     """The (fusion, alpha) a search of ``body`` on ``res`` uses (meaningful in hybrid mode). Raises
     FieldError: 422 for fusion/alpha that do not fit the mode (:meth:`SearchRequest.fusion_choice`),
-    409 naming ``mode`` for bm25 or hybrid on an index without a BM25 index (built with --no-bm25)."""
+    409 naming ``mode`` for bm25 or hybrid on an index without a BM25 index (built with --no-bm25, or
+    a Milvus collection)."""
     fusion = body.fusion_choice(res.served_fusion)
     if body.mode != "dense" and res.searcher.bm25 is None:
-        raise FieldError("mode", f"{body.mode!r} needs a BM25 index, and this index was built with --no-bm25 "
-                                 "(rebuild it without --no-bm25, or search with mode 'dense')", status=409)
+        raise FieldError("mode", f"{body.mode!r} needs a BM25 index, and {res.searcher.no_bm25}", status=409)
     return fusion
 
 
