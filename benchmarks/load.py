@@ -4,11 +4,12 @@ several concurrencies, with dynamic batching on and off, alternated. Bounded: ea
 ``--seconds`` and at most ``--max-requests``.
 
     python benchmarks/load.py --index runs/demo/index [--clients 1 8 32 64] [--seconds 10] [--rounds 2]
-                              [--baseline OTHER_CHECKOUT]
+                              [--baseline OTHER_CHECKOUT] [--milvus-uri URI --collection NAME]
 
 Starts one `dpr serve` process per mode itself (127.0.0.1 only): DPR_BATCHING=false and true and,
 with ``--baseline DIR``, DPR_BATCHING=true from the code of another checkout of this repository
-(a `git worktree` of an older commit, to compare two batchers), warms each, then runs every level on
+(a `git worktree` of an older commit, to compare two batchers) and, with ``--milvus-uri``, batching
+with `/search` answered from that Milvus collection (the index exported by `dpr index export`), warms each, then runs every level on
 one after the other, ``--rounds`` times, so that the modes meet the same background load. Prints
 one JSON line per level and a Markdown table at the end; writes everything to ``--out``.
 """
@@ -98,9 +99,14 @@ def measured_level(base: str, clients: int, seconds: float, max_requests: int) -
     return {**row, **breakdown(before, scrape(base))}
 
 
-def run_server(index: str, batching: bool, port: int, code: str | None = None) -> subprocess.Popen:
-    """`dpr serve` of ``index`` on ``port``, ready; with ``code``, the dpr_service of that checkout."""
+def run_server(index: str, batching: bool, port: int, code: str | None = None,
+               milvus: tuple[str, str] | None = None) -> subprocess.Popen:
+    """`dpr serve` of ``index`` on ``port``, ready; with ``code``, the dpr_service of that checkout;
+    with ``milvus`` (uri, collection), searching that collection instead of the index."""
     env = {**os.environ, "DPR_BATCHING": str(batching).lower(), "DPR_INDEX": os.path.abspath(index)}
+    if milvus:
+        del env["DPR_INDEX"]
+        env.update(DPR_MILVUS_URI=milvus[0], DPR_MILVUS_COLLECTION=milvus[1])
     if code is None:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "dpr"), "serve", "--port", str(port), "--log-level", "warning"], env=env)
     else:
@@ -155,18 +161,24 @@ def main() -> None:
     ap.add_argument("--warm-up", type=float, default=2, help="seconds of 8 clients on each server first, not measured")
     ap.add_argument("--max-requests", type=int, default=20000)
     ap.add_argument("--baseline", help="another checkout of this repository: its batcher is served too, as mode 'baseline'")
+    ap.add_argument("--milvus-uri", help="also serve from this Milvus (mode 'milvus', batching on): needs --collection")
+    ap.add_argument("--collection", help="the collection or alias `dpr index export` wrote from --index")
     ap.add_argument("--out", default="runs/load.json")
     args = ap.parse_args()
-    modes = {"no_batching": (False, None), "batching": (True, None)}
+    if bool(args.milvus_uri) != bool(args.collection):
+        ap.error("--milvus-uri and --collection go together")
+    modes = {"no_batching": (False, None, None), "batching": (True, None, None)}
     if args.baseline:
-        modes["baseline"] = (True, args.baseline)
+        modes["baseline"] = (True, args.baseline, None)
+    if args.milvus_uri:
+        modes["milvus"] = (True, None, (args.milvus_uri, args.collection))
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "index": args.index,
-               "baseline": args.baseline, "levels": {mode: [] for mode in modes}}
+               "baseline": args.baseline, "milvus": args.milvus_uri and [args.milvus_uri, args.collection], "levels": {mode: [] for mode in modes}}
     servers = {}
     try:
-        for mode, (batching, code) in modes.items():
+        for mode, (batching, code, milvus) in modes.items():
             port = free_port()
-            servers[mode] = (f"http://127.0.0.1:{port}", run_server(args.index, batching, port, code))
+            servers[mode] = (f"http://127.0.0.1:{port}", run_server(args.index, batching, port, code, milvus))
         for base, _ in servers.values():
             asyncio.run(level(base, 8, args.warm_up, args.max_requests))
         for rnd in range(1, args.rounds + 1):

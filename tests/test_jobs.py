@@ -341,6 +341,13 @@ def test_every_job_route_needs_the_admin_key_and_the_query_key_never_opens_one(w
                 assert r.status_code == 401, (method, url, headers, r.status_code)
             ok = c.request(method, url, headers={"X-API-Key": QUERY_KEY, "X-Admin-Key": ADMIN})
             assert ok.status_code not in (401, 405), (method, url, ok.status_code)
+        # the published schema says the same: both keys on each job route (OpenAPI ANDs one entry's schemes)
+        schema = c.get("/openapi.json", headers={"X-API-Key": QUERY_KEY}).json()
+        assert {"APIKeyHeader", "Bearer", "AdminKey"} <= set(schema["components"]["securitySchemes"])
+        for method, path in JOB_ROUTES:
+            security = schema["paths"][path][method.lower()]["security"]
+            assert security and all("AdminKey" in entry and ({"APIKeyHeader", "Bearer"} & set(entry)) for entry in security), security
+        assert schema["paths"]["/search"]["post"]["security"] == [{"APIKeyHeader": []}, {"Bearer": []}]
     off = create_app(Settings(index=None, device="cpu"), JobSettings(admin_key=None, jobs_dir=tmp_path / "off"))
     with TestClient(off) as c:
         assert c.get("/jobs").status_code == 404 and not (tmp_path / "off").exists()

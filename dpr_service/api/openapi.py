@@ -18,6 +18,13 @@ SECURITY_SCHEMES = {
 }
 
 
+def with_api_key(security: list[dict] | None) -> list[dict]:
+    """An operation's OpenAPI ``security`` with the API key required too: the key (X-API-Key or
+    Bearer) and, combined with each, any requirement the route already has (the training routes'
+    admin key), since OpenAPI ANDs the schemes of one entry and ORs the entries."""
+    return [{**key, **other} for key in ({"APIKeyHeader": []}, {"Bearer": []}) for other in (security or [{}])]
+
+
 def install_openapi(app: FastAPI, settings, open_routes: set[str]) -> None:
     """Make ``app.openapi()`` publish FastAPI's schema with the ``DPR_MAX_*`` limits of ``settings``
     (:func:`~dpr_service.api.limits.document_limits`) and, when a key is set, the key requirement of
@@ -29,11 +36,11 @@ def install_openapi(app: FastAPI, settings, open_routes: set[str]) -> None:
             schema = generate()
             document_limits(schema, settings)
             if settings.api_key is not None:
-                schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+                schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
                 for path, operations in schema["paths"].items():
                     if path not in open_routes:
                         for operation in operations.values():
-                            operation["security"] = [{"APIKeyHeader": []}, {"Bearer": []}]
+                            operation["security"] = with_api_key(operation.get("security"))
         return app.openapi_schema
 
     app.openapi = openapi
