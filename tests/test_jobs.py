@@ -21,12 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from conftest import write_beir, write_plain
 from test_web import browser  # noqa: F401  (the headless chromium fixture)
 from dpr_service.api.app import app_routes, create_app
-from dpr_service.api.jobs import JobSettings
+from dpr_service.api.jobs import JobSettings, runner
 from dpr_service.api.settings import Settings
 from dpr_service.core.checkpoint import load_base_model, load_checkpoint, save_checkpoint
 from dpr_service.core.config import EncoderConfig
@@ -161,6 +162,29 @@ def test_cancel_stops_a_running_job_with_last_saved_and_delete_removes_it(world,
         assert c.delete(f"/jobs/{job_id}", headers=H).status_code == 204
         assert not (tmp_path / "state" / job_id).exists()
         assert c.get(f"/jobs/{job_id}", headers=H).status_code == 404
+
+
+def test_a_job_of_several_processes_runs_under_torchrun_and_cancels_cleanly(world, tmp_path):
+    """DPR_JOBS_NPROC=2: the job is torchrun --standalone with two processes (gloo on the CPU here,
+    one GPU each with DPR_JOBS_GPUS); cancel reaches both, and last/ records a run of two."""
+    js = job_settings(world, tmp_path, jobs_nproc=2)
+    with TestClient(create_app(Settings(index=None, device="cpu"), js)) as c:
+        job_id = c.post("/jobs", headers=H, json={**TINY_RUN, "max_steps": 500, "save_every": 1000}).json()["id"]
+        wait_for(lambda: c.get(f"/jobs/{job_id}", headers=H).json(), lambda j: j["step"] >= 2)
+        assert c.post(f"/jobs/{job_id}/cancel", headers=H).json()["cancel_requested"] is True
+        job = wait_for(lambda: c.get(f"/jobs/{job_id}", headers=H).json(), lambda j: j["state"] != "running")
+    assert job["state"] == "cancelled", job
+    state = json.loads((tmp_path / "state" / job_id / "run" / "last" / "training_state" / "state.json").read_text())
+    assert state["progress"]["world_size"] == 2 and state["progress"]["step"] >= 2
+    assert "torch.distributed.run" in " ".join(runner.train_command(tmp_path, 2))
+
+
+def test_gpu_ids_are_grouped_into_jobs_of_nproc():
+    assert JobSettings(jobs_gpus="0,1,2,3", jobs_nproc=2).slots() == ["0,1", "2,3"]
+    assert JobSettings(jobs_gpus="0, 1").slots() == ["0", "1"]
+    assert JobSettings().slots() == [None]
+    with pytest.raises(ValidationError, match="DPR_JOBS_NPROC"):
+        JobSettings(jobs_gpus="0,1,2", jobs_nproc=2)
 
 
 # ----------------------------------------------------------------------------- a real server killed during a job

@@ -48,7 +48,7 @@ def install_jobs(app: FastAPI, settings: JobSettings | None = None) -> None:
     async def lifespan(app: FastAPI):
         async with inner(app) as state:
             app.state.job_store = store = JobStore(settings.jobs_dir)
-            runner = app.state.job_runner = Runner(store, settings.slots(), settings.jobs_poll_s)
+            runner = app.state.job_runner = Runner(store, settings.slots(), settings.jobs_poll_s, nproc=settings.jobs_nproc)
             runner.start()
             try:
                 yield state

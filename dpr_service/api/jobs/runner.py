@@ -34,10 +34,14 @@ from .store import Job, JobStore
 log = logging.getLogger("dpr_service.api.jobs")
 
 
-def train_command(job_dir: Path) -> list[str]:
-    """The child process of a job: ``dpr train`` with the job's config and ``--auto-resume``."""
-    return [sys.executable, "-m", "dpr_service.cli", "train", "--config", str(job_dir / "config.yaml"),
-            "--output", str(job_dir / "run"), "--auto-resume"]
+def train_command(job_dir: Path, nproc: int = 1) -> list[str]:
+    """The child process of a job: ``dpr train`` with the job's config and ``--auto-resume``; with
+    ``nproc`` > 1, under ``torchrun --standalone --nproc-per-node nproc`` (DDP, docs/deployment.md)."""
+    train = ["-m", "dpr_service.cli", "train", "--config", str(job_dir / "config.yaml"),
+             "--output", str(job_dir / "run"), "--auto-resume"]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *train]
+    return [sys.executable, *train]
 
 
 # The child's first program: ask Linux to SIGTERM it when the runner's thread dies (PR_SET_PDEATHSIG = 1,
@@ -54,9 +58,9 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
-def child_command(job_dir: Path) -> list[str]:
+def child_command(job_dir: Path, nproc: int = 1) -> list[str]:
     """:func:`train_command` started through :data:`DIE_WITH_PARENT` (this process as its parent)."""
-    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *train_command(job_dir)]
+    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *train_command(job_dir, nproc)]
 
 
 def runs_job(pid: int | None, job_dir: Path) -> bool:
@@ -73,10 +77,13 @@ def runs_job(pid: int | None, job_dir: Path) -> bool:
 
 class Runner:
     """Runs the jobs of ``store`` in ``slots`` (each a CUDA_VISIBLE_DEVICES value, or None for the CPU),
-    looking every ``poll_s`` seconds, in a thread of its own: :meth:`start` and :meth:`stop`."""
+    each job as ``nproc`` processes (torchrun above 1), looking every ``poll_s`` seconds, in a thread
+    of its own: :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, store: JobStore, slots: list[str | None], poll_s: float = 0.5, orphan_wait_s: float = 600.0):
+    def __init__(self, store: JobStore, slots: list[str | None], poll_s: float = 0.5, orphan_wait_s: float = 600.0,
+                 nproc: int = 1):
         self.store, self.slots, self.poll_s, self.orphan_wait_s = store, list(slots), poll_s, orphan_wait_s
+        self.nproc = nproc
         self.procs: dict[str, tuple[subprocess.Popen, str | None]] = {}  # job id -> (child, slot)
         self._signalled: set[str] = set()
         self._stop = threading.Event()
@@ -184,7 +191,7 @@ class Runner:
             if job.attempts:
                 out.write(f"\n--- restarted with --auto-resume (attempt {job.attempts + 1}) ---\n".encode())
                 out.flush()
-            proc = subprocess.Popen(child_command(job_dir), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(child_command(job_dir, self.nproc), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=job_dir, env=env, start_new_session=True)
         self.procs[job.id] = (proc, slot)
         self.store.update(job.id, state="running", pid=proc.pid, slot=slot, attempts=job.attempts + 1,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..settings import Settings
@@ -30,8 +30,10 @@ class JobSettings(BaseSettings):
     max_upload_bytes: int = Field(200_000_000, ge=1, description="largest data set upload (a zip: also its unpacked size)")
     jobs_model: str | None = Field(None, description="the starting model when a job names none (a path the operator "
                                    "chose; jobs themselves name models under DPR_DATA_ROOT)")
-    jobs_gpus: str | None = Field(None, description="comma-separated CUDA device ids: one job runs on each at a time "
-                                  "(unset: one job at a time on the CPU)")
+    jobs_gpus: str | None = Field(None, description="comma-separated CUDA device ids: one job runs on each at a time, "
+                                  "or on each group of DPR_JOBS_NPROC of them (unset: one job at a time on the CPU)")
+    jobs_nproc: int = Field(1, ge=1, le=64, description="processes per job: above 1, a job is torchrun --standalone "
+                            "--nproc-per-node N (data parallel), on N GPUs of DPR_JOBS_GPUS each")
     jobs_poll_s: float = Field(0.5, gt=0, description="how often the runner looks at its jobs")
 
     @field_validator("admin_key", mode="before")
@@ -40,16 +42,27 @@ class JobSettings(BaseSettings):
         """An empty key is no key (the service stays off), as DPR_API_KEY's rule."""
         return Settings._empty_key_is_no_key(value)
 
+    @model_validator(mode="after")
+    def _gpus_split_into_jobs(self):
+        """DPR_JOBS_GPUS must split into groups of DPR_JOBS_NPROC (checked when the settings are read)."""
+        self.slots()
+        return self
+
     @property
     def enabled(self) -> bool:
         """Whether the training service is on (``DPR_ADMIN_KEY`` set)."""
         return self.admin_key is not None
 
     def slots(self) -> list[str | None]:
-        """Where jobs run at once: one slot per configured GPU id (its CUDA_VISIBLE_DEVICES), or one CPU slot (None)."""
+        """Where jobs run at once: one slot per group of ``jobs_nproc`` configured GPU ids, in order
+        (the slot is the job's CUDA_VISIBLE_DEVICES, e.g. ``"0,1"``), or one CPU slot (None).
+        Raises ValueError when the GPU ids do not split into such groups."""
         if not self.jobs_gpus:
             return [None]
-        return [g.strip() for g in self.jobs_gpus.split(",") if g.strip()]
+        ids = [g.strip() for g in self.jobs_gpus.split(",") if g.strip()]
+        if len(ids) % self.jobs_nproc:
+            raise ValueError(f"DPR_JOBS_GPUS lists {len(ids)} GPUs, not a multiple of DPR_JOBS_NPROC={self.jobs_nproc}")
+        return [",".join(ids[i:i + self.jobs_nproc]) for i in range(0, len(ids), self.jobs_nproc)]
 
 
 @lru_cache
