@@ -280,9 +280,9 @@ def test_a_damaged_checkpoint_is_named(checkpoints, tmp_path, capsys):
 # ----------------------------------------------------------------------------- docs/export.md
 
 
-def doc_commands() -> list[str]:
-    """The ``dpr ...`` lines of docs/export.md's sh blocks."""
-    text = (ROOT / "docs" / "export.md").read_text()
+def doc_commands(text: str | None = None) -> list[str]:
+    """The ``dpr ...`` lines of the sh blocks of ``text`` (default: docs/export.md)."""
+    text = (ROOT / "docs" / "export.md").read_text() if text is None else text
     blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
     return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.startswith("dpr ")]
 
@@ -307,6 +307,27 @@ def test_docs_export_commands_run_as_written(checkpoints, tmp_path):
     from dpr_service.core.artifact import read_manifest
 
     assert read_manifest(tmp_path / "demo" / "index-int8").extra["encoder_runtime"] == "onnx-int8"
+
+
+def test_readme_export_commands_run_as_written(checkpoints, tmp_path):
+    """The README's `dpr export` section, as written (its checkpoint replaced by a two-encoder one,
+    runs/ by a temporary directory; ``dpr serve`` only parsed)."""
+    pytest.importorskip("onnxruntime")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Use the model elsewhere: `dpr export`"):]
+    section = section[:section.index("\n## ", 1)]
+    commands = doc_commands(section)
+    assert [c.split()[:2] for c in commands] == [["dpr", "export"], ["dpr", "export"], ["dpr", "serve"]], commands
+    ckpt = str(checkpoints["two-cls-dot"])
+    for line in commands:
+        line = line.replace("runs/tour/last", ckpt).replace("runs/", f"{tmp_path}/")
+        argv = shlex.split(line) + (["--help"] if line.startswith("dpr serve") else [])
+        r = subprocess.run([sys.executable, "-m", "dpr_service.cli", *argv[1:]], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT, env={**os.environ, "DPR_ONNX_CACHE": str(tmp_path / "cache")})
+        assert r.returncode == 0, f"{line}\n{r.stderr}"
+    assert (tmp_path / "tour" / "st" / "modules.json").is_file()
+    int8 = tmp_path / "tour" / "onnx-int8"
+    assert (int8 / "onnx_config.json").is_file() and (int8 / "query.onnx").is_file() and (int8 / "passage.onnx").is_file()
 
 
 # ----------------------------------------------------------------------------- --runtime onnx: index build and serve
