@@ -179,6 +179,44 @@ def test_a_job_of_several_processes_runs_under_torchrun_and_cancels_cleanly(worl
     assert "torch.distributed.run" in " ".join(runner.train_command(tmp_path, 2))
 
 
+def test_relative_state_and_data_directories_work(world, tmp_path, monkeypatch):
+    """DPR_JOBS_DIR and DPR_DATA_ROOT relative to the server's directory (the default `dpr-jobs`):
+    the job's child runs in its own directory, and its paths must still hold."""
+    monkeypatch.chdir(tmp_path)
+    js = JobSettings(admin_key=ADMIN, jobs_dir="dpr-jobs", data_root=os.path.relpath(world / "data", tmp_path), jobs_poll_s=0.1)
+    with TestClient(create_app(Settings(index=None, device="cpu"), js)) as c:
+        job_id = c.post("/jobs", headers=H, json={**TINY_RUN, "max_steps": 2}).json()["id"]
+        job = wait_for(lambda: c.get(f"/jobs/{job_id}", headers=H).json(), lambda j: j["state"] not in ("queued", "running"))
+    assert job["state"] == "succeeded", job
+    assert (tmp_path / "dpr-jobs" / job_id / "run" / "last").is_dir()
+
+
+def test_the_runner_survives_a_failed_look_and_leaves_a_job_cancelled_meanwhile(tmp_path):
+    """A look that raises is logged and the next one runs; a queued job cancelled between the look
+    and its start is not started (the claim is one statement)."""
+    store = runner.JobStore(tmp_path / "state")
+    run = runner.Runner(store, [None], poll_s=0.05)
+    job = store.create({"model": "m"})
+    store.request_cancel(job.id)
+    run._launch(job, None)  # the look saw it queued; it was cancelled since
+    assert not run.procs and store.get(job.id).state == "cancelled"
+    looks, real = [], run.tick
+
+    def flaky():
+        looks.append(1)
+        if len(looks) == 1:
+            raise OSError("disk full")
+        real()
+
+    run.tick = flaky
+    run.start()
+    try:
+        wait_for(lambda: len(looks), lambda n: n >= 3, timeout=10, what="the runner's next looks")
+        assert run._thread.is_alive()
+    finally:
+        run.stop(wait_s=1)
+
+
 def test_gpu_ids_are_grouped_into_jobs_of_nproc():
     assert JobSettings(jobs_gpus="0,1,2,3", jobs_nproc=2).slots() == ["0,1", "2,3"]
     assert JobSettings(jobs_gpus="0, 1").slots() == ["0", "1"]

@@ -63,6 +63,15 @@ def child_command(job_dir: Path, nproc: int = 1) -> list[str]:
     return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *train_command(job_dir, nproc)]
 
 
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a job's child runs in a session of its own, so that
+    torchrun's workers die with it); nothing when it is gone."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def runs_job(pid: int | None, job_dir: Path) -> bool:
     """Whether ``pid`` is a live process (not a zombie) whose command line names ``job_dir``:
     a job's child left from a previous server (a reused pid names something else)."""
@@ -109,13 +118,16 @@ class Runner:
                 try:
                     proc.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    kill_group(proc.pid)
                     proc.wait()
             self.procs.clear()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock_file is not None:
-            self._lock_file.close()  # releases the flock
+            self._lock_file.close()  # releases the flock: another worker can take over
             self._lock_file = None
 
     # ------------------------------------------------------------------ the thread
@@ -127,13 +139,16 @@ class Runner:
             return
         try:
             self._recover()
-            while not self._stop.is_set():
+        except Exception:  # logged; the jobs it could not restart are picked up by the ticks or stay in the table
+            log.exception("the job runner could not recover the jobs of the previous server")
+        while not self._stop.is_set():
+            try:
                 with self._lock:
                     if not self._stop.is_set():
                         self.tick()
-                self._stop.wait(self.poll_s)
-        except Exception:  # logged: the routes keep answering from the table
-            log.exception("the job runner stopped")
+            except Exception:  # one bad look (a job deleted meanwhile, a full disk) must not stop the runner
+                log.exception("the job runner's look at its jobs failed; trying again")
+            self._stop.wait(self.poll_s)
 
     def _take_lock(self) -> bool:
         fh = open(self.store.directory / "runner.lock", "w")
@@ -154,7 +169,7 @@ class Runner:
             while runs_job(job.pid, job_dir) and time.monotonic() < deadline and not self._stop.is_set():
                 time.sleep(0.2)
             if runs_job(job.pid, job_dir):
-                os.kill(job.pid, signal.SIGKILL)
+                kill_group(job.pid)  # torchrun's workers too
             if job.cancel:
                 self.store.update(job.id, state="cancelled", finished=time.time(), pid=None)
                 continue
@@ -183,16 +198,25 @@ class Runner:
             self._launch(job, slot)
 
     def _launch(self, job: Job, slot: str | None) -> None:
+        """Start ``job``'s child in ``slot``. A queued job is claimed first in one statement, so a job
+        cancelled (or deleted) since the look is left alone; a child that cannot start fails the job."""
         job_dir = self.store.job_dir(job.id)
+        if job.state == "queued" and not self.store.update(job.id, only_if_state="queued", state="running", pid=None):
+            return
         env = dict(os.environ)
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
-        with open(job_dir / "train.log", "ab") as out:
-            if job.attempts:
-                out.write(f"\n--- restarted with --auto-resume (attempt {job.attempts + 1}) ---\n".encode())
-                out.flush()
-            proc = subprocess.Popen(child_command(job_dir, self.nproc), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=job_dir, env=env, start_new_session=True)
+        try:
+            with open(job_dir / "train.log", "ab") as out:
+                if job.attempts:
+                    out.write(f"\n--- restarted with --auto-resume (attempt {job.attempts + 1}) ---\n".encode())
+                    out.flush()
+                proc = subprocess.Popen(child_command(job_dir, self.nproc), stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, cwd=job_dir, env=env, start_new_session=True)
+        except OSError as e:
+            self.store.update(job.id, state="failed", error=f"could not start dpr train: {e}", finished=time.time(), pid=None)
+            log.error("job %s could not start: %s", job.id, e)
+            return
         self.procs[job.id] = (proc, slot)
         self.store.update(job.id, state="running", pid=proc.pid, slot=slot, attempts=job.attempts + 1,
                           started=job.started or time.time())

@@ -90,7 +90,8 @@ async def validate_config(config_path: Path) -> None:
         _, err = await asyncio.wait_for(proc.communicate(), VALIDATE_TIMEOUT_S)
     except asyncio.TimeoutError:
         proc.kill()
-        raise
+        await proc.wait()
+        raise JobRefused("body", f"checking the settings took over {VALIDATE_TIMEOUT_S} s; try again", status=503) from None
     if proc.returncode != 0:
         lines = err.decode("utf-8", "replace").strip().splitlines()
         raise config_error(lines[-1] if lines else f"exit code {proc.returncode}", config_path)

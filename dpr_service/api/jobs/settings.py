@@ -42,6 +42,18 @@ class JobSettings(BaseSettings):
         """An empty key is no key (the service stays off), as DPR_API_KEY's rule."""
         return Settings._empty_key_is_no_key(value)
 
+    @field_validator("jobs_dir", "data_root")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        """Relative to the server's working directory, made absolute once (job children run elsewhere)."""
+        return value.expanduser().resolve()
+
+    @field_validator("jobs_model")
+    @classmethod
+    def _absolute_if_a_path(cls, value: str | None) -> str | None:
+        """A relative path that exists becomes absolute (job children run in their own directory)."""
+        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
     @model_validator(mode="after")
     def _gpus_split_into_jobs(self):
         """DPR_JOBS_GPUS must split into groups of DPR_JOBS_NPROC (checked when the settings are read)."""

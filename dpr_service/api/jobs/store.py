@@ -56,7 +56,7 @@ class JobStore:
     """The table in ``directory/jobs.sqlite`` (created with the directory when missing)."""
 
     def __init__(self, directory: Path):
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()  # children run in their job directory: no relative paths
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "jobs.sqlite"
         with closing(self._connect()) as db, db:
@@ -97,14 +97,17 @@ class JobStore:
             rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE state IN ({marks}) ORDER BY seq", states).fetchall()
         return [_job(r) for r in rows]
 
-    def update(self, job_id: str, **values) -> None:
-        """Set columns of a job (``state="running", pid=123``...)."""
+    def update(self, job_id: str, only_if_state: str | None = None, **values) -> bool:
+        """Set columns of a job (``state="running", pid=123``...); with ``only_if_state``, only while
+        the job is in that state (one atomic statement). Returns whether a row changed. Raises
+        ValueError for a column that does not exist."""
         unknown = set(values) - set(COLUMNS)
         if unknown:
             raise ValueError(f"unknown job columns {sorted(unknown)}")
         sets = ", ".join(f"{k} = ?" for k in values)
+        where, args = ("id = ? AND state = ?", (job_id, only_if_state)) if only_if_state else ("id = ?", (job_id,))
         with closing(self._connect()) as db, db:
-            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*values.values(), job_id))
+            return db.execute(f"UPDATE jobs SET {sets} WHERE {where}", (*values.values(), *args)).rowcount == 1
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job now; mark a running one for the runner to stop (SIGTERM). Returns the job."""
