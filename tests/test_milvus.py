@@ -268,12 +268,29 @@ def test_search_from_milvus_equals_search_from_the_artifact(art, served):
         assert "Milvus collection has no BM25" in bm25.json()["detail"], bm25.text  # not "built with --no-bm25"
 
 
-def test_collection_of_another_checkpoint_is_not_served(art, served, tmp_path, tiny_model):
+def test_collection_of_another_checkpoint_is_not_served(art, served, tmp_path, tiny_model, monkeypatch):
+    """Refused before the checkpoint's weights load, and without leaking a Milvus client (the server
+    retries every 5 s for as long as it is not ready)."""
+    import dpr_service.api.resources as resources
+    import dpr_service.core.milvus as core_milvus
+
     other = _checkpoint(tmp_path / "other", tiny_model, seed_text="query: ")
+    clients, loads, real_connect = [], [], core_milvus.connect
+
+    def counted(*a, **kw):
+        client = real_connect(*a, **kw)
+        closed = []
+        client.close = lambda real=client.close: (closed.append(1), real())[1]
+        clients.append(closed)
+        return client
+
+    monkeypatch.setattr(core_milvus, "connect", counted)
+    monkeypatch.setattr(resources, "load_checkpoint", lambda *a, **kw: loads.append(a) or pytest.fail("weights loaded"))
     with milvus_app(served, checkpoint=str(other)) as app:
         ready = app.get("/readyz")
         assert ready.status_code == 503 and "not with the checkpoint in use" in ready.json()["reason"]
         assert app.post("/search", json=SEARCH).status_code == 503
+    assert clients and all(clients) and not loads  # every client of a refused load was closed
 
 
 def test_milvus_down_or_unreachable_is_503_with_retry_after_never_500(art, served):

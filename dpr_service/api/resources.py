@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from dpr_service.core.artifact import MANIFEST, ArtifactError, read_manifest, served_fusion
-from dpr_service.core.checkpoint import Loaded, load_checkpoint
+from dpr_service.core.checkpoint import CheckpointError, Loaded, load_checkpoint, read_config
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.fsio import readable_directory
 from dpr_service.core.hybrid import Retriever
@@ -94,12 +94,12 @@ def load_resources(settings: Settings, metrics: Metrics) -> Resources:
         searcher = Searcher(settings.index, loaded.fingerprint, bm25=True)
     try:
         runtime = pick_encoding_runtime(loaded, runtime, settings.runtime, settings.onnx_dir, settings.onnx_cache)
-    except Exception:
+        res = Resources(loaded, searcher, runtime, None)
+        res.searcher.search(res.encode_queries([WARM_UP_QUERY]), 1, with_text=True)  # warm-up: /readyz waits for this
+    except BaseException:
         if isinstance(searcher, MilvusSearcher):
             searcher.close()
         raise
-    res = Resources(loaded, searcher, runtime, None)
-    res.searcher.search(res.encode_queries([WARM_UP_QUERY]), 1, with_text=True)  # warm-up: /readyz waits for this
     if searcher.bm25 is not None:
         searcher.bm25.search([WARM_UP_QUERY], 1)
     else:
@@ -119,15 +119,33 @@ def _load_milvus(settings: Settings, runtime: Runtime) -> tuple[Loaded, MilvusSe
         checkpoint = settings.checkpoint or searcher.manifest.extra.get("checkpoint")
         if not checkpoint:
             raise ArtifactError(f"{searcher.directory}: the collection names no checkpoint; set DPR_CHECKPOINT")
+        # a dpr-service checkpoint states its fingerprint: a collection of another checkpoint is refused
+        # before any weights load (a server retrying every 5 s must not load a model each time)
+        stated = _stated_fingerprint(checkpoint)
+        if stated not in (None, searcher.manifest.checkpoint_fingerprint):
+            raise _other_checkpoint(searcher, stated)
         loaded = load_checkpoint(checkpoint, runtime.device)
         if loaded.fingerprint != searcher.manifest.checkpoint_fingerprint:
-            raise ArtifactError(f"{searcher.directory}: exported from an index built with checkpoint "
-                                f"{searcher.manifest.checkpoint_fingerprint[:16]}, not with the checkpoint in use "
-                                f"({loaded.fingerprint[:16]}); export an index of this checkpoint")
-    except Exception:
+            raise _other_checkpoint(searcher, loaded.fingerprint)
+    except BaseException:
         searcher.close()
         raise
     return loaded, searcher
+
+
+def _stated_fingerprint(checkpoint: str) -> str | None:
+    """The fingerprint a dpr-service checkpoint's config states (None for a plain model directory,
+    whose fingerprint is known once loaded)."""
+    try:
+        return read_config(checkpoint)[1].get("fingerprint")
+    except CheckpointError:
+        return None
+
+
+def _other_checkpoint(searcher: MilvusSearcher, fingerprint: str) -> ArtifactError:
+    return ArtifactError(f"{searcher.directory}: exported from an index built with checkpoint "
+                         f"{searcher.manifest.checkpoint_fingerprint[:16]}, not with the checkpoint in use "
+                         f"({fingerprint[:16]}); export an index of this checkpoint")
 
 
 def start_batcher(res: Resources, settings: Settings, metrics: Metrics) -> None:
@@ -193,6 +211,8 @@ class Reloader:
         self._background: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # background reloads and retiring batchers, kept referenced
+        self._closing: set[asyncio.Task] = set()  # delayed closes of retired Milvus clients
+        self._retired: set[MilvusSearcher] = set()  # their searchers, closed at once at shutdown
 
     async def load(self) -> Resources:
         """Load, verify and swap in the artifact; raises (and keeps the old one serving) when it
@@ -209,7 +229,7 @@ class Reloader:
             if old is not None and old.batcher is not None:
                 self._spawn(old.batcher.stop())  # drains: what is queued on it is still answered
             if old is not None and isinstance(old.searcher, MilvusSearcher):
-                self._spawn(self._close_later(old.searcher))
+                self._closing.add(self._spawn(self._close_later(old.searcher)))
             return res
 
     def check(self) -> None:
@@ -249,19 +269,24 @@ class Reloader:
             log.info("the artifact at %s changed: now serving %d passages", self.settings.index, res.searcher.count)
 
     async def close(self) -> None:
-        """At shutdown: no more reloads; every batcher drains."""
-        for task in (self._background, self._watch):
+        """At shutdown: no more reloads; every batcher drains; Milvus clients close at once."""
+        for task in (self._background, self._watch, *self._closing):
             if task is not None:
-                task.cancel()
+                task.cancel()  # a retired collection's delayed close: closed below instead
         await asyncio.gather(*self._tasks, return_exceptions=True)
         res = self.app.state.resources
         if res is not None and res.batcher is not None:
             await res.batcher.stop()
+        for searcher in [*self._retired, *([res.searcher] if res is not None else [])]:
+            if isinstance(searcher, MilvusSearcher):
+                searcher.close()
+        self._retired.clear()
 
-    @staticmethod
-    async def _close_later(searcher: MilvusSearcher, after_s: float = 30.0) -> None:
+    async def _close_later(self, searcher: MilvusSearcher, after_s: float = 30.0) -> None:
         """Close a retired collection's client once the searches already routed to it are done."""
+        self._retired.add(searcher)
         await asyncio.sleep(after_s)
+        self._retired.discard(searcher)
         searcher.close()
 
     def _spawn(self, coro) -> asyncio.Task:

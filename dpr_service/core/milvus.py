@@ -93,7 +93,8 @@ def read_properties(client: Any, collection: str) -> dict[str, str]:
 
 
 def row_count(client: Any, collection: str) -> int:
-    """Entities in the collection, by a ``count(*)`` query (exact, unlike flushed statistics)."""
+    """Entities in the collection, by a ``count(*)`` query (exact, unlike flushed statistics); the
+    collection must be loaded. Raises pymilvus's errors as they come (callers translate them)."""
     result = client.query(collection, filter="", output_fields=["count(*)"])
     return int(result[0]["count(*)"])
 
@@ -116,6 +117,16 @@ class MilvusSearcher:
         self.uri, self.collection, self.timeout_s = uri, collection, timeout_s
         self.directory = f"milvus:{redact(uri)}#{collection}"  # shown by /info and the logs
         self.client = connect(uri, token, timeout_s)
+        try:
+            self._check(collection, checkpoint_fingerprint)
+        except BaseException:
+            self.close()  # a server retrying every few seconds must not leak a client each time
+            raise
+        self.search_params = {"metric_type": "IP", "params": {"ef": ef} if self.index_type == "HNSW" else
+                              {"nprobe": nprobe} if self.index_type.startswith("IVF") else {}}
+
+    def _check(self, collection: str, checkpoint_fingerprint: str | None) -> None:
+        """The checks of the class docstring; sets ``dim``, ``index_type`` and ``manifest``."""
         props = read_properties(self.client, collection)
         built = props["dpr.checkpoint_fingerprint"]
         if checkpoint_fingerprint is not None and built != checkpoint_fingerprint:
@@ -123,8 +134,8 @@ class MilvusSearcher:
                                 f"{built[:16]}, not with the checkpoint in use ({checkpoint_fingerprint[:16]})")
         self.dim, self.index_type = int(props["dpr.dim"]), props["dpr.index_type"]
         try:
+            self.client.load_collection(collection, timeout=self.timeout_s)  # before any query: Milvus refuses them on a released one
             found = row_count(self.client, collection)
-            self.client.load_collection(collection, timeout=timeout_s)
         except Exception as e:
             raise MilvusUnavailable(f"Milvus did not load {collection!r} ({_reason(e)})") from None
         if found != int(props["dpr.count"]):
@@ -133,8 +144,6 @@ class MilvusSearcher:
         self.manifest = Manifest(checkpoint_fingerprint=built, dim=self.dim, similarity=props["dpr.similarity"],
                                  count=found, factory=f"milvus:{self.index_type}", created="", files={},
                                  extra={"milvus_collection": collection, "checkpoint": props.get("dpr.checkpoint", "")})
-        self.search_params = {"metric_type": "IP", "params": {"ef": ef} if self.index_type == "HNSW" else
-                              {"nprobe": nprobe} if self.index_type.startswith("IVF") else {}}
 
     @property
     def count(self) -> int:
