@@ -10,6 +10,19 @@ from pathlib import Path
 
 import pytest
 
+
+@pytest.fixture(autouse=True)
+def _dpr_environment_restored():
+    """Each test leaves the ``DPR_*`` environment as it found it: ``dpr serve``'s main, called in
+    process by some tests, writes its flags there for its workers (a leaked DPR_MILVUS_URI once
+    turned every later app in the run into a Milvus one)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("DPR_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("DPR_") and k not in before]:
+        del os.environ[key]
+    os.environ.update(before)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
