@@ -242,6 +242,19 @@ def test_model_card_has_training_config_data_and_dev_figures(checkpoints, tmp_pa
     assert "0.5000" not in card  # the last evaluation, not the first
 
 
+def test_model_card_of_a_run_killed_mid_write(checkpoints, tmp_path):
+    """A damaged eval.json and a metrics.jsonl whose last line was cut by a crash: the export still
+    succeeds, with the last complete evaluation (the files are read by the same readers as the jobs')."""
+    run = tmp_path / "run"
+    save = load_checkpoint(checkpoints["two-cls-dot"])
+    save_checkpoint(run / "best", save.encoder, save.tokenizer)
+    (run / "best" / "eval.json").write_text('{"ndcg@10": 0.9')
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 6, "eval": {"ndcg@10": 0.8125}}) + "\n" + '{"step": 9, "eval": {"ndcg')
+    assert export_main(["--checkpoint", str(run / "best"), "--format", "sentence-transformers", "--output", str(tmp_path / "o")]) == 0
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "| ndcg@10 | 0.8125 |" in card and "| step | 6 |" in card
+
+
 def test_model_card_without_a_run_says_so(checkpoints, tmp_path):
     assert export_main(["--checkpoint", str(checkpoints["shared-cls-dot"]), "--format", "hf-dpr", "--output", str(tmp_path / "o")]) == 0
     card = (tmp_path / "o" / "README.md").read_text()

@@ -23,12 +23,12 @@ everywhere, also for a titled passage's text segment), so every exported tokeniz
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from .checkpoint import Loaded, atomic_directory, load_checkpoint
 from .config import EncoderConfig
+from .formats import metrics_lines, read_eval
 
 FORMATS = ("sentence-transformers", "hf-dpr", "onnx")
 MODEL_INPUTS = ["input_ids", "attention_mask"]  # what BiEncoder.encode_* feeds the model
@@ -182,12 +182,9 @@ def training_record(checkpoint: Path) -> tuple[str, dict | None]:
     its run's ``metrics.jsonl`` (the directory above it)."""
     config = next((p.read_text() for p in (checkpoint / "train_config.yaml", checkpoint.parent / "train_config.yaml")
                    if p.is_file()), "")
-    figures = None
-    if (checkpoint / "eval.json").is_file():
-        figures = json.loads((checkpoint / "eval.json").read_text())
-    elif (checkpoint.parent / "metrics.jsonl").is_file():
-        for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
+    figures = read_eval(checkpoint)
+    if figures is None:
+        for record in metrics_lines(checkpoint.parent / "metrics.jsonl")[0]:
             if isinstance(record.get("eval"), dict):
                 figures = {"step": record.get("step"), **record["eval"]}
     return config, figures

@@ -643,3 +643,39 @@ def read_corpus(path: Path | str) -> list[Passage]:
     if path.suffix in (".tsv", ".csv"):
         return read_dpr_tsv(path)
     return read_beir_corpus(path)
+
+
+# ----------------------------------------------------------------------------- a training run's own files
+
+
+def metrics_lines(path: Path, start: int = 0) -> tuple[list[dict], int]:
+    """The complete JSON lines of a run's ``metrics.jsonl`` from byte ``start`` on, and the offset
+    after the last one read. A line still being written (no newline yet) is left for the next call;
+    a line cut by a crash is skipped (the trainer truncates it when the run resumes). A missing
+    file gives ``([], start)``. Every reader of ``metrics.jsonl`` goes through here."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], start
+    end = data.rfind(b"\n") + 1
+    lines = []
+    for raw in data[:end].splitlines():
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            lines.append(record)
+    return lines, start + end
+
+
+def read_eval(checkpoint: Path) -> dict | None:
+    """The dev figures of ``checkpoint/eval.json`` (the trainer writes it into ``best/``), or None
+    when there is none or it cannot be read (a damaged file is no figures, not an error)."""
+    try:
+        figures = json.loads((Path(checkpoint) / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return figures if isinstance(figures, dict) else None

@@ -5,10 +5,11 @@ trainer's ``plan:`` log line, and the log's tail."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dpr_service.core.formats import metrics_lines
 
 PLAN_LINE = re.compile(r"plan: .* = (\d+) steps of \d+")  # trainer/train.py's log line naming the run's length
 TAIL_LINES = 30
@@ -23,25 +24,6 @@ class Progress:
     total: int | None = None
     metrics: dict | None = None
     evals: list[dict] = field(default_factory=list)
-
-
-def metrics_lines(path: Path, start: int = 0) -> tuple[list[dict], int]:
-    """The complete JSON lines of ``path`` from byte ``start`` on, and the offset after the last one
-    read (a line still being written is left for the next call). Missing file: ``([], start)``."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(start)
-            data = fh.read()
-    except FileNotFoundError:
-        return [], start
-    end = data.rfind(b"\n") + 1
-    lines = []
-    for raw in data[:end].splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except ValueError:  # a line cut by a crash: the trainer truncates it on resume
-            continue
-    return lines, start + end
 
 
 def read_progress(job_dir: Path) -> Progress:

@@ -11,7 +11,6 @@ own ``build_config`` in a child process (``python -m trainer.validate``: the api
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import re
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 import yaml
 
 from ..schemas import FieldError
+from dpr_service.core.formats import read_eval
+
 from .data import resolve_name
 from .progress import log_tail, read_progress
 from .settings import JobSettings
@@ -140,10 +141,7 @@ def job_checkpoint(store: JobStore, job: Job) -> Path | None:
 
 def dev_metric(checkpoint: Path, metric: str) -> float | None:
     """``metric`` from ``checkpoint/eval.json`` (the trainer writes it into best/), or None."""
-    try:
-        value = json.loads((checkpoint / "eval.json").read_text()).get(metric)
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = (read_eval(checkpoint) or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 

@@ -14,12 +14,12 @@ from fastapi.responses import StreamingResponse
 
 from dpr_service.core.artifact import ArtifactError
 from dpr_service.core.checkpoint import CheckpointError
+from dpr_service.core.formats import metrics_lines
 
 from ..deps import JSON_BODY, AppReloader, AppSettings
 from ..jobs import service
 from ..jobs.data import resolve_name
 from ..jobs.deps import ADMIN_REQUIRED, AppJobSettings, Store, allow_only
-from ..jobs.progress import metrics_lines
 from ..jobs.schemas import Created, JobList, JobOut, Promoted, PromoteRequest
 from ..jobs.store import Job, JobStore
 from ..schemas import ErrorResponse
