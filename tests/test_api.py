@@ -790,3 +790,23 @@ def test_wait_for_index_loads_without_requests(artifact, tmp_path):
             assert time.monotonic() < deadline, "the late index was never loaded"
             time.sleep(0.2)
         assert c.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("argv, extra", [(["--milvus-uri", "m.db", "--collection", "c"], "milvus"),
+                                         (["--index", "ix", "--runtime", "onnx-int8", "--wait-for-index"], "onnx")])
+def test_dpr_serve_names_the_extra_a_setting_needs(monkeypatch, capsys, argv, extra):
+    """Without pymilvus or onnxruntime installed, `dpr serve` says which extra to install (exit 2),
+    rather than failing later in every worker."""
+    import importlib.util
+
+    from dpr_service.api.serve import main
+    from dpr_service.api.settings import get_settings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("pymilvus", "onnxruntime") else real(name, *a))
+    get_settings.cache_clear()
+    try:
+        assert main(argv) == 2
+    finally:
+        get_settings.cache_clear()
+    assert f"pip install 'dpr-service[{extra}]'" in capsys.readouterr().err

@@ -217,6 +217,24 @@ def test_the_runner_survives_a_failed_look_and_leaves_a_job_cancelled_meanwhile(
         run.stop(wait_s=1)
 
 
+@pytest.mark.parametrize("variable, value", [("DPR_JOBS_NPROC", "0"), ("DPR_JOBS_GPUS", "0,1,2"), ("DPR_MAX_UPLOAD_BYTES", "lots")])
+def test_a_bad_training_service_setting_is_a_one_line_error_exit_2(world, monkeypatch, capsys, variable, value):
+    from dpr_service.api.jobs.settings import get_job_settings
+    from dpr_service.api.serve import main
+    from dpr_service.api.settings import get_settings
+
+    monkeypatch.setenv(variable, value)
+    if variable == "DPR_JOBS_GPUS":
+        monkeypatch.setenv("DPR_JOBS_NPROC", "2")
+    get_settings.cache_clear(), get_job_settings.cache_clear()
+    try:
+        assert main(["--index", str(world / "index")]) == 2
+    finally:
+        get_settings.cache_clear(), get_job_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "bad DPR_* setting" in err and "Traceback" not in err, err
+
+
 def test_gpu_ids_are_grouped_into_jobs_of_nproc():
     assert JobSettings(jobs_gpus="0,1,2,3", jobs_nproc=2).slots() == ["0,1", "2,3"]
     assert JobSettings(jobs_gpus="0, 1").slots() == ["0", "1"]

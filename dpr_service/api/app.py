@@ -55,7 +55,7 @@ def _lifespan(settings: Settings, metrics: Metrics):
         try:
             res = await reloader.load()
             log.info("serving %s (%d passages) with %s", settings.index, res.searcher.count, res.loaded.path)
-        except (ArtifactError, CheckpointError, ValueError, MilvusUnavailable) as e:
+        except (ArtifactError, CheckpointError, ValueError, MilvusUnavailable, ImportError) as e:
             app.state.load_error = str(e)
             log.error("not ready: %s", e)
             if settings.wait_for_index or settings.milvus_uri:  # Milvus may come up later: keep trying

@@ -61,12 +61,18 @@ def main(argv: list[str] | None = None, prog: str = "dpr serve") -> int:
     if not milvus and not os.environ.get("DPR_INDEX"):
         print(f"{prog}: error: give --index or set DPR_INDEX (or --milvus-uri and --collection)", file=sys.stderr)
         return 2
+    from .jobs.settings import get_job_settings
     from .settings import get_settings
 
     try:
         settings = get_settings()
+        get_job_settings()  # the training service's (DPR_ADMIN_KEY, DPR_JOBS_*): read by every worker too
     except Exception as e:  # pydantic ValidationError for a bad DPR_* value
         print(f"{prog}: error: bad DPR_* setting: {e}", file=sys.stderr)
+        return 2
+    missing = _missing_extra(settings)
+    if missing:
+        print(f"{prog}: error: {missing}", file=sys.stderr)
         return 2
     if not settings.wait_for_index and not milvus:  # a Milvus that is not up yet is waited for (503 until then)
         from dpr_service.core.artifact import ArtifactError, read_manifest
@@ -81,3 +87,18 @@ def main(argv: list[str] | None = None, prog: str = "dpr serve") -> int:
     uvicorn.run("dpr_service.api.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level)
     return 0
+
+
+def _missing_extra(settings) -> str | None:
+    """What the settings need that is not installed, as one line naming the extra; None if all is there."""
+    import importlib.util
+
+    needs = []
+    if settings.milvus_uri:
+        needs.append(("pymilvus", "--milvus-uri", "milvus"))
+    if settings.runtime != "torch":
+        needs.append(("onnxruntime", f"--runtime {settings.runtime}", "onnx"))
+    for module, what, extra in needs:
+        if importlib.util.find_spec(module) is None:
+            return f"{what} needs {module}: pip install 'dpr-service[{extra}]'"
+    return None

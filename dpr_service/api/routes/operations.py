@@ -67,7 +67,7 @@ async def reload(reloader: AppReloader, settings: AppSettings) -> dict:
     switches on its reload; Milvus not answering is a 503 (MilvusUnavailable), the old one serving."""
     try:
         res = await reloader.load()  # the same DPR_INDEX path: rebuild or replace the artifact there first
-    except (ArtifactError, CheckpointError, ValueError) as e:
+    except (ArtifactError, CheckpointError, ValueError, ImportError) as e:
         raise HTTPException(409, f"reload failed, still serving the previous index: {e}") from None
     served = res.searcher.directory if settings.milvus_uri else settings.index
     return {"status": "reloaded", "index": str(served), "passages": res.searcher.count}
