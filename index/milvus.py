@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dpr_service.core.artifact import ArtifactError
 from dpr_service.core.milvus import (ID_MAX_BYTES, INDEX_TYPES, TEXT_MAX_BYTES, TITLE_MAX_BYTES, MilvusUnavailable,
-                                     collection_properties, connect, read_properties, redact, row_count)
+                                     collection_properties, connect, read_properties, reason, redact, row_count)
 from dpr_service.core.search import Searcher
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,26 @@ def export(index: Path | str, uri: str, collection: str, index_type: str = "HNSW
     if index_type not in INDEX_TYPES:
         raise ValueError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
     searcher = Searcher(index)
-    manifest, n = searcher.manifest, searcher.count
+    n = searcher.count
     _check_lengths(searcher, batch_size)
     client = connect(uri, token)
+    try:
+        written = _write(client, searcher, collection, index_type, batch_size, alias, progress)
+    except (ArtifactError, ValueError):
+        raise
+    except Exception as e:  # pymilvus's errors past the connection: Milvus failed, the input is fine
+        raise MilvusUnavailable(f"Milvus failed during the export to {collection!r} ({reason(e)}); the same "
+                                f"command continues where it stopped") from None
+    finally:
+        client.close()
+    log.info("exported %d passages (%d written now) to %s at %s, index %s", n, written, collection, redact(uri), index_type)
+    return written
+
+
+def _write(client, searcher: Searcher, collection: str, index_type: str, batch_size: int, alias: str | None,
+           progress: bool) -> int:
+    """The export's writes (see :func:`export`); returns the passages written now."""
+    manifest, n = searcher.manifest, searcher.count
     _create_or_check(client, collection, collection_properties(manifest, index_type), manifest.dim, index_type)
     _warn_if_lossy(searcher.index)
     written = 0
@@ -69,7 +86,6 @@ def export(index: Path | str, uri: str, collection: str, index_type: str = "HNSW
         raise ArtifactError(f"Milvus collection {collection!r} holds {found} entities after the export, the artifact {n}")
     if alias:
         _point_alias(client, alias, collection)
-    log.info("exported %d passages (%d written now) to %s at %s, index %s", n, written, collection, redact(uri), index_type)
     return written
 
 

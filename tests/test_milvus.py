@@ -125,6 +125,28 @@ def test_killed_export_resumes_without_duplicates(tmp_path, art, monkeypatch):
         client.close()
 
 
+def test_milvus_failing_mid_export_is_unavailable_exit_1_not_a_traceback(tmp_path, art, monkeypatch, capsys):
+    from pymilvus.exceptions import MilvusException
+
+    from index.cli import index_main
+
+    _, _, _, flat, _, _ = art
+    real = export_mod._entities
+
+    def milvus_dies(searcher, start, stop):
+        if start >= 16:
+            raise MilvusException(message="node lost")
+        return real(searcher, start, stop)
+
+    monkeypatch.setattr(export_mod, "_entities", milvus_dies)
+    with pytest.raises(MilvusUnavailable, match="node lost.*continues where it stopped"):
+        export_mod.export(flat, str(tmp_path / "m.db"), "passages", index_type="FLAT", batch_size=8, progress=False)
+    code = index_main(["export", "--index", str(flat), "--milvus-uri", str(tmp_path / "m.db"), "--collection", "passages",
+                       "--index-type", "FLAT", "--batch-size", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "node lost" in err and "Traceback" not in err, err
+
+
 def test_collection_of_another_checkpoint_is_refused(tmp_path, art, tiny_model):
     root, _, beir, flat, fingerprint, _ = art
     uri = str(tmp_path / "m.db")

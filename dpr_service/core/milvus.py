@@ -55,7 +55,7 @@ def connect(uri: str, token: str | None = None, timeout_s: float = 10.0) -> Any:
     try:
         return MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
     except Exception as e:  # pymilvus raises its own MilvusException (and grpc errors) for an unreachable server
-        raise MilvusUnavailable(f"Milvus at {redact(uri)} is unreachable ({_reason(e)})") from None
+        raise MilvusUnavailable(f"Milvus at {redact(uri)} is unreachable ({reason(e)})") from None
 
 
 def redact(uri: str) -> str:
@@ -64,7 +64,8 @@ def redact(uri: str) -> str:
     return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if sep and "@" in rest else uri
 
 
-def _reason(e: Exception) -> str:
+def reason(e: Exception) -> str:
+    """One line (at most 200 characters) saying why a Milvus call failed, for an error message."""
     return (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0][:200]
 
 
@@ -86,7 +87,7 @@ def read_properties(client: Any, collection: str) -> dict[str, str]:
     except ArtifactError:
         raise
     except Exception as e:
-        raise MilvusUnavailable(f"Milvus did not describe {collection!r} ({_reason(e)})") from None
+        raise MilvusUnavailable(f"Milvus did not describe {collection!r} ({reason(e)})") from None
     if props.get("dpr.format") != FORMAT:
         raise ArtifactError(f"Milvus collection {collection!r} was not written by dpr index export (no dpr.format property)")
     return props
@@ -137,7 +138,7 @@ class MilvusSearcher:
             self.client.load_collection(collection, timeout=self.timeout_s)  # before any query: Milvus refuses them on a released one
             found = row_count(self.client, collection)
         except Exception as e:
-            raise MilvusUnavailable(f"Milvus did not load {collection!r} ({_reason(e)})") from None
+            raise MilvusUnavailable(f"Milvus did not load {collection!r} ({reason(e)})") from None
         if found != int(props["dpr.count"]):
             raise ArtifactError(f"Milvus collection {collection!r} holds {found} of {props['dpr.count']} passages: its "
                                 f"export did not finish (run dpr index export again)")
@@ -163,7 +164,7 @@ class MilvusSearcher:
             results = self.client.search(self.collection, data=xq.tolist(), limit=min(k, self.count),
                                          search_params=self.search_params, output_fields=fields, timeout=self.timeout_s)
         except Exception as e:
-            raise MilvusUnavailable(f"Milvus search failed ({_reason(e)})") from None
+            raise MilvusUnavailable(f"Milvus search failed ({reason(e)})") from None
         return [[Hit(h["id"], float(h["distance"]), int(h["entity"]["row"]),
                      *((h["entity"]["title"], h["entity"]["text"]) if with_text else ())) for h in hits]
                 for hits in results]
@@ -177,7 +178,7 @@ class MilvusSearcher:
                                       timeout=self.timeout_s)
                 out.update({e["id"]: Passage(text=e["text"], title=e["title"], id=e["id"]) for e in got})
         except Exception as e:
-            raise MilvusUnavailable(f"Milvus lookup failed ({_reason(e)})") from None
+            raise MilvusUnavailable(f"Milvus lookup failed ({reason(e)})") from None
         return out
 
     def ready(self) -> bool:
