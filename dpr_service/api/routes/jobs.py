@@ -56,14 +56,16 @@ async def submit(store: Store, js: AppJobSettings,
     return Created(id=job.id, state=job.state)
 
 
+# Plain functions where the route reads files and the job table (FastAPI runs them in its thread
+# pool): the Train tab polls them, and they must not stall /search on the event loop.
 @router.get("", response_model=JobList)
-async def list_jobs(store: Store) -> JobList:
+def list_jobs(store: Store) -> JobList:
     """Every job, oldest first, with its progress."""
     return JobList(jobs=[JobOut(**service.describe(store, job)) for job in store.list()])
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def get_job(job_id: str, store: Store) -> JobOut:
+def get_job(job_id: str, store: Store) -> JobOut:
     """One job: state, step and total, the last metrics, every evaluation, the error and log tail on failure."""
     return JobOut(**service.describe(store, found(store, job_id)))
 
@@ -105,14 +107,14 @@ async def event_stream(store: JobStore, job_id: str):
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-async def cancel(job_id: str, store: Store) -> JobOut:
+def cancel(job_id: str, store: Store) -> JobOut:
     """Cancel: a queued job at once; a running one by SIGTERM (it saves ``last/``, which is kept)."""
     found(store, job_id)
     return JobOut(**service.describe(store, store.request_cancel(job_id)))
 
 
 @router.delete("/{job_id}", status_code=204, responses=CONFLICT)
-async def delete(job_id: str, store: Store, request: Request) -> None:
+def delete(job_id: str, store: Store, request: Request) -> None:
     """Delete a finished job and its files (409 for a queued or running one, or one serving now)."""
     service.delete(store, found(store, job_id), served_checkpoint(request))
 
