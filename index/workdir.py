@@ -8,8 +8,6 @@ resumes at the first missing file, and ``--shard i/n`` processes split the parts
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +19,7 @@ from typing import Sequence
 
 from dpr_service.core.artifact import ArtifactError
 from dpr_service.core.formats import Passage
-from dpr_service.core.fsio import pid_alive
+from dpr_service.core.fsio import exclusive, pid_alive
 
 log = logging.getLogger("index")
 
@@ -140,15 +138,6 @@ def lock_path(work: Path) -> Path:
     return work.with_suffix(".lock")  # .<index>.partial -> .<index>.lock
 
 
-@contextlib.contextmanager
-def exclusive(path: Path):
-    """An exclusive flock on ``path`` for the duration of the block (created if missing)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def remove_leftovers(work: Path) -> None:

@@ -14,6 +14,7 @@ Only the standard library: every stage may use it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -169,3 +170,20 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path | str, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive flock on ``path`` (created if missing) for the duration of the block; it ends
+    with the process too, so a killed holder never leaves it taken. With ``blocking=False`` the
+    block gets whether the lock was taken (False: another process holds it) instead of waiting."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

@@ -27,7 +27,6 @@ stays the same. The training loss (``/score``, the trainer) never uses it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, Loaded, verify_checksums, write_checksums
 from .device import Runtime
-from .fsio import atomic_directory
+from .fsio import atomic_directory, exclusive
 
 log = logging.getLogger(__name__)
 FORMAT = "dpr-service-onnx/1"
@@ -200,8 +199,7 @@ def onnx_runtime(loaded: Loaded, runtime: str = "onnx", onnx_dir: Path | str | N
         target = Path(cache_dir or default_cache_dir()) / f"{loaded.fingerprint}-{'int8' if quantize == 'int8' else 'fp32'}"
         target.parent.mkdir(parents=True, exist_ok=True)
         # one exporter at a time (server workers, index builds starting together); flock ends with the process
-        with open(target.with_name(target.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive(target.with_name(target.name + ".lock")):
             try:
                 encoder = OnnxEncoder(target, loaded.fingerprint)
                 if quantize != "none" and encoder.meta.get("quantization") != QUANTIZATION:

@@ -18,7 +18,7 @@ others serve the routes from the shared SQLite table and take over if the runner
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import logging
 import os
 import signal
@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from dpr_service.core.fsio import exclusive
 
 from .progress import log_tail
 from .store import Job, JobStore
@@ -127,7 +129,7 @@ class Runner:
 
     def _release_lock(self) -> None:
         if self._lock_file is not None:
-            self._lock_file.close()  # releases the flock: another worker can take over
+            self._lock_file.close()  # releases the lock: another worker can take over
             self._lock_file = None
 
     # ------------------------------------------------------------------ the thread
@@ -151,14 +153,13 @@ class Runner:
             self._stop.wait(self.poll_s)
 
     def _take_lock(self) -> bool:
-        fh = open(self.store.directory / "runner.lock", "w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            return False
-        self._lock_file = fh
-        return True
+        """Whether this process now runs the jobs (one worker of several does: the state directory's lock)."""
+        held = contextlib.ExitStack()
+        if held.enter_context(exclusive(self.store.directory / "runner.lock", blocking=False)):
+            self._lock_file = held
+            return True
+        held.close()
+        return False
 
     def _recover(self) -> None:
         """Jobs left ``running`` by a previous server: wait for a child of it that is still saving
