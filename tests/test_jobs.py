@@ -363,6 +363,39 @@ def test_names_and_uploads_that_leave_the_data_root_are_refused(world, tmp_path)
                 target.unlink(missing_ok=True)
 
 
+def test_two_uploads_of_one_name_at_once_store_one_and_refuse_the_other(world, tmp_path, monkeypatch):
+    """The name check and the commit are one step for uploads (a lock): with the check slowed down,
+    two uploads racing for one name give one stored file and one 409, never a silent overwrite."""
+    import threading
+
+    from dpr_service.api.jobs import data
+
+    real = data.read_train_data
+    monkeypatch.setattr(data, "read_train_data", lambda path: (time.sleep(0.3), real(path))[1])
+    lines = (world / "data" / "train.jsonl").read_bytes()
+    root = tmp_path / "root"
+    root.mkdir()
+    outcomes, start = [], threading.Barrier(2)
+
+    def upload(i: int):
+        path = root / f".upload-{i}"
+        path.write_bytes(lines if i == 0 else lines.splitlines(keepends=True)[0])
+        start.wait()
+        try:
+            outcomes.append(data.ingest(root, "same", path, 10**9)["bytes"])
+        except data.DataRefused as e:
+            outcomes.append(e.status)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes, key=str).count(409) == 1, outcomes
+    stored = next(o for o in outcomes if o != 409)
+    assert (root / "same.jsonl").stat().st_size == stored
+
+
 def test_oversized_uploads_are_413(world, tmp_path):
     big = (world / "data" / "train.jsonl").read_bytes()
     app = create_app(Settings(index=None, device="cpu"), job_settings(world, tmp_path, max_upload_bytes=len(big) - 1))

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from dpr_service.core.formats import DataError, check_beir_dir, read_corpus, read_eval_data, read_train_data
-from dpr_service.core.fsio import atomic_directory
+from dpr_service.core.fsio import atomic_directory, exclusive
 
 from ..schemas import FieldError
 
@@ -92,20 +92,25 @@ def _shown(error: DataError, tmp: Path, name: str) -> str:
 
 def ingest(root: Path, name: str, upload: Path, limit: int) -> dict:
     """Check the uploaded file ``upload`` and move it under ``root`` as ``name`` (see :func:`upload_name`);
-    returns ``{"name", "kind", "bytes"}``. Raises DataRefused: 409 when the name is taken, 413 for a zip
-    that unpacks to more than ``limit`` bytes, 422 for a bad zip entry or a bad line (file and line named)."""
-    with open(upload, "rb") as fh:
-        is_zip = fh.read(4) == ZIP_MAGIC
-    name = upload_name(name, is_zip)
-    target = root / name
-    if target.exists() or target.is_symlink():
-        raise DataRefused("name", f"{name!r} exists already under the data root (delete it or choose another name)", 409)
+    returns ``{"name", "kind", "bytes"}``. ``upload`` must be on ``root``'s file system (it is moved,
+    not copied). Uploads take turns (a lock in ``root``, across worker processes), so two of one
+    name cannot both pass the name check. Raises DataRefused: 409 when the name is taken, 413 for a
+    zip that unpacks to more than ``limit`` bytes, 422 for a bad zip entry or a bad line (file and
+    line named)."""
     root.mkdir(parents=True, exist_ok=True)
-    if not is_zip:
+    with exclusive(root / ".uploads.lock"):
+        with open(upload, "rb") as fh:
+            is_zip = fh.read(4) == ZIP_MAGIC
+        name = upload_name(name, is_zip)
+        target = root / name
+        if target.exists() or target.is_symlink():
+            raise DataRefused("name", f"{name!r} exists already under the data root (delete it or choose another name)", 409)
+        if is_zip:
+            return _ingest_zip(upload, target, name, limit)
         tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=root))  # checked under its own name, then moved
         try:
             checked = tmp / name
-            shutil.copyfile(upload, checked)
+            os.rename(upload, checked)
             try:
                 read_train_data(checked)
             except DataError as e:
@@ -114,6 +119,10 @@ def ingest(root: Path, name: str, upload: Path, limit: int) -> dict:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return {"name": name, "kind": "file", "bytes": target.stat().st_size}
+
+
+def _ingest_zip(upload: Path, target: Path, name: str, limit: int) -> dict:
+    """A zipped BEIR directory unpacked, checked and committed at ``target`` (see :func:`ingest`)."""
     with atomic_directory(target) as tmp:
         beir = _unzip(upload, tmp, limit)
         try:
