@@ -810,3 +810,14 @@ def test_dpr_serve_names_the_extra_a_setting_needs(monkeypatch, capsys, argv, ex
     finally:
         get_settings.cache_clear()
     assert f"pip install 'dpr-service[{extra}]'" in capsys.readouterr().err
+
+
+def test_a_reload_if_changed_loads_an_artifact_once(artifact):
+    """Promotion's reload (``if_changed``) does not load the artifact serving now a second time;
+    a plain reload (``POST /admin/reload``) always loads."""
+    with client(artifact) as c:
+        reloader = c.app.state.reloader
+        serving = c.app.state.resources
+        assert c.portal.call(lambda: reloader.load(if_changed=True)) is serving
+        again = c.portal.call(reloader.load)
+        assert again is not serving and c.portal.call(lambda: reloader.load(if_changed=True)) is again

@@ -206,6 +206,7 @@ class Reloader:
     def __init__(self, app: FastAPI, settings: Settings, metrics: Metrics):
         self.app, self.settings, self.metrics = app, settings, metrics
         self.seen: tuple | None = None  # the stamp of the artifact last loaded, or last tried
+        self._serving: tuple | None = None  # the stamp of the artifact serving now
         self._lock = asyncio.Lock()
         self._checked = float("-inf")
         self._background: asyncio.Task | None = None
@@ -214,16 +215,21 @@ class Reloader:
         self._closing: set[asyncio.Task] = set()  # delayed closes of retired Milvus clients
         self._retired: set[MilvusSearcher] = set()  # their searchers, closed at once at shutdown
 
-    async def load(self) -> Resources:
+    async def load(self, if_changed: bool = False) -> Resources:
         """Load, verify and swap in the artifact; raises (and keeps the old one serving) when it
-        fails: ArtifactError, CheckpointError or ValueError as :func:`load_resources`."""
+        fails: ArtifactError, CheckpointError or ValueError as :func:`load_resources`. With
+        ``if_changed``, an artifact already loaded (by a background reload, say) is not loaded again."""
         async with self._lock:
             stamp = artifact_stamp(self.settings.index)  # before loading: a change during the load is seen next time
+            current = self.app.state.resources
+            if if_changed and current is not None and stamp is not None and stamp == self._serving:
+                return current
             try:
                 res = await asyncio.get_running_loop().run_in_executor(None, load_resources, self.settings, self.metrics)
             finally:
                 self.seen = stamp
             start_batcher(res, self.settings, self.metrics)
+            self._serving = stamp
             old, self.app.state.resources = self.app.state.resources, res
             self.app.state.load_error = None
             if old is not None and old.batcher is not None:

@@ -141,7 +141,7 @@ async def promote(job_id: str, body: PromoteRequest, request: Request, store: St
     async with _promoting:
         await build_index(store.job_dir(job.id), checkpoint, corpus, settings.index)
         try:
-            res = await reloader.load()
+            res = await reloader.load(if_changed=True)  # a request may have had it reloaded already
         except (ArtifactError, CheckpointError, ValueError) as e:
             raise service.JobRefused("job_id", f"the new index does not load, the previous one still serves: {e}", 409) from None
     store.update(job.id, promoted=body.corpus)
