@@ -153,6 +153,23 @@ def test_merged_embeddings_equal_unmerged_and_peft_s_own_loader(tmp_path, base):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
+def test_dpr_export_writes_the_merged_weights(tmp_path, base):
+    """`dpr export` of a LoRA checkpoint: plain weights with the adapters merged in, which
+    sentence-transformers loads without peft and whose embeddings are the checkpoint's."""
+    st = pytest.importorskip("sentence_transformers")
+    from dpr_service.core.export_cli import main as export_main
+
+    ckpt = lora_checkpoint(tmp_path / "ckpt", base)
+    assert export_main(["--checkpoint", str(ckpt), "--format", "sentence-transformers", "--output", str(tmp_path / "st")]) == 0
+    assert not list((tmp_path / "st").rglob("adapter_config.json"))  # merged: no adapters left to load
+    merged = load_checkpoint(ckpt)
+    want = encode_texts(merged.encoder, merged.tokenizer, TEXTS, "query", CPU)
+    got = torch.as_tensor(st.SentenceTransformer(str(tmp_path / "st"), device="cpu").encode_query(TEXTS))  # two encoders: a Router
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    zero_shot = encode_texts(load_base_model(str(base), ENC)[0].eval(), merged.tokenizer, TEXTS, "query", CPU)
+    assert not torch.allclose(got, zero_shot, atol=1e-3)  # the adapters are in it
+
+
 def test_a_changed_or_missing_base_model_is_refused(tmp_path, base):
     copy = shutil.copytree(base, tmp_path / "base")
     ckpt = lora_checkpoint(tmp_path / "ckpt", copy)
