@@ -26,7 +26,7 @@ from dpr_service.core.milvus import MilvusSearcher
 from dpr_service.core.onnx_export import pick_encoding_runtime
 from dpr_service.core.search import Searcher
 
-from .batching import QueryBatcher, Stopped
+from .batching import QueryBatcher, Stopped, stage_seconds
 from .metrics import Metrics
 from .settings import Settings
 
@@ -165,7 +165,7 @@ async def encode_for_search(app: FastAPI, res: Resources, texts: list[str]) -> t
     for _ in range(ENCODE_ATTEMPTS):
         try:
             if res.batcher is None:
-                return res, await asyncio.get_running_loop().run_in_executor(None, res.encode_queries, texts)
+                return res, await _encode_unbatched(res, texts)
             metrics.queue.set(res.batcher.depth)
             return res, await res.batcher.submit(texts)
         except Stopped:
@@ -174,6 +174,23 @@ async def encode_for_search(app: FastAPI, res: Resources, texts: list[str]) -> t
                 raise
             res = fresh
     raise Stopped("reloaded again and again")
+
+
+async def _encode_unbatched(res: Resources, texts: list[str]) -> np.ndarray:
+    """``res.encode_queries(texts)`` in a worker thread; the seconds it waited for the thread
+    (``queue_wait``) and encoded (``encode``) go to :data:`~dpr_service.api.batching.stage_seconds`
+    when the caller set it, as the batcher's do."""
+    handed = time.perf_counter()
+
+    def timed() -> tuple[np.ndarray, float, float]:
+        started = time.perf_counter()
+        return res.encode_queries(texts), started - handed, time.perf_counter() - started
+
+    q_emb, waited, encoding = await asyncio.get_running_loop().run_in_executor(None, timed)
+    stages = stage_seconds.get()
+    if stages is not None:
+        stages["queue_wait"], stages["encode"] = waited, encoding
+    return q_emb
 
 
 def artifact_stamp(index: Path | None) -> tuple | None:

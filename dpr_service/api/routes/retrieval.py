@@ -7,7 +7,7 @@ import time
 from typing import Callable, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 
 from dpr_service.core.search import Searcher
 
@@ -32,7 +32,7 @@ async def search(body: SearchBody, request: Request, res: ServingResources) -> S
     token = stage_seconds.set(stages)  # the batcher records queue wait and encoding here
     try:
         if body.mode != "bm25":
-            res, q_emb = await encode_timed(request.app, res, body.texts(), stages)  # (Q, D); res: the resources that encoded them
+            res, q_emb = await encode_for_search(request.app, res, body.texts())  # (Q, D); res: the resources that encoded them
             fusion = search_plan(body, res)
     finally:
         stage_seconds.reset(token)
@@ -56,17 +56,6 @@ async def in_thread(fn: Callable[..., T], *args) -> tuple[T, float, float]:
         return out, started - handed, time.perf_counter() - started
 
     return await asyncio.get_running_loop().run_in_executor(None, timed)
-
-
-async def encode_timed(app: FastAPI, res: Resources, texts: list[str], stages: dict[str, float]) -> tuple[Resources, np.ndarray]:
-    """:func:`~dpr_service.api.resources.encode_for_search`, with the seconds of ``queue_wait`` and
-    ``encode`` in ``stages``: from the batcher when there is one; without one, the wait for a
-    worker thread and the encoding in it (the branch of encode_for_search without a batcher, which
-    never re-routes, run here to time it)."""
-    if res.batcher is None:
-        q_emb, stages["queue_wait"], stages["encode"] = await in_thread(res.encode_queries, texts)
-        return res, q_emb
-    return await encode_for_search(app, res, texts)
 
 
 def dense_hits(res: Resources, body: SearchRequest, q_emb: np.ndarray, stages: dict[str, float]) -> list[list[Hit]]:
