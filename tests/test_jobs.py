@@ -396,6 +396,21 @@ def test_two_uploads_of_one_name_at_once_store_one_and_refuse_the_other(world, t
     assert (root / "same.jsonl").stat().st_size == stored
 
 
+def test_uploads_a_killed_server_left_are_swept_at_start_fresh_ones_kept(world, tmp_path):
+    root = tmp_path / "root"
+    (root / ".upload-dead-dir").mkdir(parents=True)
+    (root / ".upload-dead-file").write_bytes(b"x" * 10)
+    (root / ".upload-in-progress").write_bytes(b"y")
+    (root / "kept.jsonl").write_bytes(b"z")
+    hour_ago = time.time() - 7200
+    for name in (".upload-dead-dir", ".upload-dead-file"):
+        os.utime(root / name, (hour_ago, hour_ago))
+    js = JobSettings(admin_key=ADMIN, jobs_dir=tmp_path / "state", data_root=root, jobs_poll_s=0.1)
+    with TestClient(create_app(Settings(index=None, device="cpu"), js)):
+        pass
+    assert sorted(p.name for p in root.iterdir()) == [".upload-in-progress", "kept.jsonl"]
+
+
 def test_oversized_uploads_are_413(world, tmp_path):
     big = (world / "data" / "train.jsonl").read_bytes()
     app = create_app(Settings(index=None, device="cpu"), job_settings(world, tmp_path, max_upload_bytes=len(big) - 1))

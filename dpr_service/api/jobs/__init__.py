@@ -17,13 +17,17 @@ Nothing here imports ``trainer`` or ``index``: both run as child processes (``dp
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from .data import sweep_stale_uploads
 from .runner import Runner
 from .settings import JobSettings, get_job_settings
 from .store import JobStore
+
+log = logging.getLogger("dpr_service.api.jobs")
 
 __all__ = ["JobSettings", "install_jobs"]
 
@@ -48,6 +52,8 @@ def install_jobs(app: FastAPI, settings: JobSettings | None = None) -> None:
     async def lifespan(app: FastAPI):
         async with inner(app) as state:
             app.state.job_store = store = JobStore(settings.jobs_dir)
+            if sweep_stale_uploads(settings.data_root):
+                log.info("removed uploads a previous server left unfinished in %s", settings.data_root)
             runner = app.state.job_runner = Runner(store, settings.slots(), settings.jobs_poll_s, nproc=settings.jobs_nproc)
             runner.start()
             try:

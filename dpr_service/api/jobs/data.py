@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -88,6 +89,22 @@ def _shown(error: DataError, tmp: Path, name: str) -> str:
     """The reader's message with the temporary path replaced by the name the client gave."""
     where = str(error.path).replace(str(tmp) + "/", f"{name}/" if name else "")
     return f"{where}:{error.line}: {error.message}" if error.line else f"{where}: {error.message}"
+
+
+def sweep_stale_uploads(root: Path, older_than_s: float = 3600.0) -> int:
+    """Remove the ``.upload-*`` files and directories under ``root`` that a server killed during an
+    upload left behind (untouched for ``older_than_s`` seconds: one in progress in another worker is
+    kept). Returns how many were removed."""
+    removed = 0
+    for path in root.glob(".upload-*") if root.is_dir() else []:
+        try:
+            if time.time() - path.lstat().st_mtime < older_than_s:
+                continue
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+    return removed
 
 
 def ingest(root: Path, name: str, upload: Path, limit: int) -> dict:
