@@ -31,4 +31,6 @@ item = score["results"][0]
 assert item["rank"] == 1 and item["probabilities"][0] > 0.5 and item["loss"] > 0, item
 print(f"demo ok: top hit {top[0]['title']!r} ({top[0]['score']:.3f}); /score loss {item['loss']:.3f}, P(positive) {item['probabilities'][0]:.3f}")
 PY
-curl -sf "localhost:$PORT/" | grep -q "<title>" || { echo "no web page at /"; exit 1; }
+# read the page whole, then look (grep -q in a pipe exits at its first match, and curl, still
+# writing, then fails with a broken pipe: under pipefail a flaky "no page")
+page=$(curl -sf "localhost:$PORT/") && grep -q "<title>" <<<"$page" || { echo "no web page at /"; exit 1; }
