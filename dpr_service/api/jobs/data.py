@@ -100,7 +100,10 @@ def sweep_stale_uploads(root: Path, older_than_s: float = 3600.0) -> int:
         try:
             if time.time() - path.lstat().st_mtime < older_than_s:
                 continue
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed += 1
         except OSError:  # gone meanwhile, or not ours to remove: leave it
             continue

@@ -100,7 +100,7 @@ class Runner:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._lock_file = None
+        self._runner_lock: contextlib.ExitStack | None = None  # held while this process runs the jobs
 
     def start(self) -> None:
         """Start the runner's thread (it first waits for the state directory's lock)."""
@@ -128,9 +128,9 @@ class Runner:
         self._release_lock()
 
     def _release_lock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()  # releases the lock: another worker can take over
-            self._lock_file = None
+        if self._runner_lock is not None:
+            self._runner_lock.close()  # releases the lock: another worker can take over
+            self._runner_lock = None
 
     # ------------------------------------------------------------------ the thread
 
@@ -156,7 +156,7 @@ class Runner:
         """Whether this process now runs the jobs (one worker of several does: the state directory's lock)."""
         held = contextlib.ExitStack()
         if held.enter_context(exclusive(self.store.directory / "runner.lock", blocking=False)):
-            self._lock_file = held
+            self._runner_lock = held
             return True
         held.close()
         return False
