@@ -444,3 +444,28 @@ def test_runtime_flags_are_checked(built, capsys):
     code = index_main(["build", "--checkpoint", str(ckpt), "--corpus", str(beir), "--output", str(root / "x"),
                        "--onnx-dir", str(root), "--no-progress"])
     assert code == 2 and "is for --runtime onnx or onnx-int8, not torch" in capsys.readouterr().err
+
+
+def test_an_error_without_a_message_is_one_line_naming_its_type(monkeypatch, tmp_path, capsys):
+    """An OSError() has an empty message: the CLI says its type (exit 2), it does not crash on it."""
+    import dpr_service.core.export_cli as export_cli
+
+    def fail(*args, **kwargs):
+        raise PermissionError()
+
+    monkeypatch.setattr(export_cli, "export", fail)
+    code, err = export(["--checkpoint", str(tmp_path), "--format", "onnx", "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.strip() == "dpr export: error: PermissionError", err
+
+
+def test_first_line_of_an_error():
+    from dpr_service.core.errors import first_line
+
+    assert first_line(ValueError("\n  bad value\n  more detail")) == "bad value"
+    assert first_line(OSError()) == "OSError"
+    assert first_line(ValueError("x" * 300), limit=200) == "x" * 200
+
+    class WithMessage(Exception):  # pymilvus's errors carry their text in .message
+        message = "collection not found"
+
+    assert first_line(WithMessage("<MilvusException: (code=100, ...)>")) == "collection not found"

@@ -40,6 +40,7 @@ from transformers.utils import logging as hf_logging
 from . import fsio
 from .config import FORMAT, EncoderConfig
 from .encoder import BiEncoder
+from .errors import first_line
 from .fsio import recover_directory, sha256_file  # noqa: F401  (re-exported: trainer/ and index/ import them from here)
 from .tokenize import TextTokenizer
 
@@ -379,7 +380,7 @@ def _load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad directory
-        raise CheckpointError(f"{path}: cannot load a tokenizer ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot load a tokenizer ({first_line(e)})") from None
 
 
 def _load_model(path: Path | str, safetensors_only: bool = False):
@@ -389,17 +390,12 @@ def _load_model(path: Path | str, safetensors_only: bool = False):
         AutoConfig.from_pretrained(str(path))
         return AutoModel.from_pretrained(str(path), use_safetensors=True if safetensors_only else (_has_safetensors(path) or None))
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load a transformers model ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot load a transformers model ({first_line(e)})") from None
 
 
 def _has_safetensors(path: Path | str) -> bool:
     p = Path(path)
     return p.is_dir() and any(p.glob("*.safetensors"))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _assemble(query_model, passage_model, tokenizer, config: EncoderConfig, where: str) -> BiEncoder:

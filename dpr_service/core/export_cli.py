@@ -9,6 +9,7 @@ import logging
 import sys
 
 from .checkpoint import CheckpointError
+from .errors import first_line
 from .export import FORMATS, ExportError, export
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None, prog: str = "dpr export") -> int:
     try:
         out = export(args.checkpoint, args.fmt, args.output, args.quantize)
     except (ExportError, CheckpointError, ImportError, OSError) as e:
-        print(f"{prog}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(e)}", file=sys.stderr)
         return 2
     print(f"exported: {out}")
     return 0

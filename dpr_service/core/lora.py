@@ -28,6 +28,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_p
 from safetensors.torch import load_file, save_file
 
 from .encoder import BiEncoder
+from .errors import first_line
 
 __all__ = ["LoraSettings", "LoraError", "default_targets", "add_adapters", "save_adapters", "load_adapters",
            "merge", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
@@ -101,7 +102,7 @@ def _peft(model: torch.nn.Module, config: LoraConfig) -> PeftModel:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             return get_peft_model(model, config)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-        raise LoraError(str(e).strip().splitlines()[0]) from None
+        raise LoraError(first_line(e)) from None
 
 
 def save_adapters(model: PeftModel, directory: Path) -> None:

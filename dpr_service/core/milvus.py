@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import ArtifactError, Manifest
+from .errors import first_line
 from .formats import Passage
 from .search import Hit
 
@@ -66,7 +67,7 @@ def redact(uri: str) -> str:
 
 def reason(e: Exception) -> str:
     """One line (at most 200 characters) saying why a Milvus call failed, for an error message."""
-    return (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0][:200]
+    return first_line(e, limit=200)
 
 
 def collection_properties(manifest: Manifest, index_type: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EncoderConfig
+from .errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=["*.json", "*/*.json"]))
     except Exception as e:  # offline without a cached copy, unknown id, no network: one line either way
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelDirError(f"{repo_id}: no such directory, and not a Hugging Face Hub model that could be "
-                            f"reached ({first})") from None
+                            f"reached ({first_line(e)})") from None
 
 
 def _read_json(path: Path, kind: type = dict):
