@@ -149,7 +149,7 @@ def test_one_positive_per_question_per_epoch(tmp_path, tiny_model):
 
 
 def test_run_length_rule_and_schedule():
-    assert [default_epochs(n) for n in (50, 300, 809, 2590, 110_000)] == [10, 8, 3, 1, 1]
+    assert [default_epochs(n) for n in (50, 300, 807, 2590, 9_000, 110_000)] == [10, 10, 10, 3, 1, 1]
     assert [round(lr_multiplier(s, 2, 10), 3) for s in (0, 1, 2, 6, 10, 11)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
 
 

@@ -36,7 +36,7 @@ HELP = {
     "chunk_size": "gradient caching (GradCache): encode each batch in chunks of N questions and N passages, so "
                   "memory depends on N, not on --batch-size; same gradients, about one extra forward pass of time",
     "max_steps": "optimiser steps (wins over --epochs)",
-    "epochs": "passes over the training data (fractions allowed; default: about 2,500 examples, 1 to 10 epochs)",
+    "epochs": "passes over the training data (fractions allowed; default: about 8,000 examples, 1 to 10 epochs)",
     "lr": "peak learning rate (default: 2e-5, DPR's; 5e-4 with --lora-r, Hu et al.'s for LoRA)",
     "lora_r": "train LoRA adapters of this rank (Hu et al. 2021) instead of every weight: the base model stays frozen "
               "and checkpoints hold only the adapters (off by default)",
