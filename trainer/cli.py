@@ -25,7 +25,8 @@ HELP = {
     "query_prompt": "text put before every question (e.g. 'query: ' for e5 models)",
     "passage_prompt": "text put before every passage (e.g. 'passage: ' for e5 models)",
     "negatives": "hard negatives: given (the data's own), random, bm25, model (mined with the starting model, "
-                 "skipping likely false negatives); auto: given when the data has some, else model",
+                 "skipping likely false negatives); auto: given when the data has some, else model for a "
+                 "sentence-transformers model or dpr-service checkpoint, bm25 for a plain transformers model",
     "pairs": "sample: one positive per question per epoch (seeded); all: every (question, positive) pair",
     "mine_depth": "mined negatives come from this many top-ranked passages",
     "mine_ratio": "a model-mined negative must score below this share of the positive's score (NV-Retriever)",
