@@ -24,7 +24,8 @@ from dpr_service.core.fsio import atomic_directory, exclusive
 
 from ..schemas import FieldError
 
-UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # matched whole (fullmatch): no "$" before a newline
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ZIP_MAGIC = b"PK\x03\x04"
 COPY_BLOCK = 1 << 20
 
@@ -34,18 +35,37 @@ class DataRefused(FieldError):
     status to answer (422 bad input, 404 no such data, 409 the name is taken, 413 too large)."""
 
 
+def check_split_name(value, field: str) -> str:
+    """``value`` if it is a plain split name (``train``, ``dev``, ``test``: the stem of a BEIR
+    directory's ``qrels/<split>.tsv``): letters, digits, ``.``, ``_`` and ``-``, at most 100, starting
+    with a letter or digit, matched whole. Raises DataRefused (422 naming ``field``) for anything
+    else: a path separator, ``..``, a hidden name (``.x``), a control character, a non-string."""
+    if not isinstance(value, str):
+        raise DataRefused(field, f"must be a split name such as 'train' or 'dev' (a string), got {type(value).__name__}")
+    if not UPLOAD_NAME.fullmatch(value) or ".." in value or value.endswith("."):
+        raise DataRefused(field, f"{value!r} is not a split name: use letters, digits, '.', '_' and '-' (at most 100, "
+                                 "starting with a letter or digit; no '/', no '..')")
+    return value
+
+
 def resolve_name(root: Path, name, field: str) -> Path:
     """The path of data named ``name`` under ``root`` (resolved, links followed). Raises DataRefused
-    (422) for a name that is not a plain relative path inside the root, (404) for one that is missing."""
+    (422) for a name that is not a plain relative path inside the root (absolute, ``..``, ``.``, an
+    empty part, a hidden part such as an upload's ``.upload-*`` temporary or ``.uploads.lock``, a
+    control character), also once links are followed; (404) for one that is missing."""
     if not isinstance(name, str) or not name.strip():
         raise DataRefused(field, "must be the name of data under the data root (a relative path such as 'scifact')")
     parts = name.split("/")
-    if name.startswith("/") or "\\" in name or "\x00" in name or any(p in ("", ".", "..") for p in parts):
+    if name.startswith("/") or "\\" in name or CONTROL.search(name) or any(p in ("", ".", "..") for p in parts):
         raise DataRefused(field, f"{name!r} is not a plain name under the data root (no '..', no absolute paths)")
+    if any(p.startswith(".") for p in parts):
+        raise DataRefused(field, f"{name!r} names a hidden file (names starting with '.' are never data)")
     base = root.resolve()
     path = (base / name).resolve()
     if not path.is_relative_to(base) or path == base:
         raise DataRefused(field, f"{name!r} leaves the data root (a link pointing outside it)")
+    if any(p.startswith(".") for p in path.relative_to(base).parts):
+        raise DataRefused(field, f"{name!r} leads to a hidden file (names starting with '.' are never data)")
     if not path.exists():
         raise DataRefused(field, f"no data named {name!r} under the data root (GET /datasets lists them)", status=404)
     return path
@@ -78,7 +98,7 @@ def upload_name(name: str, is_zip: bool) -> str:
     """The name an upload is stored under: ``name`` (a zip: a directory), a training file with
     ``.jsonl`` added unless it ends in ``.jsonl`` or ``.json``. Raises DataRefused (422) for a name
     that is not letters, digits, ``.``, ``_`` and ``-`` (at most 100, not starting with ``.``)."""
-    if not UPLOAD_NAME.match(name or "") or name.endswith("."):
+    if not isinstance(name, str) or not UPLOAD_NAME.fullmatch(name) or name.endswith("."):
         raise DataRefused("name", f"{name!r}: use letters, digits, '.', '_' and '-' (at most 100, starting with a letter or digit)")
     if not is_zip and not name.endswith((".jsonl", ".json")):
         name += ".jsonl"
