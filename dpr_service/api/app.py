@@ -9,6 +9,7 @@ the Guard middleware, error handlers, the routers and the published schema.
       resources.py                  checkpoint + index + batcher, loaded and hot-reloaded
       limits.py                     the DPR_MAX_* table: checks requests, writes the schema
       schemas.py / errors.py        bodies; every client error a 4xx naming the field
+      lanes.py                      a thread pool, bounds and a 503 per kind of work (interactive, heavy, admin, events)
       guard.py / batching.py / metrics.py / openapi.py / settings.py
 """
 
@@ -27,6 +28,7 @@ from dpr_service.core.milvus import MilvusUnavailable
 from .errors import OpenAIErrorShape, install_error_handlers
 from .guard import Guard
 from .jobs import JobSettings, install_jobs
+from .lanes import Lanes
 from .metrics import Metrics
 from .openapi import install_openapi
 from .resources import Reloader
@@ -61,8 +63,11 @@ def _lifespan(settings: Settings, metrics: Metrics):
             if settings.wait_for_index or settings.milvus_uri:  # Milvus may come up later: keep trying
                 log.info("DPR_WAIT_FOR_INDEX: checking %s every second until an index there loads", settings.index)
                 reloader.watch_until_loaded()
-        yield
-        await reloader.close()  # the batcher drains: queued queries are still answered
+        try:
+            yield
+        finally:
+            await reloader.close()  # the batcher drains: queued queries are still answered
+            app.state.lanes.shutdown()
 
     return lifespan
 
@@ -80,6 +85,7 @@ def create_app(settings: Settings | None = None, jobs_settings: JobSettings | No
                   docs_url=None, redoc_url=None)  # routes/web.py serves them, with local assets
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.lanes = Lanes(settings)  # interactive, heavy, admin, events: a thread pool and a 503 each (lanes.py)
     app.state.body_limits = {}  # paths whose route streams its body, and their limit (install_jobs adds /datasets)
     # the API key, admission, then the body size, all before a byte of the body is read (guard.py)
     app.add_middleware(Guard, settings=settings, open_routes=OPEN_ROUTES, observe=metrics.observe_request,

@@ -9,8 +9,8 @@ the server's own troubles are 503 (retry) or a bare 500 (logged, never a traceba
 - 422: a field that fails its schema, a ``DPR_MAX_*`` limit or a rule between fields (``alpha`` only
   in hybrid mode): ``items[0].negatives[1]: ...``; a body that is not a JSON object:
   ``body: must be a JSON object, got an array``.
-- 503 with Retry-After: not ready, the query queue is full, a reload retired the encoder, or Milvus
-  (``DPR_MILVUS_URI``) did not answer.
+- 503 with Retry-After: not ready, the query queue is full, the request's lane is full (``lane``
+  names it: ``lanes.py``), a reload retired the encoder, or Milvus (``DPR_MILVUS_URI``) did not answer.
 - 500: anything unexpected: ``internal error`` (the traceback is logged, never sent).
 
 Field names are written as a client writes them: ``items[0].positive.title``.
@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from dpr_service.core.milvus import MilvusUnavailable
 
 from .batching import Overloaded, Stopped
+from .lanes import LaneFull
 from .schemas import FieldError
 from .settings import Settings
 
@@ -109,6 +110,9 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
         return JSONResponse({"detail": "server reloading: the query encoder was replaced, retry"}, status_code=503,
                             headers=retry)
 
+    async def lane_full(request: Request, exc: LaneFull) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, "lane": exc.lane}, status_code=503, headers=retry)
+
     async def milvus_unavailable(request: Request, exc: MilvusUnavailable) -> JSONResponse:
         log.warning("%s: %s", request.url.path, exc)
         return JSONResponse({"detail": "search backend unavailable: Milvus did not answer, retry later"},
@@ -123,6 +127,7 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(FieldError, field_error)  # LimitExceeded too
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(Stopped, stopped)
+    app.add_exception_handler(LaneFull, lane_full)
     app.add_exception_handler(MilvusUnavailable, milvus_unavailable)
     app.add_exception_handler(Exception, unexpected)
 

@@ -55,6 +55,29 @@ class Settings(BaseSettings):
     # admission: requests in progress at once; more get 503 + Retry-After before their body is read
     max_in_flight: int = Field(256, ge=1)
     retry_after_s: int = Field(1, ge=1)
+    # cost, not count: tokens after truncation (docs/serving.md#lanes-and-cost)
+    max_request_tokens: int = Field(65_536, ge=1, description="tokens one /score, /encode or /v1/embeddings request "
+                                    "may encode (after truncation to the checkpoint's max lengths); more: 413")
+    interactive_max_tokens: int = Field(2_048, ge=0, description="/encode and /v1/embeddings requests of at most this "
+                                        "many tokens run in the interactive lane; larger ones in the heavy lane")
+    heavy_max_tokens: int = Field(262_144, ge=1, description="tokens queued and running in the heavy lane together; "
+                                  "a request that would pass it gets 503 with Retry-After")
+    encode_batch_size: int = Field(32, ge=1, le=4096, description="texts encoded at once by /score and /encode: "
+                                   "a request's memory is O(this), not O(request)")
+    # lanes: each kind of work has its own threads and queue (api/lanes.py)
+    lane_interactive_threads: int = Field(4, ge=1, le=256)
+    lane_interactive_queue: int = Field(256, ge=0, le=100_000)
+    lane_heavy_threads: int = Field(1, ge=1, le=256)
+    lane_heavy_queue: int = Field(16, ge=0, le=100_000)
+    lane_admin_threads: int = Field(2, ge=1, le=256)
+    lane_admin_queue: int = Field(16, ge=0, le=100_000)
+    lane_events_threads: int = Field(2, ge=1, le=256)
+    lane_events_queue: int = Field(256, ge=0, le=100_000)
+    lane_nice: int = Field(10, ge=0, le=19, description="how much lower the CPU priority of heavy and admin threads is "
+                           "(Linux nice increment; 0: the same as interactive work)")
+    # slow clients: a body must arrive within body_timeout_s + its bytes / body_min_bytes_per_s (else 408)
+    body_timeout_s: float = Field(10.0, gt=0, le=3600)
+    body_min_bytes_per_s: int = Field(50_000, ge=1)
 
     @field_validator("api_key", mode="before")
     @classmethod
