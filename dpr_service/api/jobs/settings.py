@@ -35,6 +35,8 @@ class JobSettings(BaseSettings):
     jobs_nproc: int = Field(1, ge=1, le=64, description="processes per job: above 1, a job is torchrun --standalone "
                             "--nproc-per-node N (data parallel), on N GPUs of DPR_JOBS_GPUS each")
     jobs_poll_s: float = Field(0.5, gt=0, description="how often the runner looks at its jobs")
+    max_zip_entries: int = Field(5000, ge=1, le=1_000_000, description="most entries (files and directories) in "
+                                 "an uploaded zip; more is 413 before anything is unpacked")
 
     @field_validator("admin_key", mode="before")
     @classmethod
