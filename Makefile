@@ -68,3 +68,13 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The container images (docs/deployment.md): a Docker engine, else podman, else buildah.
+#   make image [TARGET=cpu|cpu-serve|gpu] [PYTHON_IMAGE=...] [TORCH_WHEELS=dir | TORCH_INDEX_URL=url] [EXTRA_CA_CERTS=file]
+#   make image-test   builds cpu-serve and runs docker-compose.yml's services inside it, then checks the server
+.PHONY: image image-test
+image:
+	docker/image.sh
+
+image-test:
+	tests/image_test.sh
