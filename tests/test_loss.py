@@ -1,6 +1,7 @@
 """The DPR loss against values computed by hand, and its gradient against autograd of a naive formula."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -120,3 +121,69 @@ def test_bad_arguments_are_named(kwargs, message):
     args = {"positive_idx": POS, **kwargs}
     with pytest.raises(ValueError, match=message):
         in_batch_nll(Q, P, args.pop("positive_idx"), **args)
+
+
+# ----------------------------------------------------------------------------- masking by content (issue 31.1)
+
+class _RowsTokenizer:
+    """Stands in for the text tokenizer: one row per text, so collate's layout can be checked without a model."""
+
+    def queries(self, texts):
+        return {"input_ids": torch.arange(len(texts))[:, None]}
+
+    def passages(self, passages):
+        return {"input_ids": torch.arange(len(passages))[:, None]}
+
+
+def _embed(passages, dim=8):
+    """One fixed random vector per passage content (title and text), so a copy scores as its original."""
+    out = []
+    for p in passages:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{p.title}\x1f{p.text}".encode()))
+        out.append(torch.randn(dim, generator=g))
+    return torch.stack(out)
+
+
+def test_copy_of_a_positive_under_another_id_is_masked_for_its_question():
+    """Issue 31.1: batch columns ['a1', 'c1', 'b1', 'b1', 'a1-copy', 'a1']: q1's positive a1 came back under
+    the id 'a1-copy' as q2's hard negative and counted against q1 (loss 1.4213 >= log 2). Its loss must be
+    the loss with that column removed; for q2 (whose positive is b1) the copy stays a negative."""
+    from dpr_service.core.batches import collate
+    from dpr_service.core.formats import Passage, TrainExample
+
+    a1, c1, b1 = Passage("the river bank", "river", "a1"), Passage("a mountain", "", "c1"), Passage("violin", "", "b1")
+    a1_copy = Passage("The  river bank", "River", "a1-copy")  # the same passage up to case and spacing
+    q1 = TrainExample("where is the river", a1, known_positive_ids=frozenset({"a1"}))
+    q2 = TrainExample("who plays the violin", b1, known_positive_ids=frozenset({"b1"}))
+    negatives = [[c1], [b1, a1_copy, a1]]
+    batch = collate([q1, q2], negatives, _RowsTokenizer())
+    cols = [a1, c1, b1, b1, a1_copy, a1]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, generator=g)
+    p = _embed(cols)
+    p[4] = p[0]  # the copy is encoded as its original
+    q[0] = p[0] * 2  # q1 likes its positive (and so its copy)
+
+    got = in_batch_nll(q, p, batch.positive_idx, p_ids=batch.p_hashes, candidate_mask=batch.candidate_mask(), reduction="none")
+    keep = [0, 1, 2, 3]  # q1's candidates: a1, c1, b1, b1 (the copy and the repeated a1 are a1)
+    s = q[0] @ p[keep].T
+    expected_q1 = float(torch.logsumexp(s, 0) - s[0])
+    assert got[0].item() == pytest.approx(expected_q1, abs=1e-5)
+    mask = batch.candidate_mask()
+    assert mask[0].tolist() == [False, True, True, True, False, False]
+    assert mask[1].tolist() == [True, True, False, False, True, True]  # a1-copy and a1 are q2's negatives
+    assert batch.masked == 2 + 1  # q1: a1-copy and a1; q2: its positive's repeat
+
+
+def test_copy_of_a_known_positive_is_masked_too():
+    """A question's other known positive k (by id) and a copy of k under another id are both not its negatives."""
+    from dpr_service.core.batches import collate
+    from dpr_service.core.formats import Passage, TrainExample
+
+    a, k, k_copy, n = (Passage("apple", "", "a"), Passage("kiwi", "fruit", "k"), Passage("Kiwi", "fruit ", "k2"),
+                       Passage("nut", "", "n"))
+    q1 = TrainExample("fruit", a, known_positive_ids=frozenset({"a", "k"}))
+    q2 = TrainExample("green fruit", n, known_positive_ids=frozenset({"n"}))
+    batch = collate([q1, q2], [[], [k, k_copy]], _RowsTokenizer())  # columns a, n, k, k2
+    assert batch.candidate_mask()[0].tolist() == [False, True, False, False]
+    assert batch.candidate_mask()[1].tolist() == [True, False, True, True]

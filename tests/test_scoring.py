@@ -47,6 +47,9 @@ TRICKY = {
                            ScoreItem("the copper falcon", D, [C, B])],
     "positive is another item's negative": [ScoreItem("the apple and the river", A, [B]),
                                             ScoreItem("the violin and the desert", B, [A, E])],
+    # issue 31.1: a copy of the first item's positive, under another id, as the second item's negative
+    "copy of a positive as another item's negative": [ScoreItem("the apple and the river", A, [C]),
+                                                       ScoreItem("the violin and the desert", B, [B, P("a-copy", "Apple  river mountain"), A])],
     "same question, shared negative, uneven negatives": [ScoreItem("canyon thunder", E, [A, B, C]),
                                                          ScoreItem("canyon thunder", D, []),
                                                          ScoreItem("harbor lantern", C, [E])],
@@ -119,3 +122,13 @@ def test_without_in_batch_each_item_sees_only_its_own_passages(loaded):
         assert t.loss == pytest.approx(a.loss, abs=1e-5)
         assert t.probabilities == pytest.approx(a.probabilities, abs=1e-5)
         assert sum(t.probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_copy_of_a_positive_is_not_a_negative_of_its_question(loaded):
+    """Issue 31.1: columns ['a', 'c', 'b', 'b', 'a-copy', 'a']: the copy of item 0's positive (item 1's
+    negative) counted against item 0. Item 0's loss must be as if the copy were not in the request."""
+    with_copy = score_items(loaded, CPU, TRICKY["copy of a positive as another item's negative"], in_batch=True)
+    without = score_items(loaded, CPU, [ScoreItem("the apple and the river", A, [C]),
+                                        ScoreItem("the violin and the desert", B, [B, A])], in_batch=True)
+    assert with_copy[0].loss == pytest.approx(without[0].loss, abs=1e-6)
+    assert with_copy[1].probabilities[2] > 0  # for item 1 the copy is a negative like any other

@@ -14,7 +14,7 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from dpr_service.core.batches import Batch, collate
+from dpr_service.core.batches import Batch, collate, count_masked
 from dpr_service.core.formats import Passage, TrainExample
 from dpr_service.core.tokenize import TextTokenizer
 
@@ -84,7 +84,10 @@ class EpochBatches(Dataset):
         chosen = [self.examples[i] for i in self.order[step * self.batch_size : (step + 1) * self.batch_size]]
         negatives = [pick_negatives(ex, self.h, rng, self.corpus, shuffle=True) for ex in chosen]
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
-        return collate(chosen[mine], negatives[mine], self.tokenizer)
+        batch = collate(chosen[mine], negatives[mine], self.tokenizer)
+        if self.local < self.batch_size:  # the pairs the global batch masks, as the loss sees them
+            batch.masked = count_masked(chosen, negatives)
+        return batch
 
 
 def fixed_batches(examples: list[TrainExample], corpus: list[Passage], tokenizer: TextTokenizer,

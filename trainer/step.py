@@ -86,11 +86,12 @@ def global_loss(encoder: BiEncoder, q_emb: torch.Tensor, p_emb: torch.Tensor, ba
     offset = sum(p_sizes[: d.rank])  # where this rank's passages start in p_all
     positive_idx, _ = gather_rows(batch.positive_idx + offset, d, keep_grad=False)  # (B,)
     p_hashes, _ = gather_rows(batch.p_hashes, d, keep_grad=False)  # (N,)
+    c_hashes, _ = gather_rows(batch.c_hashes, d, keep_grad=False)  # (N,) content: copies are masked too
     known_hashes = gather_padded(batch.known_hashes, d, fill=-1)  # (B, K)
     cfg = encoder.config
     return in_batch_nll(
         q_all, p_all, positive_idx, similarity=cfg.similarity, temperature=cfg.temperature,
-        p_ids=p_hashes, candidate_mask=known_positive_mask(p_hashes, known_hashes),
+        p_ids=p_hashes, candidate_mask=known_positive_mask(p_hashes, known_hashes, c_hashes),
     )
 
 

@@ -428,7 +428,7 @@ def train_loop(run: Run) -> Path:
     if run.eval_data is not None and cfg.eval_before and run.step == 0:
         run.evaluate()
     bar = tqdm(total=plan.total_steps, initial=run.step, desc="training", unit="step", disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
-    started_at, window_examples, window_start = run.step, 0, time.perf_counter()
+    started_at, window_examples, window_start, window_masked, masked = run.step, 0, time.perf_counter(), 0, 0
     try:
         while run.step < plan.total_steps:
             epoch, first = divmod(run.step, plan.steps_per_epoch)
@@ -453,17 +453,18 @@ def train_loop(run: Run) -> Path:
                 grad_norm = run.optimizer_step(loss)
                 run.step += 1
                 window_examples += batch.size * dist.world_size
+                window_masked, masked = window_masked + batch.masked, masked + batch.masked  # known positives, copies
                 bar.update(1)
 
                 if dist.is_main and (run.step % cfg.log_every == 0 or run.step == plan.total_steps):
                     elapsed = time.perf_counter() - window_start
                     record = {"step": run.step, "epoch": epoch, "loss": loss.item(), "lr": run.scheduler.get_last_lr()[0],
-                              "grad_norm": grad_norm, "examples_per_s": window_examples / elapsed}
+                              "grad_norm": grad_norm, "examples_per_s": window_examples / elapsed, "masked_pairs": window_masked}
                     if run.skipped:
                         record["skipped_nonfinite"] = run.skipped
                     _append(out / "metrics.jsonl", record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.1f}")
-                    window_examples, window_start = 0, time.perf_counter()
+                    window_examples, window_start, window_masked = 0, time.perf_counter(), 0
                 if run.eval_data is not None and (run.step % cfg.eval_every == 0 or run.step == plan.total_steps):
                     run.evaluate()
                 signalled = distributed.any_rank(bool(stop_signal), dist, run.runtime.device)  # all ranks stop together
@@ -485,8 +486,8 @@ def train_loop(run: Run) -> Path:
         for s, handler in previous.items():
             signal.signal(s, handler)
     distributed.barrier(dist)  # rank 0 has evaluated and written last/
-    log.info("done: %d steps%s; checkpoint %s%s", run.step, f" ({run.skipped} skipped as non-finite)" if run.skipped else "",
-             out / "last", f", best {out / 'best'}" if run.eval_data else "")
+    log.info("done: %d steps%s, %d (question, passage) pairs masked as known positives or their copies; checkpoint %s%s", run.step,
+             f" ({run.skipped} skipped as non-finite)" if run.skipped else "", masked, out / "last", f", best {out / 'best'}" if run.eval_data else "")
     return out / "last"
 
 
