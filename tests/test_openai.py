@@ -241,12 +241,12 @@ def test_not_ready_and_internal_errors_in_openais_shape(art, monkeypatch):
         assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["message"].startswith("not ready")
     import dpr_service.api.routes.openai as routes
 
-    monkeypatch.setattr(routes, "token_counts", lambda *a: 1 / 0)
+    monkeypatch.setattr(routes, "served_model", lambda *a: 1 / 0)
     with TestClient(create_app(Settings(index=art / "index", device="cpu")), raise_server_exceptions=False) as c:
         r = c.post("/v1/embeddings", json={"model": "m", "input": "apple"})
         assert r.status_code == 500
         assert r.json() == {"error": {"message": "internal error", "type": "server_error", "param": None, "code": "internal_error"}}
-        assert c.post("/encode", json={"texts": ["apple"]}).status_code == 200  # /encode does not count tokens
+        assert c.post("/encode", json={"texts": ["apple"]}).status_code == 200  # /encode does not name the model
 
 
 # ----------------------------------------------------------------------------- a framework: LangChain

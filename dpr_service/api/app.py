@@ -53,6 +53,7 @@ def _lifespan(settings: Settings, metrics: Metrics):
     async def lifespan(app: FastAPI):
         app.state.resources = None
         app.state.load_error = None
+        app.state.lanes = Lanes(settings)  # interactive, heavy, admin, events: a thread pool and a 503 each (lanes.py)
         app.state.reloader = reloader = Reloader(app, settings, metrics)
         try:
             res = await reloader.load()
@@ -68,6 +69,7 @@ def _lifespan(settings: Settings, metrics: Metrics):
         finally:
             await reloader.close()  # the batcher drains: queued queries are still answered
             app.state.lanes.shutdown()
+            app.state.lanes = None  # a later lifespan (or a call without one) makes new ones
 
     return lifespan
 
@@ -85,7 +87,6 @@ def create_app(settings: Settings | None = None, jobs_settings: JobSettings | No
                   docs_url=None, redoc_url=None)  # routes/web.py serves them, with local assets
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.lanes = Lanes(settings)  # interactive, heavy, admin, events: a thread pool and a 503 each (lanes.py)
     app.state.body_limits = {}  # paths whose route streams its body, and their limit (install_jobs adds /datasets)
     # the API key, admission, then the body size, all before a byte of the body is read (guard.py)
     app.add_middleware(Guard, settings=settings, open_routes=OPEN_ROUTES, observe=metrics.observe_request,

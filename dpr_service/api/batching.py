@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from contextvars import ContextVar
 from typing import Callable
 
@@ -71,15 +72,17 @@ def _timed(encode: Callable[[list[str]], np.ndarray], texts: list[str]) -> tuple
 class QueryBatcher:
     """Encodes the texts of concurrent :meth:`submit` calls together: batches of at most
     ``max_size`` texts, at most ``queue_max`` texts waiting. ``encode`` maps a list of N texts to an
-    (N, D) array (it runs in a worker thread); ``observe`` is called with each batch's size.
+    (N, D) array (it runs on a thread of ``executor``, the app's interactive lane); ``observe`` is
+    called with each batch's size.
 
     An idle encoder takes the texts queued at once (a lone query is never held back); a busy one's
     next batch is whatever queued while it worked, up to ``max_size``. ``max_wait_ms``
     (``DPR_BATCH_MAX_WAIT_MS``) is accepted for compatibility and unused: there is no window."""
 
     def __init__(self, encode: Callable[[list[str]], np.ndarray], max_size: int, max_wait_ms: float, queue_max: int,
-                 observe: Callable[[int], None] | None = None):
+                 observe: Callable[[int], None] | None = None, executor: Executor | None = None):
         self.encode, self.max_size, self.max_wait = encode, max_size, max_wait_ms / 1000
+        self.executor = executor  # the interactive lane's threads (None: asyncio's default executor)
         self.queue_max = queue_max
         self.queue: asyncio.Queue = asyncio.Queue()  # bounded by submit() (queue_max), so that stop() can always queue _STOP
         self.observe = observe or (lambda n: None)
@@ -187,7 +190,7 @@ class QueryBatcher:
         alone, so that only the futures of texts that fail by themselves get the error."""
         loop = asyncio.get_running_loop()
         try:
-            emb, t0, seconds = await loop.run_in_executor(None, _timed, self.encode, [i.text for i in live])
+            emb, t0, seconds = await loop.run_in_executor(self.executor, _timed, self.encode, [i.text for i in live])
         except Exception as e:
             if len(live) == 1:
                 _settle(live[0], exception=e)
@@ -196,7 +199,7 @@ class QueryBatcher:
                 if i.future.done():
                     continue
                 try:
-                    emb1, t0, seconds = await loop.run_in_executor(None, _timed, self.encode, [i.text])
+                    emb1, t0, seconds = await loop.run_in_executor(self.executor, _timed, self.encode, [i.text])
                 except Exception as e1:
                     _settle(i, exception=e1)
                 else:

@@ -3,6 +3,9 @@ the server's own troubles are 503 (retry) or a bare 500 (logged, never a traceba
 
 - 400: a body that is not JSON: ``body: not valid JSON (<reason> at character N)``;
   (the Guard middleware: a Content-Length that is not a number).
+- 408: a body that did not arrive within its deadline (the Guard: ``DPR_BODY_TIMEOUT_S``; the
+  connection is closed).
+- 413: a body over ``DPR_MAX_BODY_BYTES``; a request that encodes more than ``DPR_MAX_REQUEST_TOKENS``.
 - 415: a body not sent as JSON by its Content-Type: ``content-type: ...`` (``deps.json_body``).
 - 409: a valid request the index cannot serve: ``mode: ...`` (bm25 or hybrid on an index built
   with ``--no-bm25``).
@@ -32,6 +35,7 @@ from fastapi.responses import JSONResponse
 from dpr_service.core.milvus import MilvusUnavailable
 
 from .batching import Overloaded, Stopped
+from .guard import BodyTimeout
 from .lanes import LaneFull
 from .schemas import FieldError
 from .settings import Settings
@@ -110,6 +114,9 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
         return JSONResponse({"detail": "server reloading: the query encoder was replaced, retry"}, status_code=503,
                             headers=retry)
 
+    async def body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=408, headers={"Connection": "close"})
+
     async def lane_full(request: Request, exc: LaneFull) -> JSONResponse:
         return JSONResponse({"detail": exc.detail, "lane": exc.lane}, status_code=503, headers=retry)
 
@@ -128,6 +135,7 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(Stopped, stopped)
     app.add_exception_handler(LaneFull, lane_full)
+    app.add_exception_handler(BodyTimeout, body_timeout)
     app.add_exception_handler(MilvusUnavailable, milvus_unavailable)
     app.add_exception_handler(Exception, unexpected)
 
@@ -135,7 +143,7 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
 # ----------------------------------------------------------------------------- OpenAI's shape on /v1
 
 OPENAI_PREFIX = "/v1/"
-OPENAI_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+OPENAI_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
                 409: "unsupported_value", 413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_value",
                 500: "internal_error", 503: "unavailable"}
 

@@ -112,6 +112,12 @@ class Lane:
         future.add_done_callback(lambda _: self._release(cost))
         return await asyncio.wrap_future(future)
 
+    async def run_own(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on this lane's threads without admission: the server's own work (loading the
+        index at start, a background reload), which must not be refused because clients filled the
+        lane. It waits its turn behind what is queued."""
+        return await asyncio.wrap_future(self.executor.submit(fn, *args))
+
     def shutdown(self) -> None:
         """Stop taking work; calls already running finish in their threads."""
         self.executor.shutdown(wait=False, cancel_futures=True)

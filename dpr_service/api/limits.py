@@ -12,6 +12,10 @@ Each row says: in this request model, this field is bounded by this setting, cou
 :func:`check_limits` walks a parsed request (nested models included) and raises
 :class:`LimitExceeded` naming the field as a client wrote it (``items[0].negatives[1].title``);
 :func:`document_limits` writes the same rows into the schema.
+
+Counts and characters bound what a request may *say*; what it *costs* is bounded by tokens after
+truncation (:func:`check_tokens`, ``DPR_MAX_REQUEST_TOKENS``: 413), counted once the texts are
+tokenised, and the heavy lane admits by tokens in flight (:mod:`.lanes`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,23 @@ class LimitExceeded(FieldError):
 
     def __init__(self, field: str, message: str):
         super().__init__(field, message)
+
+
+class TooCostly(FieldError):
+    """A request that would encode more tokens than ``DPR_MAX_REQUEST_TOKENS``: answered with 413
+    naming the field and the limit."""
+
+    def __init__(self, field: str, tokens: int, limit: int):
+        super().__init__(field, f"this request encodes {tokens} tokens (after truncation to the checkpoint's max "
+                                f"lengths); at most {limit} per request (DPR_MAX_REQUEST_TOKENS): send fewer or "
+                                "shorter texts, or split the request")
+        self.status = 413
+
+
+def check_tokens(tokens: int, settings: Settings, field: str) -> None:
+    """Raise :class:`TooCostly` when ``tokens`` is over ``settings.max_request_tokens``."""
+    if tokens > settings.max_request_tokens:
+        raise TooCostly(field, tokens, settings.max_request_tokens)
 
 
 # ----------------------------------------------------------------------------- checking requests

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from dpr_service.core.onnx_export import pick_encoding_runtime
 from dpr_service.core.search import Searcher
 
 from .batching import QueryBatcher, Stopped, stage_seconds
+from .lanes import lane, run_in_lane
 from .metrics import Metrics
 from .settings import Settings
 
@@ -148,11 +150,12 @@ def _other_checkpoint(searcher: MilvusSearcher, fingerprint: str) -> ArtifactErr
                          f"({fingerprint[:16]}); export an index of this checkpoint")
 
 
-def start_batcher(res: Resources, settings: Settings, metrics: Metrics) -> None:
-    """Give ``res`` a running :class:`QueryBatcher` when ``DPR_BATCHING`` is on (call on the event loop)."""
+def start_batcher(res: Resources, settings: Settings, metrics: Metrics, executor: Executor | None = None) -> None:
+    """Give ``res`` a running :class:`QueryBatcher` when ``DPR_BATCHING`` is on (call on the event loop);
+    it encodes on ``executor``'s threads (the interactive lane's)."""
     if settings.batching:
         res.batcher = QueryBatcher(res.encode_queries, settings.batch_max_size, settings.batch_max_wait_ms,
-                                   settings.queue_max, observe=metrics.batch.observe)
+                                   settings.queue_max, observe=metrics.batch.observe, executor=executor)
         res.batcher.start()
 
 
@@ -165,7 +168,7 @@ async def encode_for_search(app: FastAPI, res: Resources, texts: list[str]) -> t
     for _ in range(ENCODE_ATTEMPTS):
         try:
             if res.batcher is None:
-                return res, await _encode_unbatched(res, texts)
+                return res, await _encode_unbatched(app, res, texts)
             metrics.queue.set(res.batcher.depth)
             return res, await res.batcher.submit(texts)
         except Stopped:
@@ -176,8 +179,8 @@ async def encode_for_search(app: FastAPI, res: Resources, texts: list[str]) -> t
     raise Stopped("reloaded again and again")
 
 
-async def _encode_unbatched(res: Resources, texts: list[str]) -> np.ndarray:
-    """``res.encode_queries(texts)`` in a worker thread; the seconds it waited for the thread
+async def _encode_unbatched(app: FastAPI, res: Resources, texts: list[str]) -> np.ndarray:
+    """``res.encode_queries(texts)`` in the interactive lane; the seconds it waited for the thread
     (``queue_wait``) and encoded (``encode``) go to :data:`~dpr_service.api.batching.stage_seconds`
     when the caller set it, as the batcher's do."""
     handed = time.perf_counter()
@@ -186,7 +189,7 @@ async def _encode_unbatched(res: Resources, texts: list[str]) -> np.ndarray:
         started = time.perf_counter()
         return res.encode_queries(texts), started - handed, time.perf_counter() - started
 
-    q_emb, waited, encoding = await asyncio.get_running_loop().run_in_executor(None, timed)
+    q_emb, waited, encoding = await run_in_lane(app, "interactive", timed)
     stages = stage_seconds.get()
     if stages is not None:
         stages["queue_wait"], stages["encode"] = waited, encoding
@@ -242,10 +245,11 @@ class Reloader:
             if if_changed and current is not None and stamp is not None and stamp == self._serving:
                 return current
             try:
-                res = await asyncio.get_running_loop().run_in_executor(None, load_resources, self.settings, self.metrics)
+                # the admin lane: a load never takes a thread that /search needs
+                res = await lane(self.app, "admin").run_own(load_resources, self.settings, self.metrics)
             finally:
                 self.seen = stamp
-            start_batcher(res, self.settings, self.metrics)
+            start_batcher(res, self.settings, self.metrics, lane(self.app, "interactive").executor)
             self._serving = stamp
             old, self.app.state.resources = self.app.state.resources, res
             self.app.state.load_error = None

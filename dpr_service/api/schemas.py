@@ -293,6 +293,10 @@ ERROR_RESPONSES = {
                                       "schema": {"type": "integer"}}}},
 }
 
+COST_RESPONSES = {  # the routes that encode texts: bounded by tokens, run in a lane (api/lanes.py)
+    413: {"model": ErrorResponse, "description": "the request encodes more tokens than DPR_MAX_REQUEST_TOKENS"},
+    503: {"model": ErrorResponse, "description": "the request's lane (interactive or heavy) is full; retry after Retry-After"},
+}
 BODY_RESPONSES = {  # the routes that take a JSON body
     415: {"model": ErrorResponse, "description": "the body was not sent as JSON: Content-Type must be application/json"},
 }

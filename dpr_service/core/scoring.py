@@ -4,6 +4,8 @@ Usage::
 
     items = [ScoreItem("who wrote X?", Passage("... wrote X ...", id="p1"), [Passage("...", id="n1")])]
     score_items(loaded, runtime, items, in_batch=True)  # [ItemScore(loss=..., probabilities=[...], rank=1)]
+    plan = plan_scores(loaded, items, in_batch=True)     # or in two steps: tokenise (plan.tokens: its cost),
+    score_plan(loaded, runtime, plan, encode_batch_size=32)  # then encode 32 texts at a time
 
 The request's items become :class:`~dpr_service.core.formats.TrainExample`\\ s by the readers' rule
 (items with the same question share their known positives: :func:`~dpr_service.core.formats.share_known_positives`),
@@ -86,10 +88,18 @@ def score_examples(items: list[ScoreItem]) -> tuple[list[TrainExample], list[lis
     return examples, negatives
 
 
-@torch.no_grad()
-def score_items(loaded: Loaded, runtime: Runtime, items: list[ScoreItem], in_batch: bool) -> list[ItemScore]:
-    """Per item: its question against its own positive and negatives, or, with ``in_batch``, against
-    every passage of the request, exactly as a training batch of these items. Dropout is off."""
+@dataclass
+class ScorePlan:
+    """A ``/score`` request made into the trainer's batch, tokenised but not encoded yet: what its cost
+    is known from before any model runs (``tokens``), so that a server can refuse or queue it first."""
+    batch: Batch
+    spans: list[tuple[int, int]]  # per item, its columns [start, end): the positive, then its negatives
+    own: torch.Tensor | None  # (B, N) each item's own columns, when scored without in-batch negatives
+    tokens: int  # tokens the encoder reads: every question and passage, after truncation (attention masks)
+
+
+def plan_scores(loaded: Loaded, items: list[ScoreItem], in_batch: bool) -> ScorePlan:
+    """Tokenise ``items`` into the batch :func:`collate` makes for training (cheap next to encoding)."""
     examples, negatives = score_examples(items)
     batch = collate(examples, negatives, loaded.tokenizer)
     spans = [(start, start + 1 + len(negs)) for start, negs in zip(batch.positive_idx.tolist(), negatives)]
@@ -98,13 +108,30 @@ def score_items(loaded: Loaded, runtime: Runtime, items: list[ScoreItem], in_bat
         own = torch.zeros(len(items), batch.p_hashes.shape[0], dtype=torch.bool)
         for i, (start, end) in enumerate(spans):
             own[i, start:end] = True
+    tokens = int(batch.queries["attention_mask"].sum()) + int(batch.passages["attention_mask"].sum())
+    return ScorePlan(batch, spans, own, tokens)
+
+
+@torch.no_grad()
+def score_plan(loaded: Loaded, runtime: Runtime, plan: ScorePlan, encode_batch_size: int | None = 32) -> list[ItemScore]:
+    """Encode and score a :func:`plan_scores` batch, ``encode_batch_size`` texts at a time: the
+    activations in memory are those of one chunk, not of the request (None: all at once, as a
+    training step). The result does not depend on the chunk size (no gradients, dropout off)."""
     loaded.encoder.eval()
-    log_probs = batch_log_probs(loaded.encoder, batch, runtime, candidate_mask=own).cpu()  # (B, N)
+    log_probs = batch_log_probs(loaded.encoder, plan.batch, runtime, encode_batch_size, candidate_mask=plan.own).cpu()  # (B, N)
     out = []
-    for i, (start, end) in enumerate(spans):
+    for i, (start, end) in enumerate(plan.spans):
         row = log_probs[i]
         pos = row[start]
         allowed = torch.isfinite(row)
         out.append(ItemScore(loss=float(-pos), probabilities=row[start:end].exp().tolist(),
                              rank=int((row[allowed] > pos).sum()) + 1))
     return out
+
+
+def score_items(loaded: Loaded, runtime: Runtime, items: list[ScoreItem], in_batch: bool,
+                encode_batch_size: int | None = 32) -> list[ItemScore]:
+    """Per item: its question against its own positive and negatives, or, with ``in_batch``, against
+    every passage of the request, exactly as a training batch of these items. Dropout is off; texts
+    are encoded ``encode_batch_size`` at a time (:func:`score_plan`)."""
+    return score_plan(loaded, runtime, plan_scores(loaded, items, in_batch), encode_batch_size)

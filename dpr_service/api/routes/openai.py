@@ -8,20 +8,17 @@ says how a client uses them and why ``input_type`` is ``document`` by default.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from dpr_service.core.formats import Passage
-from dpr_service.core.tokenize import TextTokenizer
 
 from ..deps import JSON_BODY, KEY_REQUIRED, ServingResources, within_limits
 from ..openai_schemas import (DIMENSIONS_RESPONSES, OPENAI_ERROR_RESPONSES, Embedding, EmbeddingsRequest, EmbeddingsResponse,
                               Model, ModelList, Usage)
 from ..resources import Resources
-from ..schemas import FieldError
+from ..schemas import COST_RESPONSES, FieldError
 from .embeddings import embed, encoder_inputs
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[KEY_REQUIRED], responses=OPENAI_ERROR_RESPONSES)
@@ -37,13 +34,6 @@ def served_model(res: Resources) -> Model:
                  dimensions=loaded.encoder.dim, fingerprint=loaded.fingerprint)
 
 
-def token_counts(tokenizer: TextTokenizer, items: list[str] | list[Passage], kind: str) -> list[int]:
-    """Tokens the encoder reads for each item: the checkpoint's tokenizer with its prompt and special
-    tokens, truncated to the kind's max length (the attention mask of the encoder's own input)."""
-    enc = tokenizer.queries(items) if kind == "query" else tokenizer.passages(items)
-    return enc["attention_mask"].sum(dim=1).tolist()
-
-
 def encoded(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     """One embedding as OpenAI sends it: floats, or base64 of its little-endian float32 bytes."""
     if encoding_format == "base64":
@@ -51,8 +41,8 @@ def encoded(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     return vector.tolist()
 
 
-@router.post("/embeddings", response_model=EmbeddingsResponse, dependencies=[JSON_BODY], responses=DIMENSIONS_RESPONSES)
-async def embeddings(body: EmbeddingsBody, res: ServingResources) -> EmbeddingsResponse:
+@router.post("/embeddings", response_model=EmbeddingsResponse, dependencies=[JSON_BODY], responses={**DIMENSIONS_RESPONSES, **COST_RESPONSES})
+async def embeddings(body: EmbeddingsBody, request: Request, res: ServingResources) -> EmbeddingsResponse:
     """OpenAI's create-embeddings: one embedding per input, in input order, as ``/encode`` gives it
     (``input_type`` query or document, the default); ``usage`` counts the tokens the model read."""
     dim = res.loaded.encoder.dim
@@ -60,9 +50,8 @@ async def embeddings(body: EmbeddingsBody, res: ServingResources) -> EmbeddingsR
         raise FieldError("dimensions", f"this checkpoint embeds in {dim} dimensions, not {body.dimensions} "
                                        "(embeddings are never shortened; leave dimensions out)", status=409)
     kind = KINDS[body.input_type]
-    items = encoder_inputs(body.input, kind)
-    counts = await asyncio.get_running_loop().run_in_executor(None, token_counts, res.loaded.tokenizer, items, kind)
-    emb = (await embed(res, items, kind)).numpy()  # (N, D) float32
+    emb, counts = await embed(request.app, res, encoder_inputs(body.input, kind), kind, field="input")
+    emb = emb.numpy()  # (N, D) float32
     data = [Embedding(index=i, embedding=encoded(v, body.encoding_format)) for i, v in enumerate(emb)]
     return EmbeddingsResponse(data=data, model=served_model(res).id,
                               usage=Usage(prompt_tokens=sum(counts), total_tokens=sum(counts)))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -11,6 +9,7 @@ from dpr_service.core.artifact import ArtifactError
 from dpr_service.core.checkpoint import CheckpointError
 
 from ..deps import KEY_REQUIRED, AppMetrics, AppReloader, AppSettings, ServingResources
+from ..lanes import run_in_lane
 from ..schemas import ErrorResponse
 
 router = APIRouter(tags=["operations"])
@@ -30,7 +29,7 @@ async def readyz(request: Request, reloader: AppReloader):
     res = request.app.state.resources
     reason = None if res is not None else request.app.state.load_error or "loading"
     if res is not None and hasattr(res.searcher, "ready"):  # Milvus: answering, with the collection loaded
-        if not await asyncio.get_running_loop().run_in_executor(None, res.searcher.ready):
+        if not await run_in_lane(request.app, "interactive", res.searcher.ready):
             reason = "Milvus does not answer or the collection is not loaded"
     if reason is not None:
         return JSONResponse({"status": "not ready", "reason": reason, "detail": f"not ready: {reason}"},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Callable, TypeVar
 
@@ -12,6 +11,7 @@ from fastapi import APIRouter, Request
 from dpr_service.core.search import Searcher
 
 from ..batching import stage_seconds
+from ..lanes import run_in_lane
 from ..deps import JSON_BODY, KEY_REQUIRED, SearchBody, ServingResources
 from ..resources import Resources, encode_for_search
 from ..schemas import BODY_RESPONSES, SEARCH_RESPONSES, FieldError, Hit, SearchRequest, SearchResponse
@@ -37,17 +37,17 @@ async def search(body: SearchBody, request: Request, res: ServingResources) -> S
     finally:
         stage_seconds.reset(token)
     if body.mode == "dense":
-        results, waited, _ = await in_thread(dense_hits, res, body, q_emb, stages)
+        results, waited, _ = await in_thread(request.app, dense_hits, res, body, q_emb, stages)
     else:
-        results, waited, _ = await in_thread(ranked_hits, res, body, q_emb, *fusion, stages)
+        results, waited, _ = await in_thread(request.app, ranked_hits, res, body, q_emb, *fusion, stages)
     stages["search"] += waited  # the wait for a worker thread counts in the search stage
     request.app.state.metrics.observe_stages(stages)
     return SearchResponse(results=results, took_ms=(time.perf_counter() - t0) * 1000)
 
 
-async def in_thread(fn: Callable[..., T], *args) -> tuple[T, float, float]:
-    """``fn(*args)`` in the event loop's default executor: (its result, seconds it waited for a
-    thread, seconds it ran). Raises what ``fn`` raises."""
+async def in_thread(app, fn: Callable[..., T], *args) -> tuple[T, float, float]:
+    """``fn(*args)`` in ``app``'s interactive lane (:mod:`..lanes`): (its result, seconds it waited for
+    a thread, seconds it ran). Raises LaneFull when that lane is full, else what ``fn`` raises."""
     handed = time.perf_counter()
 
     def timed() -> tuple[T, float, float]:
@@ -55,7 +55,7 @@ async def in_thread(fn: Callable[..., T], *args) -> tuple[T, float, float]:
         out = fn(*args)
         return out, started - handed, time.perf_counter() - started
 
-    return await asyncio.get_running_loop().run_in_executor(None, timed)
+    return await run_in_lane(app, "interactive", timed)
 
 
 def dense_hits(res: Resources, body: SearchRequest, q_emb: np.ndarray, stages: dict[str, float]) -> list[list[Hit]]:
