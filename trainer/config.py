@@ -7,6 +7,8 @@ checkpoint, and ``--resume`` refuses to continue with settings that would change
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,9 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.batch_size < 2:
             raise ConfigError("--batch-size must be at least 2: in-batch negatives need other questions")
+        self._validate_upper_bounds()
+        for name in ("train_split", "dev_split"):
+            check_split_name(getattr(self, name), _flag(name))
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"--epochs must be > 0, got {self.epochs!r}")
         for name, allowed in (("negatives", NEGATIVES), ("pairs", PAIRS), ("on_nonfinite", ("stop", "skip"))):
@@ -146,6 +151,26 @@ class TrainConfig:
         except EncoderConfigError as e:
             raise ConfigError(f"{_flag(ENCODER_FLAGS[e.field])} {e.problem}") from None
         return self
+
+    def _validate_upper_bounds(self) -> None:
+        """Every number has a ceiling (:data:`UPPER_BOUNDS`; ``num_workers`` at most this machine's CPUs):
+        a run of 1e30 steps or 16 loader workers on 2 cores is a mistake, and on the training service a
+        way to exhaust the server. Also the lower bounds the checks above leave out (seed, rates)."""
+        encoder = {flag: self.encoder.get(key) for flag, key in ENCODER_SETTINGS.items()}
+        for name, (low, high) in UPPER_BOUNDS.items():
+            value = encoder[name] if name in encoder else getattr(self, name)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # absent, or a wrong type the checks above or EncoderConfig name
+            if not low <= value <= high:
+                raise ConfigError(f"{_flag(name)} must be in [{low:g}, {high:g}], got {value!r}")
+        cpus = usable_cpus()
+        if isinstance(self.num_workers, int) and self.num_workers > cpus:
+            raise ConfigError(f"--num-workers must be at most {cpus} (the CPUs this process may use), "
+                              f"got {self.num_workers!r}")
+        for name in ("query_prompt", "passage_prompt", "lora_targets"):
+            value = encoder[name] if name in encoder else getattr(self, name)
+            if isinstance(value, str) and len(value) > MAX_TEXT_SETTING:
+                raise ConfigError(f"{_flag(name)} must be at most {MAX_TEXT_SETTING} characters, got {len(value)}")
 
     def _validate_lora(self) -> None:
         if self.lora_r is None:
@@ -195,6 +220,39 @@ class TrainConfig:
 
 
 NEGATIVES = ("auto", "given", "random", "bm25", "model")
+# [low, high] of every numeric setting (flat names). The ceilings are far above any sensible run
+# (DPR trains 40 epochs of batch 128; BERT-sized encoders read at most 512 tokens) and far below what
+# exhausts a machine; num_workers is bounded by the CPUs (usable_cpus), as PyTorch's DataLoader advises.
+UPPER_BOUNDS: dict[str, tuple[float, float]] = {
+    "batch_size": (2, 65_536), "hard_negatives": (0, 256), "chunk_size": (1, 65_536), "max_steps": (1, 100_000_000),
+    "epochs": (0, 100_000), "lr": (0, 1.0), "weight_decay": (0, 10.0), "adam_eps": (0, 1.0), "warmup_ratio": (0, 1),
+    "warmup_steps": (0, 100_000_000), "max_grad_norm": (0, 1e6), "seed": (0, 2**32 - 1), "mine_depth": (1, 10_000),
+    "mine_ratio": (0, 1), "remine_every": (1, 100_000), "lora_r": (1, 4096), "lora_alpha": (0, 1e6),
+    "lora_dropout": (0, 1), "num_workers": (0, 256), "length_buckets": (1, 256), "eval_every": (1, 100_000_000),
+    "eval_batch_size": (1, 65_536), "save_every": (1, 100_000_000), "log_every": (1, 100_000_000),
+    "stop_after": (1, 100_000_000), "temperature": (0, 1000.0), "query_max_length": (2, 32_768),
+    "passage_max_length": (2, 32_768),
+}
+MAX_TEXT_SETTING = 10_000  # characters of a prompt or of --lora-targets
+# A split is a qrels file name (qrels/<split>.tsv) inside the data set: a plain name, never a path
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else the CPU count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_split_name(value, flag: str) -> None:
+    """Refuse a split name that is not a plain name (letters, digits, ``.``, ``_``, ``-``; at most 100,
+    not starting with ``.``, no ``..``): it names ``qrels/<split>.tsv``, and a path such as
+    ``../../secret`` would read any ``*.tsv`` on the machine. Raises ConfigError naming ``flag``."""
+    if not isinstance(value, str) or not SPLIT_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(f"{flag} must be a plain split name (letters, digits, '.', '_' and '-', at most 100, "
+                          f"no path separators, no '..', not hidden), got {value!r}")
 DEFAULT_LR = 2e-5  # DPR's (Karpukhin et al. 2020)
 # LoRA's: Hu et al. 2021 trained RoBERTa-base's adapters with 4e-4 to 5e-4 (their Table 9), 10-25x the full
 # fine-tuning rate, since the update starts at zero and only a small share of the weights move
@@ -257,6 +315,34 @@ def _coerce(name: str, value, where: str):
     return value
 
 
+MAX_DEPTH = 32  # settings are scalars (depth 1 under the top mapping); PyYAML composes recursively
+
+
+def check_depth(text: str, path: Path) -> None:
+    """Refuse YAML nested deeper than :data:`MAX_DEPTH` before it is composed (PyYAML's composer
+    recurses: 900 levels overflow Python's stack). Reads the parser's events, which come without
+    recursion. Raises ConfigError naming the file, the line and the top-level setting."""
+    depth, key, want_key = 0, None, False
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    where = f"{path}:{event.start_mark.line + 1}"
+                    named = f"'{key}'" if key is not None else "the settings"
+                    raise ConfigError(f"{where}: {named} is nested more than {MAX_DEPTH} deep")
+                want_key = want_key or (depth == 1 and isinstance(event, yaml.MappingStartEvent))
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+                want_key = depth == 1 or want_key
+            elif depth == 1 and isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                if want_key:
+                    key = getattr(event, "value", None)
+                want_key = not want_key
+    except yaml.YAMLError:
+        return  # load_yaml reports it with its line
+
+
 def load_yaml(path: Path | str) -> dict:
     """Read a YAML config file; unknown keys and wrong types are errors naming the line."""
     path = Path(path)
@@ -264,6 +350,7 @@ def load_yaml(path: Path | str) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    check_depth(text, path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

@@ -20,10 +20,12 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from .data import sweep_stale_uploads
 from .runner import Runner
+from .service import JobsBusy
 from .settings import JobSettings, get_job_settings
 from .store import JobStore
 
@@ -44,6 +46,12 @@ def install_jobs(app: FastAPI, settings: JobSettings | None = None) -> None:
 
     app.include_router(jobs.router)
     app.include_router(datasets.router)
+    retry = {"Retry-After": str(settings.jobs_retry_after_s)}
+
+    async def jobs_busy(request: Request, exc: JobsBusy) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=retry)
+
+    app.add_exception_handler(JobsBusy, jobs_busy)
     # uploads are streamed to disk by the route: DPR_MAX_UPLOAD_BYTES, not DPR_MAX_BODY_BYTES, bounds them
     getattr(app.state, "body_limits", {})["/datasets"] = settings.max_upload_bytes
     inner = app.router.lifespan_context
@@ -54,7 +62,10 @@ def install_jobs(app: FastAPI, settings: JobSettings | None = None) -> None:
             app.state.job_store = store = JobStore(settings.jobs_dir)
             if sweep_stale_uploads(settings.data_root):
                 log.info("removed uploads a previous server left unfinished in %s", settings.data_root)
-            runner = app.state.job_runner = Runner(store, settings.slots(), settings.jobs_poll_s, nproc=settings.jobs_nproc)
+            served = getattr(app.state, "settings", None)
+            index = served.index if served is not None and not served.milvus_uri else None
+            runner = app.state.job_runner = Runner(store, settings.slots(), settings.jobs_poll_s, nproc=settings.jobs_nproc,
+                                                   settings=settings, index=index)
             runner.start()
             try:
                 yield state

@@ -5,6 +5,7 @@ trainer's ``plan:`` log line, and the log's tail."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,17 @@ def read_progress(job_dir: Path) -> Progress:
             progress.metrics = line
         progress.step = max(progress.step, int(line.get("step", 0)))
     return progress
+
+
+def saved_progress(job_dir: Path) -> tuple[int, int] | None:
+    """(step, total_steps) of the run's ``last/`` (its ``training_state/state.json``, written by the
+    trainer with every save of ``last/``), or None when there is none or it cannot be read."""
+    try:
+        state = json.loads((job_dir / "run" / "last" / "training_state" / "state.json").read_text(encoding="utf-8"))
+        progress = state["progress"]
+        return int(progress["step"]), int(progress["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def planned_steps(log: Path) -> int | None:

@@ -11,9 +11,17 @@ Each job is ``python -m dpr_service.cli train --config <job>/config.yaml --outpu
 - a server that stops cleanly (lifespan end) SIGTERMs its children and leaves them ``running``;
 - a child that exits non-zero on its own is ``failed``, with the log's last line as the error.
 
-Cancel is SIGTERM too (``last/`` saved and kept); the job is then ``cancelled``. Only one process
-per state directory runs jobs (an ``flock`` on ``runner.lock``): with ``dpr serve --workers N`` the
-others serve the routes from the shared SQLite table and take over if the runner's worker dies.
+Cancel is SIGTERM too (``last/`` saved and kept); the job is then ``cancelled``. A child that
+exits 0 before its planned steps is ``failed`` (a job never says ``succeeded`` short of its plan).
+Only one process per state directory runs jobs (an ``flock`` on ``runner.lock``): with ``dpr serve
+--workers N`` the others serve the routes from the shared SQLite table and take over if the
+runner's worker dies.
+
+Housekeeping, at start and every :data:`HOUSEKEEPING_S` seconds: job directories without a row
+(a kill during ``POST /jobs``) and rows without a directory are removed, while no submission is in
+progress (every validation slot free); promotions a killed server left claimed are reconciled with
+the index on disk (:meth:`Runner.reconcile_claims`). When a job finishes its weights are trimmed
+(:func:`retain`) and ``DPR_JOBS_MAX_BYTES`` is enforced (:meth:`Runner.enforce_quota`).
 """
 
 from __future__ import annotations
@@ -21,17 +29,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
+from dpr_service.core.artifact import ArtifactError, read_manifest
 from dpr_service.core.fsio import exclusive
 
-from .progress import log_tail
-from .store import Job, JobStore
+from .progress import log_tail, saved_progress
+from .service import child_env, holds, index_checkpoint, promotion_lock
+from .settings import JobSettings
+from .store import FINISHED, Job, JobStore
+
+HOUSEKEEPING_S = 60.0
+STALE_CLAIM_S = 600.0  # a delete or prune claim this old belongs to a process that died
+JOB_ID = re.compile(r"[0-9a-f]{12}")
 
 log = logging.getLogger("dpr_service.api.jobs")
 
@@ -92,9 +110,12 @@ class Runner:
     of its own: :meth:`start` and :meth:`stop`."""
 
     def __init__(self, store: JobStore, slots: list[str | None], poll_s: float = 0.5, orphan_wait_s: float = 600.0,
-                 nproc: int = 1):
+                 nproc: int = 1, settings: JobSettings | None = None, index: Path | None = None):
         self.store, self.slots, self.poll_s, self.orphan_wait_s = store, list(slots), poll_s, orphan_wait_s
         self.nproc = nproc
+        self.settings = settings or JobSettings(jobs_dir=store.directory)
+        self.index = index  # DPR_INDEX: the weights its manifest names are never removed
+        self._housekept = 0.0
         self.procs: dict[str, tuple[subprocess.Popen, str | None]] = {}  # job id -> (child, slot)
         self._signalled: set[str] = set()
         self._stop = threading.Event()
@@ -140,6 +161,10 @@ class Runner:
         if self._stop.is_set():
             return
         try:
+            self.housekeeping()
+        except Exception:  # logged; tried again with the ticks
+            log.exception("the job runner's housekeeping failed")
+        try:
             self._recover()
         except Exception:  # logged; the jobs it could not restart are picked up by the ticks or stay in the table
             log.exception("the job runner could not recover the jobs of the previous server")
@@ -181,14 +206,107 @@ class Runner:
             else:  # more running jobs than slots (the slots changed): wait in the queue
                 self.store.update(job.id, state="queued", pid=None)
 
+    def housekeeping(self) -> None:
+        """Sweep crash leftovers (:meth:`sweep_orphans`), reconcile claims (:meth:`reconcile_claims`)
+        and enforce the size bound (:meth:`enforce_quota`)."""
+        self._housekept = time.monotonic()
+        self.sweep_orphans()
+        self.reconcile_claims()
+        self.enforce_quota()
+
+    def sweep_orphans(self) -> int:
+        """Remove job directories without a row and rows without a directory (a server killed during
+        ``POST /jobs`` or a delete), only while every validation slot is free: a submission in progress
+        holds one from before its directory is made until its row is written. Returns how many went."""
+        removed = 0
+        with contextlib.ExitStack() as held:
+            for i in range(self.settings.jobs_max_validations):
+                if not held.enter_context(exclusive(self.store.directory / f"validate-{i}.lock", blocking=False)):
+                    return 0  # a submission is in progress: next time
+            jobs = {job.id: job for job in self.store.list()}
+            for entry in self.store.directory.iterdir():
+                if entry.is_dir() and JOB_ID.fullmatch(entry.name) and entry.name not in jobs:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    log.warning("removed %s: a job directory without a job (left by a server killed during POST /jobs)",
+                                entry)
+                    removed += 1
+            for job in jobs.values():
+                if not self.store.job_dir(job.id).is_dir() and job.id not in self.procs:
+                    self.store.delete(job.id, any_state=True)
+                    log.warning("removed job %s: its directory is gone", job.id)
+                    removed += 1
+        return removed
+
+    def reconcile_claims(self) -> None:
+        """Claims a dead process left: a promotion's is settled by the index on disk (its manifest
+        names the promoted checkpoint and was written after the claim: ``promoted`` is recorded;
+        otherwise the promotion did not happen), once the promotion lock is free (a build child of a
+        killed server holds it until it ends); a delete's or prune's is released after STALE_CLAIM_S."""
+        claims = self.store.claimed()
+        if not claims:
+            return
+        with promotion_lock(self.store.directory) as fd:
+            for job in claims:
+                op = job.claim.get("op")
+                if op == "promote" and fd is not None:
+                    done = promotion_landed(job.claim)
+                    self.store.release(job.id, **({"promoted": job.claim.get("corpus")} if done else {}))
+                    log.warning("job %s: a promotion a previous server left %s (reconciled with %s)", job.id,
+                                "had finished: recorded" if done else "did not finish", job.claim.get("index"))
+                elif op != "promote" and time.time() - float(job.claim.get("at", 0)) > STALE_CLAIM_S:
+                    self.store.release(job.id)
+
+    def enforce_quota(self) -> int:
+        """Keep the jobs directory under ``DPR_JOBS_MAX_BYTES`` (0: unbounded) by removing finished
+        jobs' weights, oldest unpromoted jobs first, then older promoted ones; never the weights the
+        on-disk index names, nor a job that is running, queued or claimed. Their rows, logs and
+        metrics stay. Returns the bytes freed."""
+        limit = self.settings.jobs_max_bytes
+        if not limit:
+            return 0
+        total = tree_bytes(self.store.directory)
+        if total <= limit:
+            return 0
+        named = index_checkpoint(self.index)
+        freed = 0
+        for job in sorted(self.store.list(FINISHED), key=lambda j: (j.promoted is not None, j.seq)):
+            if total - freed <= limit:
+                break
+            job_dir = self.store.job_dir(job.id)
+            if holds(job_dir, named) or not (job_dir / "run").is_dir():
+                continue
+            if not self.store.claim(job.id, {"op": "prune", "at": time.time()}):
+                continue
+            try:
+                if holds(job_dir, index_checkpoint(self.index)):  # promoted meanwhile
+                    continue
+                gone = remove_weights(job_dir)
+            finally:
+                self.store.release(job.id)
+            if gone:
+                freed += gone
+                log.info("job %s: removed its weights (%d bytes) to keep DPR_JOBS_MAX_BYTES=%d", job.id, gone, limit)
+        if total - freed > limit:
+            log.warning("the jobs directory holds %d bytes, over DPR_JOBS_MAX_BYTES=%d, with nothing left to remove "
+                        "(running jobs and the served one stay)", total - freed, limit)
+        return freed
+
     def tick(self) -> None:
-        """One look: record children that ended, SIGTERM cancelled ones, start queued jobs in free slots."""
+        """One look: record children that ended, SIGTERM cancelled ones, start queued jobs in free
+        slots; housekeeping every :data:`HOUSEKEEPING_S` seconds."""
+        finished = False
         for job_id, (proc, _) in list(self.procs.items()):
             rc = proc.poll()
             if rc is not None:
                 del self.procs[job_id]
                 self._signalled.discard(job_id)
                 self._finish(job_id, rc)
+                finished = True
+        if finished or time.monotonic() - self._housekept >= HOUSEKEEPING_S:
+            try:
+                self.housekeeping()
+            except Exception:  # the jobs still start; tried again at the next round
+                log.exception("the job runner's housekeeping failed")
         for job in self.store.list(("running",)):
             if job.cancel and job.id in self.procs and job.id not in self._signalled:
                 self.procs[job.id][0].send_signal(signal.SIGTERM)  # the trainer saves last/ and exits
@@ -204,9 +322,7 @@ class Runner:
         job_dir = self.store.job_dir(job.id)
         if job.state == "queued" and not self.store.update(job.id, only_if_state="queued", state="running", pid=None):
             return
-        env = dict(os.environ)
-        if slot is not None:
-            env["CUDA_VISIBLE_DEVICES"] = slot
+        env = child_env({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else None)  # never the keys
         try:
             with open(job_dir / "train.log", "ab") as out:
                 if job.attempts:
@@ -227,12 +343,78 @@ class Runner:
         job = self.store.get(job_id)
         if job is None:
             return
+        job_dir = self.store.job_dir(job_id)
+        saved = saved_progress(job_dir)
         if job.cancel:
             state, error = "cancelled", None
+        elif rc == 0 and saved is not None and saved[0] < saved[1]:
+            state, error = "failed", (f"dpr train exited at step {saved[0]} of {saved[1]} without an error: the run "
+                                      "did not reach its planned end (last/ is kept: dpr train --resume continues it)")
         elif rc == 0:
             state, error = "succeeded", None
         else:
-            last = log_tail(self.store.job_dir(job_id) / "train.log", 1)
+            last = log_tail(job_dir / "train.log", 1)
             state, error = "failed", f"dpr train exited with code {rc}" + (f": {last}" if last else "")
         self.store.update(job_id, state=state, error=error, finished=time.time(), pid=None)
         log.info("job %s %s", job_id, state)
+        try:
+            retain(job_dir, state)
+        except OSError as e:
+            log.warning("job %s: could not trim its checkpoints: %s", job_id, e)
+
+
+def retain(job_dir: Path, state: str) -> None:
+    """What a finished job keeps: a succeeded one its ``best/`` (``last/`` goes, or, without a
+    ``best/``, only ``last/training_state``: the optimizer's state, about twice the weights, serves
+    nothing once the run has ended); a failed or cancelled one keeps ``last/`` whole, to be resumed."""
+    run = job_dir / "run"
+    if state != "succeeded":
+        return
+    if (run / "best").is_dir() and (run / "last").is_dir():
+        shutil.rmtree(run / "last")
+    elif (run / "last" / "training_state").is_dir():
+        shutil.rmtree(run / "last" / "training_state")
+
+
+def remove_weights(job_dir: Path) -> int:
+    """Remove every checkpoint directory under ``job_dir/run`` (``best/``, ``last/``, temporaries);
+    a line in ``train.log`` says so. Returns the bytes freed."""
+    run, freed = job_dir / "run", 0
+    for entry in run.iterdir():
+        if entry.is_dir():
+            size = tree_bytes(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            freed += size
+    if freed:
+        with open(job_dir / "train.log", "a", encoding="utf-8") as out:
+            out.write("\n--- weights removed to keep the jobs directory under DPR_JOBS_MAX_BYTES ---\n")
+    return freed
+
+
+def tree_bytes(root: Path) -> int:
+    """The bytes of every file under ``root`` (files that vanish meanwhile count 0)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def promotion_landed(claim: dict) -> bool:
+    """Whether the index a promotion claim names holds its checkpoint in a manifest written after
+    the claim was taken (so a re-promotion of the same checkpoint that died is not counted)."""
+    try:
+        manifest = read_manifest(claim["index"])
+    except (ArtifactError, KeyError, OSError):
+        return False
+    named = manifest.extra.get("checkpoint")
+    if not named or Path(named).resolve() != Path(claim.get("checkpoint", "")).resolve():
+        return False
+    try:
+        created = datetime.fromisoformat(manifest.created).timestamp()
+    except (TypeError, ValueError):
+        return False
+    return created >= float(claim.get("at", 0)) - 1.0  # the manifest's time is in whole seconds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 
 class JobOut(BaseModel):
@@ -50,7 +50,7 @@ class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     corpus: str = Field(..., min_length=1, max_length=500, description="corpus name under DPR_DATA_ROOT (a BEIR "
                         "directory, a corpus.jsonl or DPR's psgs .tsv)")
-    force: bool = False
+    force: StrictBool = Field(False, description="true or false (JSON booleans only: \"yes\" or 1 is refused)")
 
 
 class Promoted(BaseModel):

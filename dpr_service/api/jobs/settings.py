@@ -35,6 +35,16 @@ class JobSettings(BaseSettings):
     jobs_nproc: int = Field(1, ge=1, le=64, description="processes per job: above 1, a job is torchrun --standalone "
                             "--nproc-per-node N (data parallel), on N GPUs of DPR_JOBS_GPUS each")
     jobs_poll_s: float = Field(0.5, gt=0, description="how often the runner looks at its jobs")
+    jobs_max_validations: int = Field(2, ge=1, le=64, description="POST /jobs checks settings in a child process "
+                                      "(~350 MB each: it imports torch); at most this many at once, more get 503")
+    jobs_max_queued: int = Field(100, ge=1, le=100_000, description="jobs waiting in the queue at most; a POST /jobs "
+                                 "over it gets 429 with Retry-After")
+    jobs_max_bytes: int = Field(20_000_000_000, ge=0, description="the jobs directory's size bound: over it the "
+                                "oldest finished jobs' weights are removed (never those the index names or a promotion "
+                                "uses); 0: no bound")
+    jobs_max_streams: int = Field(64, ge=1, le=10_000, description="open GET /jobs/{id}/events streams at most "
+                                  "(per worker process); more get 503 with Retry-After")
+    jobs_retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After of the training service's 429 and 503")
     max_zip_entries: int = Field(5000, ge=1, le=1_000_000, description="most entries (files and directories) in "
                                  "an uploaded zip; more is 413 before anything is unpacked")
 

@@ -3,6 +3,9 @@ worker process of the server and kept across restarts.
 
 A job moves queued -> running -> succeeded | failed | cancelled (queued -> cancelled too). A
 running job found at start-up is continued (``--auto-resume``), so "running" survives a crash.
+A finished job may be *claimed* by one operation at a time (a promotion or a delete: the ``claim``
+column, taken in one statement), so a job is never deleted while it is promoted; a promotion's claim
+records what it builds, for the start-up step that reconciles it after a crash.
 Connections are opened per call (SQLite's own locking orders writers; WAL lets readers go on).
 """
 
@@ -21,16 +24,19 @@ FINISHED = ("succeeded", "failed", "cancelled")
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL, settings TEXT NOT NULL,
     created REAL NOT NULL, started REAL, finished REAL, pid INTEGER, slot TEXT, error TEXT,
-    cancel INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, promoted TEXT)"""
+    cancel INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, promoted TEXT, claim TEXT)"""
 COLUMNS = ("id", "seq", "state", "settings", "created", "started", "finished", "pid", "slot", "error", "cancel",
-           "attempts", "promoted")
+           "attempts", "promoted", "claim")
+ADDED_COLUMNS = {"claim": "TEXT"}  # columns a table made by an older version lacks
 
 
 @dataclass
 class Job:
     """One row of the table. Times are Unix seconds; ``settings`` the training settings as submitted
     (names of data under DPR_DATA_ROOT, not paths); ``attempts`` counts the child processes started
-    (more than one after a restart); ``promoted`` the corpus name of its last promotion."""
+    (more than one after a restart); ``promoted`` the corpus name of its last promotion; ``claim``
+    the operation that holds a finished job now (``{"op": "promote", "corpus", "checkpoint", "index"}``
+    or ``{"op": "delete"}``), None when none does."""
 
     id: str
     seq: int
@@ -45,6 +51,7 @@ class Job:
     cancel: bool = False
     attempts: int = 0
     promoted: str | None = None
+    claim: dict | None = None
 
     @property
     def finished_state(self) -> bool:
@@ -62,6 +69,14 @@ class JobStore:
         with closing(self._connect()) as db, db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in have:
+                    try:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                    except sqlite3.OperationalError as e:  # another worker added it first
+                        if "duplicate column" not in str(e):
+                            raise
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
@@ -109,6 +124,30 @@ class JobStore:
         with closing(self._connect()) as db, db:
             return db.execute(f"UPDATE jobs SET {sets} WHERE {where}", (*values.values(), *args)).rowcount == 1
 
+    def count(self, states: tuple[str, ...] = STATES) -> int:
+        """How many jobs are in ``states``."""
+        marks = ", ".join("?" * len(states))
+        with closing(self._connect()) as db:
+            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states).fetchone()[0]
+
+    def claim(self, job_id: str, what: dict) -> bool:
+        """Claim a finished job for one operation (``what``: ``{"op": "promote", ...}`` or ``{"op":
+        "delete"}``), in one statement; False when it is not finished, gone, or claimed already."""
+        with closing(self._connect()) as db, db:
+            cur = db.execute(f"UPDATE jobs SET claim = ? WHERE id = ? AND claim IS NULL AND state IN "
+                             f"({', '.join('?' * len(FINISHED))})", (json.dumps(what), job_id, *FINISHED))
+        return cur.rowcount == 1
+
+    def release(self, job_id: str, **values) -> None:
+        """End a job's claim, setting ``values`` (``promoted="scifact"``) in the same statement."""
+        self.update(job_id, claim=None, **values)
+
+    def claimed(self) -> list[Job]:
+        """Every job an operation holds now (after a crash: those it held when the server died)."""
+        with closing(self._connect()) as db:
+            rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE claim IS NOT NULL ORDER BY seq").fetchall()
+        return [_job(r) for r in rows]
+
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job now; mark a running one for the runner to stop (SIGTERM). Returns the job."""
         with closing(self._connect()) as db, db:
@@ -117,11 +156,15 @@ class JobStore:
             db.execute("UPDATE jobs SET cancel = 1 WHERE id = ? AND state = 'running'", (job_id,))
         return self.get(job_id)
 
-    def delete(self, job_id: str) -> bool:
-        """Remove a finished job's row (its files are the caller's); False when it is not finished."""
+    def delete(self, job_id: str, any_state: bool = False) -> bool:
+        """Remove a finished job's row (its files are the caller's); False when it is not finished.
+        ``any_state``: whatever its state (a row whose directory is gone)."""
         with closing(self._connect()) as db, db:
-            cur = db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN ({', '.join('?' * len(FINISHED))})",
-                             (job_id, *FINISHED))
+            if any_state:
+                cur = db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            else:
+                cur = db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN ({', '.join('?' * len(FINISHED))})",
+                                 (job_id, *FINISHED))
         return cur.rowcount == 1
 
 
@@ -129,4 +172,5 @@ def _job(row: tuple) -> Job:
     values = dict(zip(COLUMNS, row))
     values["settings"] = json.loads(values["settings"])
     values["cancel"] = bool(values["cancel"])
+    values["claim"] = json.loads(values["claim"]) if values["claim"] else None
     return Job(**values)
