@@ -85,8 +85,15 @@ def main(argv: list[str] | None = None, prog: str = "dpr serve") -> int:
     import uvicorn
 
     uvicorn.run("dpr_service.api.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level)
+                workers=args.workers, log_level=args.log_level, **uvicorn_options(settings))
     return 0
+
+
+def uvicorn_options(settings) -> dict:
+    """uvicorn's connection bounds from the settings: idle keep-alive connections close after
+    ``DPR_KEEP_ALIVE_S``; past ``DPR_MAX_CONNECTIONS`` open connections and requests, uvicorn answers
+    503. (Slow bodies are the Guard's: ``DPR_BODY_TIMEOUT_S``.)"""
+    return {"timeout_keep_alive": settings.keep_alive_s, "limit_concurrency": settings.max_connections}
 
 
 def _missing_extra(settings) -> str | None:

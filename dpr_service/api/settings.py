@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # slow clients: a body must arrive within body_timeout_s + its bytes / body_min_bytes_per_s (else 408)
     body_timeout_s: float = Field(10.0, gt=0, le=3600)
     body_min_bytes_per_s: int = Field(50_000, ge=1)
+    # connections (dpr serve's uvicorn): idle keep-alive connections close after keep_alive_s; more than
+    # max_connections open connections and requests get uvicorn's 503
+    keep_alive_s: float = Field(5.0, gt=0, le=3600)
+    max_connections: int = Field(1024, ge=1, le=1_000_000)
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from dpr_service.core.artifact import ArtifactError
@@ -27,7 +31,7 @@ async def readyz(request: Request, reloader: AppReloader):
     answers and holds the collection loaded); 503 otherwise (no auth)."""
     reloader.check()  # probes also bring an idle worker to a new artifact
     res = request.app.state.resources
-    reason = None if res is not None else request.app.state.load_error or "loading"
+    reason = None if res is not None else without_paths(request.app.state.load_error or "loading")
     if res is not None and hasattr(res.searcher, "ready"):  # Milvus: answering, with the collection loaded
         if not await run_in_lane(request.app, "interactive", res.searcher.ready):
             reason = "Milvus does not answer or the collection is not loaded"
@@ -40,13 +44,15 @@ async def readyz(request: Request, reloader: AppReloader):
 @router.get("/info", dependencies=[KEY_REQUIRED])
 async def info(res: ServingResources) -> dict:
     """The checkpoint and the index manifest in use, and how ``/search`` serves them: the modes
-    this index allows (bm25 and hybrid need its BM25 index) and the fusion of hybrid by default."""
+    this index allows (bm25 and hybrid need its BM25 index) and the fusion of hybrid by default.
+    Paths are shown by their last part (``ckpt``, not ``/srv/.../ckpt``): no answer maps the server's
+    directories."""
     fusion, alpha = res.served_fusion
-    return {"checkpoint": {"path": str(res.loaded.path), "fingerprint": res.loaded.fingerprint,
-                           "base_model": res.loaded.base_model, **res.loaded.config.to_dict()},
-            "index": {"path": str(res.searcher.directory), **res.searcher.manifest.to_dict()},
-            "search": {"modes": res.modes, "hybrid": {"fusion": fusion, "alpha": alpha}},
-            "device": str(res.runtime.device)}
+    return redacted({"checkpoint": {"path": str(res.loaded.path), "fingerprint": res.loaded.fingerprint,
+                                    "base_model": res.loaded.base_model, **res.loaded.config.to_dict()},
+                     "index": {"path": str(res.searcher.directory), **res.searcher.manifest.to_dict()},
+                     "search": {"modes": res.modes, "hybrid": {"fusion": fusion, "alpha": alpha}},
+                     "device": str(res.runtime.device)})
 
 
 @router.get("/metrics", dependencies=[KEY_REQUIRED], response_class=PlainTextResponse)
@@ -55,8 +61,45 @@ async def prometheus(metrics: AppMetrics) -> PlainTextResponse:
     return PlainTextResponse(metrics.exposition(), media_type=metrics.content_type)
 
 
-@router.post("/admin/reload", dependencies=[KEY_REQUIRED],
-             responses={409: {"model": ErrorResponse, "description": "the new artifact failed its checks; the old one still serves"}})
+def without_paths(text: str) -> str:
+    """``text`` with every absolute path cut to its last part (``/srv/x/runs/index: ...`` ->
+    ``index: ...``): what an open route says must not map the server's directories."""
+    return ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+
+
+def redacted(value):
+    """``value`` (JSON-like) with :func:`without_paths` applied to every string in it."""
+    if isinstance(value, str):
+        return without_paths(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted(v) for v in value]
+    return value
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\"():,;]+/)*([^\s/'\"():,;]*)")
+
+
+def same_origin(request: Request) -> None:
+    """Without an API key, refuse (403) a state-changing request a browser sent from another site:
+    a page elsewhere can make a visitor's browser POST a form here with no CORS preflight. Browsers
+    say where a request comes from (``Sec-Fetch-Site``, ``Origin``: OWASP's CSRF check by standard
+    headers); curl and scripts send neither and pass. With a key, the key is the proof."""
+    if request.app.state.settings.api_key is not None:
+        return
+    site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    host = request.headers.get("host", "")
+    cross = site in ("cross-site", "same-site") or (origin is not None and urlsplit(origin).netloc != host)
+    if cross:
+        raise HTTPException(403, "a cross-site browser request cannot reload the server (set DPR_API_KEY, or call "
+                                 "it from this server's own page, curl or a script)")
+
+
+@router.post("/admin/reload", dependencies=[KEY_REQUIRED, Depends(same_origin)],
+             responses={409: {"model": ErrorResponse, "description": "the new artifact failed its checks; the old one still serves"},
+                        403: {"model": ErrorResponse, "description": "no API key is set and a browser sent this from another site"}})
 async def reload(reloader: AppReloader, settings: AppSettings) -> dict:
     """Load the artifact at DPR_INDEX, verify it and swap it in atomically. Requests in flight
     finish on the old one; a failed load keeps the old one serving and says why (409). With several
@@ -67,6 +110,6 @@ async def reload(reloader: AppReloader, settings: AppSettings) -> dict:
     try:
         res = await reloader.load()  # the same DPR_INDEX path: rebuild or replace the artifact there first
     except (ArtifactError, CheckpointError, ValueError, ImportError) as e:
-        raise HTTPException(409, f"reload failed, still serving the previous index: {e}") from None
+        raise HTTPException(409, f"reload failed, still serving the previous index: {without_paths(str(e))}") from None
     served = res.searcher.directory if settings.milvus_uri else settings.index
-    return {"status": "reloaded", "index": str(served), "passages": res.searcher.count}
+    return {"status": "reloaded", "index": Path(str(served)).name, "passages": res.searcher.count}
