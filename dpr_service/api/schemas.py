@@ -70,14 +70,21 @@ Integer = Annotated[int, BeforeValidator(_integral)]
 
 
 class PassageIn(BaseModel):
-    """A passage with a title (``title`` may be empty; ``text`` must not be blank)."""
+    """A passage: a title, a text or both, not both blank (the readers' rule, ``core.formats.is_passage``)."""
 
-    model_config = STRICT
+    model_config = ConfigDict(**STRICT, json_schema_extra={"anyOf": [
+        {"properties": {"text": {"pattern": NON_BLANK}}}, {"properties": {"title": {"pattern": NON_BLANK}}, "required": ["title"]}]})
     title: str = Field("", description="at most DPR_MAX_TEXT_CHARS characters, like the text")
-    text: NonBlank
+    text: str = Field(description="may be empty when the title is not")
 
-    _text = field_validator("text")(_not_blank)
     _title = field_validator("title")(_valid_text)
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str, info: ValidationInfo) -> str:
+        if not _NON_BLANK.search(value) and not _NON_BLANK.search(info.data.get("title", "")):
+            raise ValueError("must not be empty when the title is empty (a passage is a title, a text or both)")
+        return _valid_text(value)
 
 
 class FieldError(ValueError):

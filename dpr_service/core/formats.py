@@ -84,8 +84,18 @@ class EvalData:
     source: str
 
 
+def is_passage(title: str, text: str) -> bool:
+    """The one rule for what a passage is, in every reader here and every endpoint (the API's
+    ``PassageIn``): a title, a text or both, not both blank (Python's whitespace, ``str.strip``).
+    A title-only passage is encoded as ``[CLS] title [SEP] [SEP]`` like any titled one."""
+    return bool(title.strip() or text.strip())
+
+
+EMPTY_PASSAGE = "both 'title' and 'text' are empty"  # what a reader says when is_passage is False
+
+
 def content_id(title: str, text: str) -> str:
-    """An id for a passage without one: a sha256 prefix of its title and text, so the same text gets the same id everywhere."""
+    """An id for a passage without one: a sha1 prefix of its title and text, so the same text gets the same id everywhere."""
     return "sha1:" + hashlib.sha1(f"{title}\x1f{text}".encode()).hexdigest()[:16]
 
 
@@ -246,8 +256,12 @@ def _ctx(obj, path: Path, lineno: int, what: str) -> Passage:
         return Passage(text=obj, id=content_id("", obj))
     if not isinstance(obj, dict):
         raise DataError(path, lineno, f"{what}: expected a string or an object, got {type(obj).__name__}")
-    text = field_text(obj, "text", path, lineno, what)
+    if obj.get("text") is None:
+        raise DataError(path, lineno, f"{what}: missing field 'text'")
+    text = field_text(obj, "text", path, lineno, what, required=False)  # may be empty when the title is not
     title = field_text(obj, "title", path, lineno, what, required=False)
+    if not is_passage(title, text):
+        raise DataError(path, lineno, f"{what}: {EMPTY_PASSAGE}")
     key = next((k for k in ("passage_id", "psg_id", "id", "_id") if obj.get(k) not in (None, "")), None)
     pid = field_id(obj[key], path, lineno, f"{what}: field '{key}'") if key else content_id(title, text)
     return Passage(text=text, title=title, id=pid)
@@ -369,8 +383,8 @@ def _beir_passages(path: Path) -> Iterator[tuple[int, Passage]]:
         pid = field_id(obj["_id"], path, lineno, "field '_id'")
         text = field_text(obj, "text", path, lineno, f"passage {pid}", required=False)
         title = field_text(obj, "title", path, lineno, f"passage {pid}", required=False)
-        if not text.strip() and not title.strip():
-            raise DataError(path, lineno, f"passage {pid}: both 'title' and 'text' are empty")
+        if not is_passage(title, text):
+            raise DataError(path, lineno, f"passage {pid}: {EMPTY_PASSAGE}")
         yield lineno, Passage(text=text, title=title, id=pid)
 
 
@@ -628,8 +642,8 @@ def _dpr_tsv_passages(path: Path) -> Iterator[tuple[int, Passage]]:
         pid, text, title = row[0].strip(), row[1], row[2] if len(row) == 3 else ""
         if not pid:
             raise DataError(path, lineno, "empty passage id")
-        if not text.strip():
-            raise DataError(path, lineno, f"passage {pid}: empty text")
+        if not is_passage(title, text):
+            raise DataError(path, lineno, f"passage {pid}: {EMPTY_PASSAGE}")
         yield lineno, Passage(text=text, title=title, id=pid)
 
 
