@@ -10,17 +10,21 @@ they are moved into place under their name; a bad line is a :class:`DataRefused`
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import shutil
 import stat
+import struct
 import tempfile
 import time
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from dpr_service.core import formats
 from dpr_service.core.formats import DataError, check_beir_dir, read_corpus, read_eval_data, read_train_data
-from dpr_service.core.fsio import atomic_directory, exclusive
+from dpr_service.core.fsio import exclusive, fsync_dir, fsync_tree, pid_alive
 
 from ..schemas import FieldError
 
@@ -28,6 +32,13 @@ UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # matched whole (f
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ZIP_MAGIC = b"PK\x03\x04"
 COPY_BLOCK = 1 << 20
+TEMP_PREFIX = ".upload-"  # the route's body and each check's working directory, claimed while in use
+OLD_TEMP = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]+")  # unpack directories of earlier versions (fsio.atomic_directory)
+MAX_ZIP_ENTRIES = 5000  # DPR_MAX_ZIP_ENTRIES's default
+MAX_ZIP_DEPTH = 32  # path parts of one zip entry
+MAX_ZIP_PART_BYTES = 255  # one file or directory name (NAME_MAX)
+MAX_ZIP_PATH_BYTES = 1024  # one entry's whole path
+UNWRITABLE_NAME = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EILSEQ, errno.EINVAL}
 
 
 class DataRefused(FieldError):
@@ -111,14 +122,46 @@ def _shown(error: DataError, tmp: Path, name: str) -> str:
     return f"{where}:{error.line}: {error.message}" if error.line else f"{where}: {error.message}"
 
 
-def sweep_stale_uploads(root: Path, older_than_s: float = 3600.0) -> int:
-    """Remove the ``.upload-*`` files and directories under ``root`` that a server killed during an
-    upload left behind (untouched for ``older_than_s`` seconds: one in progress in another worker is
-    kept). Returns how many were removed."""
+# ----------------------------------------------------------------------------- temporaries
+
+
+def claim(path: Path) -> int:
+    """An open descriptor of ``path`` (a file or a directory) holding an exclusive flock on it: the
+    mark of a temporary in use, which :func:`sweep_stale_uploads` never removes. Close it (or end
+    the process) to let go."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _in_use(path: Path) -> bool:
+    """Whether some process (this one included) holds :func:`claim` on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def sweep_stale_uploads(root: Path, older_than_s: float = 60.0) -> int:
+    """Remove what a server killed during an upload left at the top of ``root``: ``.upload-*``
+    files and directories that no process claims (:func:`claim`) and untouched for ``older_than_s``
+    seconds (the moment between creating one and claiming it), and ``.<name>.tmp-<pid>-*``
+    directories of unpacks by earlier versions whose process is gone. One in progress, in this
+    worker or another, is kept. Returns how many were removed."""
     removed = 0
-    for path in root.glob(".upload-*") if root.is_dir() else []:
+    for path in root.iterdir() if root.is_dir() else []:
         try:
-            if time.time() - path.lstat().st_mtime < older_than_s:
+            if path.name.startswith(TEMP_PREFIX):
+                if time.time() - path.lstat().st_mtime < older_than_s or _in_use(path):
+                    continue
+            elif not ((m := OLD_TEMP.fullmatch(path.name)) and not pid_alive(int(m.group(1)))):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -130,84 +173,223 @@ def sweep_stale_uploads(root: Path, older_than_s: float = 3600.0) -> int:
     return removed
 
 
-def ingest(root: Path, name: str, upload: Path, limit: int) -> dict:
+# ----------------------------------------------------------------------------- uploads
+
+
+def ingest(root: Path, name: str, upload: Path, limit: int, max_entries: int = MAX_ZIP_ENTRIES) -> dict:
     """Check the uploaded file ``upload`` and move it under ``root`` as ``name`` (see :func:`upload_name`);
     returns ``{"name", "kind", "bytes"}``. ``upload`` must be on ``root``'s file system (it is moved,
-    not copied). Uploads take turns (a lock in ``root``, across worker processes), so two of one
-    name cannot both pass the name check. Raises DataRefused: 409 when the name is taken, 413 for a
-    zip that unpacks to more than ``limit`` bytes, 422 for a bad zip entry or a bad line (file and
-    line named)."""
+    not copied). The check (a zip: unpacking too) runs in a claimed ``.upload-*`` directory of its
+    own, without a lock; only the last step takes the uploads' lock (in ``root``, across worker
+    processes): the name is checked again and the checked data renamed into place, so two uploads
+    of one name cannot both be stored. Raises DataRefused: 409 when the name is taken; 413 for a zip
+    that unpacks to more than ``limit`` bytes or holds more than ``max_entries`` entries; 422 for a
+    bad name, a bad zip entry (named) or a bad line (file and line named)."""
     root.mkdir(parents=True, exist_ok=True)
-    with exclusive(root / ".uploads.lock"):
-        with open(upload, "rb") as fh:
-            is_zip = fh.read(4) == ZIP_MAGIC
-        name = upload_name(name, is_zip)
-        target = root / name
-        if target.exists() or target.is_symlink():
-            raise DataRefused("name", f"{name!r} exists already under the data root (delete it or choose another name)", 409)
+    sweep_stale_uploads(root)
+    with open(upload, "rb") as fh:
+        is_zip = fh.read(4) == ZIP_MAGIC
+    name = upload_name(name, is_zip)
+    target = root / name
+    _refuse_taken(target, name)  # early, to spare the work; checked again under the lock
+    work = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
+    fd = claim(work)
+    try:
         if is_zip:
-            return _ingest_zip(upload, target, name, limit)
-        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=root))  # checked under its own name, then moved
-        try:
-            checked = tmp / name
+            checked = _unpack_zip(upload, work, name, limit, max_entries)
+        else:
+            checked = work / name  # checked under its own name (the file's suffix picks the reader)
             os.rename(upload, checked)
             try:
-                read_train_data(checked)
+                check_train_file(checked)
             except DataError as e:
-                raise DataRefused("body", _shown(e, tmp, "")) from None
+                raise DataRefused("body", _shown(e, work, "")) from None
+        size = sum(p.stat().st_size for p in checked.rglob("*") if p.is_file()) if is_zip else checked.stat().st_size
+        if is_zip:
+            fsync_tree(checked)
+        else:
+            _fsync_file(checked)
+        with exclusive(root / ".uploads.lock"):
+            _refuse_taken(target, name)
             os.rename(checked, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return {"name": name, "kind": "file", "bytes": target.stat().st_size}
+            fsync_dir(root)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.close(fd)
+    return {"name": name, "kind": "beir" if is_zip else "file", "bytes": size}
 
 
-def _ingest_zip(upload: Path, target: Path, name: str, limit: int) -> dict:
-    """A zipped BEIR directory unpacked, checked and committed at ``target`` (see :func:`ingest`)."""
-    with atomic_directory(target) as tmp:
-        beir = _unzip(upload, tmp, limit)
-        try:
-            _check_beir(beir)
-        except DataError as e:
-            raise DataRefused("body", _shown(e, tmp, name)) from None
-        if beir != tmp:  # the zip held a directory: its contents become the data set
-            top = tmp / beir.relative_to(tmp).parts[0]
-            for item in list(beir.iterdir()):
-                item.rename(tmp / item.name)
-            shutil.rmtree(top)
-    return {"name": name, "kind": "beir", "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file())}
+def _refuse_taken(target: Path, name: str) -> None:
+    if target.exists() or target.is_symlink():
+        raise DataRefused("name", f"{name!r} exists already under the data root (delete it or choose another name)", 409)
 
 
-def _unzip(upload: Path, into: Path, limit: int) -> Path:
-    """Unpack ``upload`` into ``into``, refusing entries that escape it (absolute, ``..``, links) and
-    more than ``limit`` bytes unpacked (counted as written, whatever the headers say). Returns the BEIR
-    root: ``into``, or the directory holding corpus.jsonl below a chain of single directories."""
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_train_file(path: Path) -> None:
+    """Read a training file (DPR JSON or JSONL, plain JSONL) by the rules of ``dpr train``'s reader
+    (:func:`dpr_service.core.formats.read_train_data`), one record at a time, keeping none: memory
+    grows by one line (a DPR JSON list: by the file, which its reader holds whole). Raises DataError
+    naming the file and line, as that reader would."""
+    records = formats.iter_json_array(path) if path.suffix == ".json" else formats.iter_jsonl(path)
+    kind, count = None, 0
+    for lineno, obj in records:
+        if kind is None:
+            kind = "dpr" if "question" in obj else "plain" if "query" in obj else None
+            if kind is None:
+                raise DataError(path, lineno, "neither 'question' (DPR format) nor 'query' (plain JSONL) found")
+        (formats._dpr_record if kind == "dpr" else formats._plain_record)(obj, path, lineno)
+        count += 1
+    if not count:
+        raise DataError(path, None, "no examples in the file")
+
+
+# ----------------------------------------------------------------------------- zips
+
+
+def _unpack_zip(upload: Path, work: Path, name: str, limit: int, max_entries: int) -> Path:
+    """A zipped BEIR directory unpacked under ``work`` and checked; returns the directory to store
+    (see :func:`ingest`)."""
+    unpacked = work / "unpacked"
+    unpacked.mkdir()
+    beir = _unzip(upload, unpacked, limit, max_entries)
+    try:
+        _check_beir(beir)
+    except DataError as e:
+        raise DataRefused("body", _shown(e, beir, name)) from None
+    return beir
+
+
+def _zip_entry_count(fh, at_most: int) -> int:
+    """How many entries the zip's central directory holds, counted up to ``at_most + 1`` (then it
+    stops): the records are walked as :mod:`zipfile` walks them (by the directory's size, whatever
+    the end record claims), without building them. 0 when the end record is not found (zipfile
+    then says what is wrong)."""
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    fh.seek(max(0, size - 22 - 0xFFFF))
+    tail = fh.read()
+    base = size - len(tail)
+    at = len(tail) - 22 if tail[-22:-18] == b"PK\x05\x06" else tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return 0
+    cd_size = struct.unpack("<I", tail[at + 12:at + 16])[0]
+    cd_end = base + at
+    if at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":  # zip64: its own end record before the locator
+        fh.seek(base + at - 20 - 56)
+        record = fh.read(56)
+        if record[:4] != b"PK\x06\x06":
+            return 0
+        cd_size = struct.unpack("<Q", record[40:48])[0]
+        cd_end = base + at - 20 - 56
+    pos, count = cd_end - cd_size, 0
+    if pos < 0:
+        return 0
+    fh.seek(pos)
+    while pos < cd_end and count <= at_most:
+        header = fh.read(46)
+        if len(header) < 46 or header[:4] != b"PK\x01\x02":
+            break
+        name_len, extra_len, comment_len = struct.unpack("<HHH", header[28:34])
+        pos += 46 + name_len + extra_len + comment_len
+        fh.seek(pos)
+        count += 1
+    return count
+
+
+def _entry_parts(info: zipfile.ZipInfo) -> tuple[tuple[str, ...], bool]:
+    """(path parts, is a directory) of a zip entry, or DataRefused (422) naming it: absolute, ``..``,
+    a drive letter, a link, an empty name or part, ``.``, a control character, a part over
+    MAX_ZIP_PART_BYTES bytes, more than MAX_ZIP_DEPTH parts or MAX_ZIP_PATH_BYTES bytes."""
+    raw = info.filename.replace("\\", "/")
+    shown = f"zip entry {info.filename[:120]!r}" + ("..." if len(info.filename) > 120 else "")
+    is_dir = raw.endswith("/")
+    parts = tuple((raw[:-1] if is_dir else raw).split("/"))
+    if raw.startswith("/") or ".." in parts or ":" in parts[0]:
+        raise DataRefused("body", f"{shown} escapes the data set's directory")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise DataRefused("body", f"{shown} is a symbolic link (not accepted)")
+    if not raw or raw in (".", "./"):
+        raise DataRefused("body", f"{shown} names no file (an empty name or '.')")
+    if "" in parts or "." in parts:
+        raise DataRefused("body", f"{shown} has an empty or '.' path part")
+    if CONTROL.search(raw):
+        raise DataRefused("body", f"{shown} holds a control character")
+    if len(parts) > MAX_ZIP_DEPTH:
+        raise DataRefused("body", f"{shown} is {len(parts)} deep (at most {MAX_ZIP_DEPTH})")
+    if len(raw.encode("utf-8", "surrogateescape")) > MAX_ZIP_PATH_BYTES:
+        raise DataRefused("body", f"{shown} is a path over {MAX_ZIP_PATH_BYTES} bytes")
+    if any(len(p.encode("utf-8", "surrogateescape")) > MAX_ZIP_PART_BYTES for p in parts):
+        raise DataRefused("body", f"{shown} has a name over {MAX_ZIP_PART_BYTES} bytes")
+    return parts, is_dir
+
+
+def _check_entries(infos: list[zipfile.ZipInfo]) -> list[tuple[zipfile.ZipInfo, tuple[str, ...], bool]]:
+    """Every entry's parts (:func:`_entry_parts`), and DataRefused (422) naming the first entry that
+    is a file and a directory at once (``extra`` and ``extra/inner.txt``, ``qrels/dev.tsv`` and
+    ``qrels/dev.tsv/``) or a file given twice. Nothing is written before all pass."""
+    entries = [(info, *_entry_parts(info)) for info in infos]
+    files: dict[tuple[str, ...], str] = {}
+    dirs: dict[tuple[str, ...], str] = {}
+    for info, parts, is_dir in entries:
+        for i in range(1, len(parts) + (1 if is_dir else 0)):
+            dirs.setdefault(parts[:i], info.filename)
+        if not is_dir:
+            if parts in files:
+                raise DataRefused("body", f"zip entry {info.filename!r} is given twice")
+            files[parts] = info.filename
+    for parts, entry in files.items():
+        if parts in dirs:
+            raise DataRefused("body", f"zip entry {entry!r} is a file and a directory (of {dirs[parts]!r})")
+    return entries
+
+
+def _unzip(upload: Path, into: Path, limit: int, max_entries: int = MAX_ZIP_ENTRIES) -> Path:
+    """Unpack ``upload`` into ``into``, refusing (before anything is written) more than
+    ``max_entries`` entries (413), entries that escape it (absolute, ``..``, links) or are degenerate
+    or conflicting (:func:`_check_entries`, 422), and more than ``limit`` bytes unpacked (413, counted
+    as written, whatever the headers say). Returns the BEIR root: ``into``, or the directory holding
+    corpus.jsonl below a chain of single directories."""
+    with open(upload, "rb") as fh:
+        count = _zip_entry_count(fh, max_entries)
+    if count > max_entries:
+        raise DataRefused("body", f"the zip holds more than {max_entries} entries (DPR_MAX_ZIP_ENTRIES)", status=413)
     try:
         archive = zipfile.ZipFile(upload)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as e:
         raise DataRefused("body", f"not a readable zip file ({e})") from None
     written = 0
     with archive:
-        for info in archive.infolist():
-            entry = PurePosixPath(info.filename.replace("\\", "/"))
-            mode = info.external_attr >> 16
-            if entry.is_absolute() or ".." in entry.parts or info.filename.startswith("/") or ":" in entry.parts[0]:
-                raise DataRefused("body", f"zip entry {info.filename!r} escapes the data set's directory")
-            if stat.S_ISLNK(mode):
-                raise DataRefused("body", f"zip entry {info.filename!r} is a symbolic link (not accepted)")
-            path = into.joinpath(*entry.parts)
-            if info.is_dir():
-                path.mkdir(parents=True, exist_ok=True)
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
+        infos = archive.infolist()
+        if len(infos) > max_entries:  # the walk above and zipfile disagree: zipfile's count decides
+            raise DataRefused("body", f"the zip holds more than {max_entries} entries (DPR_MAX_ZIP_ENTRIES)", status=413)
+        if sum(info.file_size for info in infos) > limit:  # what the headers say; the bytes written are counted too
+            raise DataRefused("body", f"the zip unpacks to more than {limit} bytes", status=413)
+        for info, parts, is_dir in _check_entries(infos):
+            path = into.joinpath(*parts)
             try:
-                with archive.open(info) as src, open(path, "wb") as dst:
+                if is_dir:
+                    path.mkdir(parents=True, exist_ok=True)
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as src, open(path, "xb") as dst:
                     while block := src.read(COPY_BLOCK):
                         written += len(block)
                         if written > limit:
                             raise DataRefused("body", f"the zip unpacks to more than {limit} bytes", status=413)
                         dst.write(block)
-            except (zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:  # damaged, unsupported, encrypted
-                raise DataRefused("body", f"zip entry {info.filename!r} cannot be read ({e})") from None
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError, EOFError) as e:
+                raise DataRefused("body", f"zip entry {info.filename!r} cannot be read ({e})") from None  # damaged, encrypted
+            except OSError as e:
+                if e.errno not in UNWRITABLE_NAME:
+                    raise
+                raise DataRefused("body", f"zip entry {info.filename!r} cannot be stored ({e.strerror})") from None
     root = into
     while not (root / "corpus.jsonl").is_file():  # a zip of a directory (or of its path): down to the data set
         entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
