@@ -341,3 +341,14 @@ def test_reload_without_a_key_refuses_a_cross_site_browser_request(artifact):
         assert r.status_code == 403, r.text
         assert c.post("/admin/reload").status_code == 200
         assert c.post("/admin/reload", headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}).status_code == 200
+
+
+def test_counts_are_json_integers(artifact):
+    """``top_k: 1.0`` is refused (422 naming top_k), as ``"force": "yes"`` is for a boolean: a client's
+    float is named, not silently rounded (it was accepted)."""
+    with client(artifact) as c:
+        r = c.post("/search", json={"query": "apple", "top_k": 1.0})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "top_k", r.text
+        r = c.post("/v1/embeddings", json={"model": "m", "input": "apple", "dimensions": 32.0})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "dimensions", r.text
+        assert c.post("/search", json={"query": "apple", "top_k": 1}).status_code == 200

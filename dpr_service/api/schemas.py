@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Strict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 # Python's whitespace (str.isspace, what str.strip removes), written out so that the JSON Schema
@@ -55,18 +55,15 @@ def _not_null(value):
     return value
 
 
-def _integral(value):
-    """JSON Schema counts 5.0 as an integer; strict pydantic would not."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 def _no_default(schema: dict) -> None:
     """Publish no ``"default": null`` for a field that is left out when not wanted (never null)."""
     schema.pop("default", None)
-Integer = Annotated[int, BeforeValidator(_integral)]
+# A count is a JSON integer: 1.0 is refused (422), as "yes" is for a boolean. JSON Schema would call 1.0 an
+# integer; the API does not, so that a client's float bug is named rather than silently rounded.
+Integer = Annotated[int, Strict()]
 
 
 class PassageIn(BaseModel):
