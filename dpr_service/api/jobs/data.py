@@ -91,18 +91,42 @@ def kind_of(path: Path) -> str:
 
 
 def list_data(root: Path) -> list[dict]:
-    """Entries at the top of ``root`` (hidden ones and links leaving it skipped): ``{"name", "kind", "bytes"}``
-    (bytes: a file's size, a directory's files' total)."""
+    """Entries at the top of ``root``: ``{"name", "kind", "bytes"}`` (bytes: a file's size, a
+    directory's files' total). Hidden names (``.upload-*`` temporaries, ``.uploads.lock``), links
+    leaving the root or leading to a hidden name, dangling links and entries removed meanwhile are
+    skipped: what is listed is what :func:`resolve_name` accepts."""
     base = root.resolve()
     if not base.is_dir():
         return []
     out = []
     for entry in sorted(base.iterdir()):
-        if entry.name.startswith(".") or not entry.resolve().is_relative_to(base):
+        try:
+            if entry.name.startswith(".") or not _plain_target(base, entry.resolve()):
+                continue
+            out.append({"name": entry.name, "kind": kind_of(entry), "bytes": _size(entry)})
+        except OSError:  # removed (or made unreadable) while listed
             continue
-        size = entry.stat().st_size if entry.is_file() else sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-        out.append({"name": entry.name, "kind": kind_of(entry), "bytes": size})
     return out
+
+
+def _plain_target(base: Path, path: Path) -> bool:
+    """Whether a resolved ``path`` exists inside ``base`` with no hidden part."""
+    return path.is_relative_to(base) and path != base and path.exists() and \
+        not any(p.startswith(".") for p in path.relative_to(base).parts)
+
+
+def _size(path: Path) -> int:
+    """A file's size, or the total of a directory's files (links not followed; a file removed meanwhile counts 0)."""
+    if not path.is_dir():
+        return path.stat().st_size
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 def upload_name(name: str, is_zip: bool) -> str:
@@ -204,7 +228,7 @@ def ingest(root: Path, name: str, upload: Path, limit: int, max_entries: int = M
                 check_train_file(checked)
             except DataError as e:
                 raise DataRefused("body", _shown(e, work, "")) from None
-        size = sum(p.stat().st_size for p in checked.rglob("*") if p.is_file()) if is_zip else checked.stat().st_size
+        size = _size(checked)
         if is_zip:
             fsync_tree(checked)
         else:
