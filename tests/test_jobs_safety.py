@@ -72,12 +72,14 @@ def client(world: Path, tmp: Path, index: Path | None = None, **overrides) -> Te
 
 def fake_finished_job(world: Path, store: JobStore, state: str = "succeeded") -> str:
     """A finished job whose run/best is a copy of the served checkpoint (the fingerprint of the index)."""
-    job = store.create({"train": "train.jsonl"})
-    run = store.job_dir(job.id) / "run"
-    run.mkdir(parents=True)
-    shutil.copytree(world / "served", run / "best")
-    store.update(job.id, state=state, finished=time.time())
-    return job.id
+    job_id = store.new_id()
+    run = store.job_dir(job_id) / "run"
+    with exclusive(store.directory / "validate-0.lock"):  # as a submission does: the orphan sweep waits
+        run.mkdir(parents=True)
+        shutil.copytree(world / "served", run / "best")
+        store.create({"train": "train.jsonl"}, job_id, state=state)  # never queued: the runner leaves it alone
+    store.update(job_id, finished=time.time())
+    return job_id
 
 
 def copy_index(world: Path, tmp: Path, checkpoint: Path, name: str = "index") -> Path:
@@ -267,7 +269,7 @@ def test_a_job_whose_checkpoint_serves_cannot_be_deleted(world, tmp_path):
         job_id = fake_finished_job(world, c.app.state.job_store)
     index = copy_index(world, tmp_path, tmp_path / "state" / job_id / "run" / "best")
     with client(world, tmp_path, index=index) as c:
-        wait_for(lambda: c.get("/readyz").status_code, lambda s: s == 200, what="the server's load")
+        wait_for(lambda: c.get("/readyz"), lambda r: r.status_code == 200, what="the server's load")
         r = c.delete(f"/jobs/{job_id}", headers=H)
         assert r.status_code == 409 and "serving now" in r.json()["errors"][0]["message"], r.text
 
@@ -425,7 +427,7 @@ def test_stop_after_is_the_servers_and_a_run_ending_early_is_not_succeeded(world
 def test_a_damaged_checkpoint_is_blamed_on_the_job_not_the_corpus(world, tmp_path):
     with client(world, tmp_path, index=copy_index(world, tmp_path, world / "served")) as c:
         job_id = fake_finished_job(world, c.app.state.job_store)
-        weights = next((tmp_path / "state" / job_id / "run" / "best").glob("*.safetensors"))
+        weights = next((tmp_path / "state" / job_id / "run" / "best").rglob("*.safetensors"))
         weights.write_bytes(b"not safetensors")
         r = c.post(f"/jobs/{job_id}/promote", headers=H, json={"corpus": "beir", "force": True})
         assert r.status_code == 409 and field_of(r) == "job_id", r.text
@@ -469,9 +471,8 @@ def test_event_streams_poll_in_the_events_lane_and_are_capped_503(world, tmp_pat
     with client(world, tmp_path, jobs_max_streams=1, jobs_poll_s=3600) as c:
         store = c.app.state.job_store
         time.sleep(0.3)
-        job = store.create({})
+        job = store.create({}, state="running")  # no child: the stream stays open until the job ends
         store.job_dir(job.id).mkdir()
-        store.update(job.id, state="running")  # no child: the stream stays open until the job ends
         with c.stream("GET", f"/jobs/{job.id}/events", headers=H) as first:
             assert first.status_code == 200
             r = c.get(f"/jobs/{job.id}/events", headers=H)

@@ -90,13 +90,16 @@ class JobStore:
         """A fresh job id: 12 hex digits."""
         return uuid.uuid4().hex[:12]
 
-    def create(self, settings: dict, job_id: str | None = None) -> Job:
-        """A new queued job with ``settings`` (``job_id``: one from :meth:`new_id`, else a new one)."""
+    def create(self, settings: dict, job_id: str | None = None, state: str = "queued") -> Job:
+        """A new job with ``settings`` (``job_id``: one from :meth:`new_id`, else a new one), queued
+        (``state``: another, for tools and tests that record a job made elsewhere)."""
+        if state not in STATES:
+            raise ValueError(f"unknown job state {state!r}")
         job_id = job_id or self.new_id()
         with closing(self._connect()) as db, db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            db.execute("INSERT INTO jobs (id, seq, state, settings, created) VALUES (?, ?, 'queued', ?, ?)",
-                       (job_id, seq, json.dumps(settings), time.time()))
+            db.execute("INSERT INTO jobs (id, seq, state, settings, created) VALUES (?, ?, ?, ?, ?)",
+                       (job_id, seq, state, json.dumps(settings), time.time()))
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job | None:

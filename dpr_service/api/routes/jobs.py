@@ -92,24 +92,29 @@ async def get_job(job_id: str, request: Request, store: Store) -> JobOut:
 
 class StreamCount:
     """Open event streams of this process, at most ``limit``: :meth:`enter` counts one or raises
-    JobsBusy (503); the count goes down when the stream's generator is gone (weakref.finalize:
-    also when it never started, e.g. the client left before the first byte)."""
+    JobsBusy (503) and returns the function that gives it back (once, however often it is called:
+    by the stream's end, and by weakref.finalize of a stream that never started, e.g. a client that
+    left before the first byte)."""
 
     def __init__(self, limit: int):
         self.limit, self.open = limit, 0
         self._lock = threading.Lock()
 
-    def enter(self, stream) -> None:
+    def enter(self):
         with self._lock:
             if self.open >= self.limit:
                 raise service.JobsBusy(503, f"server busy: {self.open} job event streams are open (DPR_JOBS_MAX_STREAMS="
                                             f"{self.limit}); retry later, or read GET /jobs/{{id}}")
             self.open += 1
-        weakref.finalize(stream, self._leave)
+        done = []
 
-    def _leave(self) -> None:
-        with self._lock:
-            self.open -= 1
+        def leave() -> None:
+            with self._lock:
+                if not done:
+                    done.append(True)
+                    self.open -= 1
+
+        return leave
 
 
 def stream_count(request: Request, js) -> StreamCount:
@@ -126,8 +131,9 @@ async def events(job_id: str, request: Request, store: Store, js: AppJobSettings
     """Follow a job live (Server-Sent Events): every metrics line, past and new, as an event, until
     the job ends. 503 with Retry-After when DPR_JOBS_MAX_STREAMS streams are open."""
     await admin(request, found, store, job_id)
-    stream = event_stream(store, job_id, lambda fn, *args: run_in_lane(request.app, "events", fn, *args))
-    stream_count(request, js).enter(stream)
+    leave = stream_count(request, js).enter()
+    stream = event_stream(store, job_id, lambda fn, *args: run_in_lane(request.app, "events", fn, *args), leave)
+    weakref.finalize(stream, leave)
     return StreamingResponse(stream, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -145,11 +151,20 @@ def poll_events(store: JobStore, job_id: str, path: Path, offset: int) -> tuple[
     return job, lines, offset
 
 
-async def event_stream(store: JobStore, job_id: str, run=None):
+async def event_stream(store: JobStore, job_id: str, run=None, on_close=None):
     """``event: metrics`` per metrics line (a line repeated after a resume truncated the file is sent
     once), ``: ping`` comments while quiet, ``event: end`` with the job's state when it has ended.
     ``run(fn, *args)`` runs each look off the event loop (the events lane); a look the full lane
-    refuses is tried again at the next interval."""
+    refuses is tried again at the next interval. ``on_close()`` is called when the stream ends."""
+    try:
+        async for chunk in _events(store, job_id, run):
+            yield chunk
+    finally:
+        if on_close is not None:
+            on_close()
+
+
+async def _events(store: JobStore, job_id: str, run):
     if run is None:
         async def run(fn, *args):
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
