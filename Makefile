@@ -66,6 +66,13 @@ bench: setup
 	$(BIN)/python benchmarks/index_bench.py --part encode
 	$(BIN)/python benchmarks/index_bench.py --part faiss
 
+# What a lent GPU machine needs for benchmarks/gpu_check.py (docs/gpu.md): the wheels it lacks (faiss-cpu,
+# bm25s, PyStemmer), SciFact and the starting MiniLM, in gpu_bundle/ (ignored by git; checked to fit the
+# 64 MiB a call carries); prints the device tool's run arguments. GPU_BUNDLE_FLAGS=--skip-download: no network.
+.PHONY: gpu-bundle
+gpu-bundle: setup
+	$(BIN)/python benchmarks/gpu_bundle.py --out gpu_bundle $(GPU_BUNDLE_FLAGS)
+
 clean:
 	rm -rf $(VENV) runs
 
