@@ -254,6 +254,10 @@ def test_unpack_temporaries_a_killed_server_left_are_swept_at_start(tmp_path):
     finally:
         os.close(holder)
     assert on_disk(root) == [".upload-fresh", ".upload-live", ".uploads.lock", "kept.jsonl"]
+    # the upload being ingested is never swept from under it, however old and unclaimed
+    write_plain(root / ".upload-old-body", n=3)
+    os.utime(root / ".upload-old-body", (minutes_ago, minutes_ago))
+    assert data.ingest(root, "late", root / ".upload-old-body", 10**8)["name"] == "late.jsonl"
 
 
 # ----------------------------------------------------------------------------- memory

@@ -173,15 +173,18 @@ def _in_use(path: Path) -> bool:
     return False
 
 
-def sweep_stale_uploads(root: Path, older_than_s: float = 60.0) -> int:
+def sweep_stale_uploads(root: Path, older_than_s: float = 60.0, keep: Path | None = None) -> int:
     """Remove what a server killed during an upload left at the top of ``root``: ``.upload-*``
     files and directories that no process claims (:func:`claim`) and untouched for ``older_than_s``
     seconds (the moment between creating one and claiming it), and ``.<name>.tmp-<pid>-*``
     directories of unpacks by earlier versions whose process is gone. One in progress, in this
-    worker or another, is kept. Returns how many were removed."""
-    removed = 0
+    worker or another, is kept, and so is ``keep`` (the upload being ingested). Returns how many
+    were removed."""
+    removed, kept = 0, os.path.abspath(keep) if keep is not None else None
     for path in root.iterdir() if root.is_dir() else []:
         try:
+            if os.path.abspath(path) == kept:
+                continue
             if path.name.startswith(TEMP_PREFIX):
                 if time.time() - path.lstat().st_mtime < older_than_s or _in_use(path):
                     continue
@@ -210,7 +213,7 @@ def ingest(root: Path, name: str, upload: Path, limit: int, max_entries: int = M
     that unpacks to more than ``limit`` bytes or holds more than ``max_entries`` entries; 422 for a
     bad name, a bad zip entry (named) or a bad line (file and line named)."""
     root.mkdir(parents=True, exist_ok=True)
-    sweep_stale_uploads(root)
+    sweep_stale_uploads(root, keep=upload)
     with open(upload, "rb") as fh:
         is_zip = fh.read(4) == ZIP_MAGIC
     name = upload_name(name, is_zip)
