@@ -213,6 +213,20 @@ def paused_job(server: Server) -> tuple[str, list[int]]:
     raise SystemExit("the job never started")
 
 
+async def heavy_lane_idle(base: str, timeout: float = 900) -> None:
+    """Wait until the server's heavy and admin lanes hold no work (``/metrics``), so that what one
+    scenario left running does not count against the next."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=base, timeout=30) as h:
+        while time.monotonic() < deadline:
+            text = (await h.get("/metrics")).text
+            busy = [line for line in text.splitlines() if line.startswith("dpr_lane_pending{")
+                    and ('"heavy"' in line or '"admin"' in line) and not line.endswith(" 0.0")]
+            if not busy:
+                return
+            await asyncio.sleep(0.5)
+
+
 def scenario(name: str, server: Server, seconds: float, clients: int, upload: Path | None, job: str | None) -> dict:
     payloads = search_payloads(QUERIES)
     side: Counter = Counter()
@@ -234,7 +248,8 @@ def scenario(name: str, server: Server, seconds: float, clients: int, upload: Pa
             await asyncio.sleep(3.0)  # the side load is under way before /search is measured
         tally = await closed_loop("127.0.0.1", server.port, payloads, clients, seconds, timeout=60)
         stop.set()
-        await asyncio.gather(*side_tasks, return_exceptions=True)
+        await asyncio.gather(*side_tasks, return_exceptions=True)  # each side client finishes its request
+        await heavy_lane_idle(server.base)
         return tally
 
     with RssSampler(server.proc.pid) as rss:

@@ -104,6 +104,8 @@ def test_a_full_heavy_lane_refuses_its_own_clients_and_never_delays_search(artif
         assert r.status_code == 200 and e.status_code == 200, (r.text, e.text)
         assert search_s < 5, f"/search and /encode took {search_s:.1f} s beside a full heavy lane"
         assert not any(f.done() for f in held)
+        scraped = c.get("/metrics").text
+        assert 'dpr_lane_pending{lane="heavy"} 8.0' in scraped and 'dpr_lane_pending{lane="interactive"} 0.0' in scraped
         gate.open()
         assert [f.result(timeout=60).status_code for f in held] == [200] * 8
 

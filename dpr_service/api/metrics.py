@@ -14,8 +14,10 @@ STAGES = ("queue_wait", "encode", "search", "lookup")
 class Metrics:
     """The service's metrics: ``dpr_requests_total{route,status}``, ``dpr_request_seconds{route}``
     (latency in seconds), ``dpr_batch_size`` (queries encoded together), ``dpr_queue_depth``
-    (queries waiting to be encoded), ``dpr_index_passages`` (passages in the served index) and
-    ``dpr_search_stage_seconds{stage}`` (seconds a ``POST /search`` spent in each of :data:`STAGES`)."""
+    (queries waiting to be encoded), ``dpr_index_passages`` (passages in the served index),
+    ``dpr_search_stage_seconds{stage}`` (seconds a ``POST /search`` spent in each of :data:`STAGES`),
+    and ``dpr_lane_pending{lane}`` / ``dpr_lane_tokens{lane}`` (calls and tokens queued or running in
+    each lane, read when ``/metrics`` is scraped)."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -30,6 +32,17 @@ class Metrics:
         self.stages = Histogram("dpr_search_stage_seconds", "seconds a /search spent in each stage: queue_wait (for its "
                                 "queries' encoding to start), encode, search (FAISS, BM25 or fused ranking), lookup "
                                 "(passage store)", ["stage"], registry=self.registry, buckets=STAGE_BUCKETS_S)
+        self.lane_pending = Gauge("dpr_lane_pending", "calls queued or running in each lane (api/lanes.py)", ["lane"],
+                                  registry=self.registry)
+        self.lane_tokens = Gauge("dpr_lane_tokens", "tokens of the calls queued or running in each lane", ["lane"],
+                                 registry=self.registry)
+
+    def observe_lanes(self, lanes) -> None:
+        """Set ``dpr_lane_pending{lane}`` (calls queued or running) and ``dpr_lane_tokens{lane}``
+        (their tokens) from the app's :class:`~dpr_service.api.lanes.Lanes` (None: nothing to set)."""
+        for name, lane in (lanes.by_name.items() if lanes is not None else ()):
+            self.lane_pending.labels(name).set(lane.pending)
+            self.lane_tokens.labels(name).set(lane.cost)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request: its route label (a known path or ``other``), status and latency in seconds."""

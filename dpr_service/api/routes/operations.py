@@ -56,8 +56,9 @@ async def info(res: ServingResources) -> dict:
 
 
 @router.get("/metrics", dependencies=[KEY_REQUIRED], response_class=PlainTextResponse)
-async def prometheus(metrics: AppMetrics) -> PlainTextResponse:
-    """Prometheus metrics: requests, latencies, batch sizes, queue depth, index size."""
+async def prometheus(request: Request, metrics: AppMetrics) -> PlainTextResponse:
+    """Prometheus metrics: requests, latencies, batch sizes, queue depth, index size, each lane's work."""
+    metrics.observe_lanes(getattr(request.app.state, "lanes", None))
     return PlainTextResponse(metrics.exposition(), media_type=metrics.content_type)
 
 
