@@ -97,6 +97,59 @@ def test_sentence_transformers_export_gives_our_embeddings(name, checkpoints, tm
     torch.testing.assert_close(torch.from_numpy(model.encode_query([long])), ours(ckpt, "query", [long]), atol=1e-5, rtol=0)
 
 
+# Every way a loader can call the export (issue 31.3), and the route it must give: LangChain, TEI and
+# Infinity call plain encode() on passages; encode_query / encode_document pick their own prompts;
+# an explicit prompt_name and task override them (docs/export.md has this table).
+QUERY_PATHS = {
+    "encode_query": lambda m, x: m.encode_query(x),
+    "encode_query(prompt_name='query')": lambda m, x: m.encode_query(x, prompt_name="query"),
+    "encode(prompt_name='query', task='query')": lambda m, x: m.encode(x, prompt_name="query", task="query"),
+}
+PASSAGE_PATHS = {
+    "encode": lambda m, x: m.encode(x),
+    "encode_document": lambda m, x: m.encode_document(x),
+    "encode(prompt_name='document')": lambda m, x: m.encode(x, prompt_name="document"),
+    "encode_document(prompt_name='document')": lambda m, x: m.encode_document(x, prompt_name="document"),
+    "encode(task='document')": lambda m, x: m.encode(x, task="document"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS) + ["shared-passage-prompt-only", "two-query-longer", "shared-query-longer"])
+def test_sentence_transformers_every_call_path_gives_the_documented_route(name, checkpoints, tiny_model, tmp_path):
+    """Issue 31.3: with a passage prompt, plain encode() dropped it (differing from /encode by up to
+    9.3e-2): default_prompt_name was None. Each path is compared with /encode's vectors, on texts past
+    both max lengths too, for checkpoints with both prompts, one prompt and a query length above the
+    passage length."""
+    st = pytest.importorskip("sentence_transformers")
+    extra = {"shared-passage-prompt-only": EncoderConfig(pooling="mean", similarity="cosine", shared=True, query_max_length=8,
+                                                         passage_max_length=24, passage_prompt="passage: "),
+             "two-query-longer": EncoderConfig(pooling="mean", similarity="dot", shared=False, query_max_length=24,
+                                               passage_max_length=8, query_prompt="query: ", passage_prompt="passage: "),
+             "shared-query-longer": EncoderConfig(pooling="cls", similarity="dot", shared=True, query_max_length=24,
+                                                  passage_max_length=8, passage_prompt="passage: ")}
+    if name in extra:
+        encoder, tokenizer = load_base_model(str(tiny_model), extra[name])
+        if not extra[name].shared:
+            with torch.no_grad():
+                for p in encoder.passage_model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        ckpt = tmp_path / "ckpt"
+        save_checkpoint(ckpt, encoder, tokenizer)
+    else:
+        ckpt = checkpoints[name]
+    out = tmp_path / "st"
+    assert export_main(["--checkpoint", str(ckpt), "--format", "sentence-transformers", "--output", str(out)]) == 0
+    model = st.SentenceTransformer(str(out), device="cpu")
+    texts = QUERIES + ["river " * 40]
+    want_q, want_p = ours(ckpt, "query", texts), ours(ckpt, "passage", [Passage(t) for t in texts])
+    for path, call in QUERY_PATHS.items():
+        got = torch.as_tensor(call(model, texts))
+        assert torch.allclose(got, want_q, atol=1e-5, rtol=0), f"{path}: max diff {(got - want_q).abs().max():.2e} from /encode (query)"
+    for path, call in PASSAGE_PATHS.items():
+        got = torch.as_tensor(call(model, texts))
+        assert torch.allclose(got, want_p, atol=1e-5, rtol=0), f"{path}: max diff {(got - want_p).abs().max():.2e} from /encode (passage)"
+
+
 # ----------------------------------------------------------------------------- transformers' DPR
 
 

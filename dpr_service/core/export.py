@@ -4,7 +4,9 @@
   checkpoint's pooling, normalisation (cosine), max lengths and prompts. A checkpoint with two
   encoders becomes sentence-transformers' ``Router`` with a ``query`` and a ``document`` route, so
   ``encode_query`` / ``encode_document`` give dpr-service's query / passage embeddings; a shared
-  encoder is one ``Transformer`` with ``query_length`` / ``document_length``.
+  encoder is one ``Transformer`` with ``query_length`` / ``document_length``. Plain ``encode()``
+  gives the passage embedding (the document route, its length and, as ``default_prompt_name``, the
+  passage prompt), as tools that call ``encode()`` on passages expect.
 * ``hf-dpr``: ``question_encoder/`` and ``context_encoder/`` for transformers'
   ``DPRQuestionEncoder`` / ``DPRContextEncoder``, whose ``pooler_output`` is the CLS vector (DPR's
   convention, Karpukhin et al. 2020). Only a checkpoint whose embeddings *are* that vector (BERT
@@ -115,9 +117,9 @@ def write_sentence_transformers(loaded: Loaded, out: Path) -> None:
     def pooling() -> Pooling:
         return Pooling(enc.dim, pooling_mode=cfg.pooling)
 
-    if cfg.shared:
-        modules = [transformer(enc.query_model, "shared", max_seq_length=longest, query_length=cfg.query_max_length,
-                               document_length=cfg.passage_max_length), pooling()]
+    if cfg.shared:  # without a task (plain encode()) the document length applies: max_seq_length
+        modules = [transformer(enc.query_model, "shared", max_seq_length=cfg.passage_max_length,
+                               query_length=cfg.query_max_length, document_length=cfg.passage_max_length), pooling()]
     else:
         modules = [Router.for_query_document(
             query_modules=[transformer(enc.query_model, "query", max_seq_length=cfg.query_max_length), pooling()],
@@ -125,8 +127,15 @@ def write_sentence_transformers(loaded: Loaded, out: Path) -> None:
         )]
     if cfg.similarity == "cosine":
         modules.append(Normalize())
+    # Plain encode() is the document route (the Router's default route, the shared Transformer's
+    # max_seq_length) with the passage prompt (default_prompt_name): what LangChain, TEI and Infinity
+    # call on passages. With a default prompt, "query" is always listed (even empty), or encode_query
+    # would fall back to the default, the passage prompt.
     prompts = {k: v for k, v in (("query", cfg.query_prompt), ("document", cfg.passage_prompt)) if v}
+    if cfg.passage_prompt:
+        prompts["query"] = cfg.query_prompt
     model = SentenceTransformer(modules=modules, prompts=prompts or None, device="cpu",
+                                default_prompt_name="document" if cfg.passage_prompt else None,
                                 similarity_fn_name="cosine" if cfg.similarity == "cosine" else "dot")
     model.save(str(out), create_model_card=False)
     shutil.rmtree(staging)
@@ -226,7 +235,8 @@ USAGE = {
     "sentence-transformers": "```python\nfrom sentence_transformers import SentenceTransformer\n"
                              "model = SentenceTransformer(\"OUT\")\n"
                              "q = model.encode_query([\"a question\"])      # query prompt and length applied\n"
-                             "p = model.encode_document([\"a passage\"])    # passage prompt and length applied\n```",
+                             "p = model.encode_document([\"a passage\"])    # passage prompt and length applied\n"
+                             "p = model.encode([\"a passage\"])             # the same: plain encode() is the passage route\n```",
     "hf-dpr": "```python\nfrom transformers import AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder\n"
               "q_tok = AutoTokenizer.from_pretrained(\"OUT/question_encoder\")\n"
               "q_enc = DPRQuestionEncoder.from_pretrained(\"OUT/question_encoder\")\n"
