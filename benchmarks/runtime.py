@@ -63,8 +63,8 @@ def part_quality(args, out: Path) -> None:
 
     model, work = offline_model_dir(), Path(args.work)
     loaded = load_checkpoint(model)
-    rows = {}
-    for name in RUNTIMES:
+    rows = json.loads(out.read_text()).get("scifact_test", {}) if out.is_file() else {}
+    for name in args.runtimes:
         index = work / f"scifact-{name}"
         t0 = time.perf_counter()
         if not index.exists():
@@ -221,6 +221,8 @@ def main() -> None:
     for flag, default in (("--queries", 300), ("--latency-queries", 100), ("--passages", 512), ("--rounds", 2)):
         ap.add_argument(flag, type=int, default=default)  # SciFact test queries, of them timed one by one, passages, rounds
     ap.add_argument("--seconds", type=float, default=15, help="--part load: seconds per runtime and round")
+    ap.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES),
+                    help="--part quality: the runtimes whose index is built and evaluated (default all)")
     ap.add_argument("--out", default="runs/runtime_bench.json")
     args = ap.parse_args()
     parts = {"quality": part_quality, "speed": part_speed, "speed-st": part_speed_st, "load": part_load}
