@@ -3,7 +3,7 @@
 # else buildah (chroot isolation, vfs storage: no daemon, no fuse, no user namespaces needed).
 #   make image [TARGET=cpu|cpu-serve|gpu] [IMAGE=dpr-service:$TARGET] [ENGINE=docker|podman|buildah]
 #              [PYTHON_IMAGE=base] [TORCH_INDEX_URL=url | TORCH_WHEELS=dir] [PIP_INDEX_URL=url]
-#              [EXTRA_CA_CERTS="file.crt ..."]
+#              [EXTRA_CA_CERTS="file.crt ..."] [LAYERS=1 (buildah: keep the layer cache)]
 # (docker/image.sh reads the same names from its environment; docs/deployment.md.)
 #   TORCH_WHEELS    a directory holding torch-2.13.0+cpu's wheel: staged into docker/local/wheels/,
 #                   it replaces PyTorch's index (TORCH_INDEX_URL: another plain index)
@@ -53,7 +53,9 @@ case $ENGINE in
   docker)  docker build "$@" . ;;
   # docker format: OCI image configs have no HEALTHCHECK
   podman)  podman build --format docker --layers "$@" . ;;
-  buildah) buildah --storage-driver "$STORAGE_DRIVER" bud --isolation chroot --format docker --layers "$@" . ;;
+  # no --layers unless LAYERS=1: under vfs every cached layer is a full copy of the file system
+  # (tens of GB for these images); without it each stage runs in one working container
+  buildah) buildah --storage-driver "$STORAGE_DRIVER" bud --isolation chroot --format docker --layers="${LAYERS:-0}" "$@" . ;;
   *) echo "image.sh: ENGINE=$ENGINE: docker, podman or buildah" >&2; exit 2 ;;
 esac
 rm -rf docker/local/wheels docker/local/ca
