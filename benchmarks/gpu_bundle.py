@@ -194,10 +194,8 @@ def build(args) -> dict:
     out = Path(args.out).resolve()
     if not str(out).startswith(str(ROOT) + os.sep):
         raise BundleError(f"--out {args.out}: the bundle must be a folder inside the checkout ({ROOT}) to travel with it")
-    if out.exists():
-        if any(out.iterdir()) and not (out / "MANIFEST.json").is_file():
-            raise BundleError(f"--out {out}: exists and is not a bundle (no MANIFEST.json); not overwriting it")
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not (out / "MANIFEST.json").is_file():
+        raise BundleError(f"--out {out}: exists and is not a bundle (no MANIFEST.json); not overwriting it")
     ignored = subprocess.run(["git", "check-ignore", "-q", str(out) + os.sep], cwd=ROOT).returncode == 0  # a folder: the slash
     if not ignored:
         raise BundleError(f"--out {out}: git does not ignore it, so it would travel (and be committed) as part of the checkout; "
@@ -242,6 +240,7 @@ def build(args) -> dict:
         if total > budget:
             raise BundleError(f"{total / 2**20:.1f} MiB would travel, over the {args.budget_mib:g} MiB a call carries ({report}); "
                               f"nothing was written to {out}")
+        shutil.rmtree(out, ignore_errors=True)  # the previous bundle, replaced only by a complete one
         shutil.move(str(staging), str(out))
     return {"out": out, "total": total, "report": report, "budget_mib": args.budget_mib, "manifest": manifest}
 
