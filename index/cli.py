@@ -8,6 +8,8 @@ import math
 import os
 import sys
 
+from dpr_service.core.cli_checks import first_error, input_error, model_dir_error, output_error
+
 
 def _int_at_least(low: int):
     """An argparse type: an integer >= ``low``."""
@@ -57,8 +59,14 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _run(prog: str, fn) -> int:
-    """Run a command; bad input of any known kind is one line on stderr and exit code 2."""
+def _run(prog: str, fn, *problems: str | None) -> int:
+    """Run a command; bad input of any known kind is one line on stderr and exit code 2. ``problems``
+    (:mod:`dpr_service.core.cli_checks`' messages, or None) are the paths already found wrong: the first
+    is reported before anything heavy is imported."""
+    problem = first_error(*problems)
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("faiss.loader", "bm25s"):  # which CPU build FAISS loaded; bm25s's debug lines
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -85,6 +93,15 @@ def _run(prog: str, fn) -> int:
         return 130
 
 
+def _common_args(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """The flags every stage command shares (``dpr train`` has the same two): ``--device`` where a model
+    runs, and ``--progress`` / ``--no-progress`` (progress bars on stderr; default on)."""
+    if device:
+        parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show progress bars on stderr (default: shown)")
+
+
 def index_main(argv: list[str], prog: str = "dpr index") -> int:
     """``dpr index build|add|export`` (docs/index.md, docs/milvus.md): returns the exit status, 0 or 2 (one-line error); bad
     arguments exit 2 through argparse."""
@@ -95,7 +112,7 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     b.add_argument("--corpus", required=True, help="corpus.jsonl, a BEIR directory or DPR's psgs .tsv")
     b.add_argument("--output", required=True, help="artifact directory to create")
     b.add_argument("--factory", default="auto", help="FAISS factory string (Flat, HNSW32, IVF4096,PQ64) or auto (default)")
-    b.add_argument("--memory-budget", type=_size, default="8GB",
+    b.add_argument("--memory-budget", type=_size,
                    help="memory the finished index may use, for --factory auto (default 8GB); the build needs more: "
                         "the index plus its training sample and one 65,536-vector slice (the embeddings stay on disk)")
     b.add_argument("--batch-size", type=_positive_int, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
@@ -108,18 +125,27 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: the encoder's device, and FAISS's GPU for "
                    "Flat and IVF indexes when faiss-gpu is installed (default auto)")
     _runtime_args(b)
-    b.add_argument("--no-progress", dest="progress", action="store_false")
+    _common_args(b, device=False)
     a = sub.add_parser("add", help="add passages to an artifact (a new verified artifact)")
     a.add_argument("--index", required=True, help="artifact directory")
     a.add_argument("--corpus", required=True, help="passages to add (corpus.jsonl or .tsv); ids must be new")
     a.add_argument("--checkpoint", help="checkpoint (default: the one named in the manifest)")
     a.add_argument("--output", help="write the new artifact here instead of replacing --index")
     a.add_argument("--batch-size", type=_positive_int, help="passages per encoder batch (default 512 on GPU, 64 on CPU)")
-    a.add_argument("--device", default="auto")
     _runtime_args(a)
-    a.add_argument("--no-progress", dest="progress", action="store_false")
+    _common_args(a)
     _export_args(sub.add_parser("export", help="copy an artifact into a Milvus collection (docs/milvus.md)"))
     args = parser.parse_args(argv)
+    if args.action == "build":
+        args.memory_budget = args.memory_budget or "8GB"
+        problems = (model_dir_error("--checkpoint", args.checkpoint), input_error("--corpus", args.corpus),
+                    output_error("--output", args.output))
+    elif args.action == "add":
+        problems = (input_error("--index", args.index), input_error("--corpus", args.corpus),
+                    model_dir_error("--checkpoint", args.checkpoint) if args.checkpoint else None,
+                    output_error("--output", args.output) if args.output else None)
+    else:
+        problems = (input_error("--index", args.index),)
 
     def go():
         import torch
@@ -144,7 +170,7 @@ def index_main(argv: list[str], prog: str = "dpr index") -> int:
                       encoder_runtime=args.runtime, onnx_dir=args.onnx_dir)
             print(f"index: {out}")
 
-    return _run(f"{prog} {args.action}", go)
+    return _run(f"{prog} {args.action}", go, *problems)
 
 
 def _runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +196,7 @@ def _export_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--token-env", metavar="VAR", help="environment variable holding the Milvus token (user:password "
                    "or API key); never given on the command line")
     e.add_argument("--batch-size", type=_positive_int, default=1000, help="passages per upsert (default 1000)")
-    e.add_argument("--no-progress", dest="progress", action="store_false")
+    _common_args(e, device=False)
 
 
 def _export(args) -> None:
@@ -237,10 +263,10 @@ def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
     ``--store-alpha``: docs/index.md): prints the metrics and returns 0, or 2 with a one-line error;
     bad arguments exit 2 through argparse."""
     parser = argparse.ArgumentParser(prog=prog, description="Retrieval quality of a checkpoint and its index.")
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--index", required=True)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (dpr train's last/ or best/) or a model directory")
+    parser.add_argument("--index", required=True, help="the index artifact built with --checkpoint")
     _eval_args(parser)
-    parser.add_argument("--device", default="auto")
+    _common_args(parser)
     hybrid = parser.add_argument_group("hybrid retrieval (docs/index.md)")
     hybrid.add_argument("--mode", choices=("dense", "bm25", "hybrid", "all"), default="dense",
                         help="rank by the index (dense), by BM25 over the same passages, by both fused, or report all three")
@@ -256,20 +282,23 @@ def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
         parser.error("--qrels works with --mode dense only; use a BEIR directory's splits for hybrid evaluation")
     if args.store_alpha and not args.tune_split:
         parser.error("--store-alpha stores the alpha --tune-split chooses: give --tune-split")
+    problems = (model_dir_error("--checkpoint", args.checkpoint), input_error("--index", args.index),
+                input_error("--queries", args.queries), input_error("--qrels", args.qrels) if args.qrels else None)
+    progress = args.progress and not args.json
 
     def go():
         from .evaluate import evaluate_index, format_metrics
 
         if args.mode == "dense" and not args.tune_split:
             print(format_metrics(evaluate_index(args.checkpoint, args.index, args.queries, args.qrels, args.split,
-                                                device=args.device, progress=not args.json,
+                                                device=args.device, progress=progress,
                                                 conventions=_conventions(args)), args.json))
             return
         from .hybrid import evaluate_modes
 
         modes = ("dense", "bm25", "hybrid") if args.mode == "all" else (args.mode,)
         result = evaluate_modes(args.checkpoint, args.index, args.queries, args.split, modes, args.fusion, args.alpha,
-                                args.tune_split, args.device, not args.json, _conventions(args), args.store_alpha)
+                                args.tune_split, args.device, progress, _conventions(args), args.store_alpha)
         if args.json:
             print(format_metrics(result, True))
             return
@@ -277,10 +306,17 @@ def eval_main(argv: list[str], prog: str = "dpr eval") -> int:
             print(f"alpha {result['tuned']['alpha']:.2f} (chosen on {result['tuned']['split']})"
                   + (f"; stored in {result['tuned']['stored_in']} as the served default" if "stored_in" in result["tuned"] else ""))
         for mode in modes:
-            print(f"== {mode}" + (f" ({result['fusion']['fusion']}, alpha {result['fusion']['alpha']})" if mode == "hybrid" else ""))
+            print(f"== {mode}" + (f" ({_fusion_label(result['fusion'])})" if mode == "hybrid" else ""))
             print(format_metrics(result[mode], False))
 
-    return _run(prog, go)
+    return _run(prog, go, *problems)
+
+
+def _fusion_label(fusion: dict) -> str:
+    """``rrf (k=60)`` or ``convex, alpha 0.50``: how a hybrid row was fused."""
+    if fusion.get("alpha") is None:
+        return f"{fusion['fusion']} (k=60)" if fusion["fusion"] == "rrf" else fusion["fusion"]
+    return f"{fusion['fusion']}, alpha {fusion['alpha']:.2f}"
 
 
 def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
@@ -288,7 +324,10 @@ def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="BM25 baseline (bm25s) on the same queries and judgements.")
     parser.add_argument("--corpus", required=True, help="corpus.jsonl, a BEIR directory or DPR's psgs .tsv")
     _eval_args(parser)
+    _common_args(parser, device=False)  # BM25 shows no bars; the flag is accepted as by every other command
     args = parser.parse_args(argv)
+    problems = (input_error("--corpus", args.corpus), input_error("--queries", args.queries),
+                input_error("--qrels", args.qrels) if args.qrels else None)
 
     def go():
         from dpr_service.core.formats import read_corpus
@@ -298,7 +337,7 @@ def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
         print(format_metrics(evaluate_bm25(read_corpus(args.corpus), args.queries, args.qrels, args.split,
                                            _conventions(args)), args.json))
 
-    return _run(prog, go)
+    return _run(prog, go, *problems)
 
 
 def mine_main(argv: list[str], prog: str = "dpr mine") -> int:
@@ -318,8 +357,12 @@ def mine_main(argv: list[str], prog: str = "dpr mine") -> int:
     parser.add_argument("--skip-top", type=_non_negative_int, default=0, help="ranks skipped at the top (e.g. 3 for model mining)")
     parser.add_argument("--margin", type=_finite_float, default=0.0,
                         help="model mining: skip candidates scoring above (positive score - margin)")
-    parser.add_argument("--device", default="auto")
+    _common_args(parser)
     args = parser.parse_args(argv)
+    problems = (input_error("--queries", args.queries), input_error("--corpus", args.corpus),
+                input_error("--qrels", args.qrels) if args.qrels else None,
+                model_dir_error("--checkpoint", args.checkpoint) if args.checkpoint else None,
+                input_error("--index", args.index) if args.index else None)
 
     def go():
         from dpr_service.core.formats import read_corpus
@@ -333,4 +376,4 @@ def mine_main(argv: list[str], prog: str = "dpr mine") -> int:
               f"{stats['skipped_within_margin']} within the margin; "
               f"{stats['examples_with_fewer_negatives']} examples have fewer than {args.num_negatives} negatives")
 
-    return _run(prog, go)
+    return _run(prog, go, *problems)

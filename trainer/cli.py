@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+from dpr_service.core.cli_checks import first_error, input_error, model_dir_error, output_error
 
 from .config import ENCODER_SETTINGS, SETTINGS, ConfigError, TrainConfig, build_config, saved_config
 
@@ -94,21 +97,33 @@ def main(argv: list[str] | None = None, prog: str = "dpr train") -> int:
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)
+    if config_file is None and args.get("resume") and args.get("output") and saved_config(args["output"]):
+        config_file = str(saved_config(args["output"]))  # `dpr train --output RUN --resume` alone continues RUN
+    # the settings and the paths they name are checked before torch and the model load (issue 31.9: in
+    # well under 2 s, not after 20)
+    try:
+        if config_file is not None and not Path(config_file).is_file():
+            raise ConfigError(f"--config {config_file}: no such file")
+        cfg = build_config(args, config_file)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    problem = first_error(*(input_error(f"--{name}", value) for name, value in (("train", cfg.train), ("dev", cfg.dev)) if value),
+                          model_dir_error("--model", cfg.model, hub_ids=True) if cfg.model and not cfg.resume else None,
+                          output_error("--output", cfg.output) if cfg.output else None)
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # imported here so that `--help` and flag errors are instant
-    from dpr_service.core.checkpoint import CheckpointError
-    from dpr_service.core.formats import DataError
-
     import torch
 
+    from dpr_service.core.checkpoint import CheckpointError
+    from dpr_service.core.formats import DataError
     from dpr_service.core.inference import NonFiniteEmbeddings
 
     from .train import Interrupted, NonFiniteLoss, train
 
-    if config_file is None and args.get("resume") and args.get("output") and saved_config(args["output"]):
-        config_file = str(saved_config(args["output"]))  # `dpr train --output RUN --resume` alone continues RUN
     try:
-        cfg = build_config(args, config_file)
         final = train(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

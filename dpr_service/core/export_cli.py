@@ -8,9 +8,9 @@ import argparse
 import logging
 import sys
 
-from .checkpoint import CheckpointError
-from .errors import first_line
-from .export import FORMATS, ExportError, export
+from .cli_checks import first_error, model_dir_error, output_error
+
+FORMATS = ("sentence-transformers", "hf-dpr", "onnx")  # dpr_service.core.export.FORMATS, without importing torch to parse
 
 
 def main(argv: list[str] | None = None, prog: str = "dpr export") -> int:
@@ -23,7 +23,15 @@ def main(argv: list[str] | None = None, prog: str = "dpr export") -> int:
     parser.add_argument("--output", required=True, help="directory to write (replaced atomically when it exists)")
     parser.add_argument("--quantize", choices=("int8",), help="--format onnx: dynamic int8 quantisation (onnxruntime)")
     args = parser.parse_args(argv)
+    problem = first_error(model_dir_error("--checkpoint", args.checkpoint), output_error("--output", args.output))
+    if problem:  # before torch loads: at once (issue 31.9)
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from .checkpoint import CheckpointError
+    from .errors import first_line
+    from .export import ExportError, export
+
     try:
         out = export(args.checkpoint, args.fmt, args.output, args.quantize)
     except (ExportError, CheckpointError, ImportError, OSError) as e:
