@@ -165,9 +165,18 @@ def _wait_for_index(client, collection: str, timeout_s: float = 3600.0) -> None:
 
 def _point_alias(client, alias: str, collection: str) -> None:
     """Create ``alias`` for ``collection`` or move it there from another collection."""
-    try:
+    try:  # asked first: a failed alter_alias is logged by pymilvus as an ERROR with a traceback (issue 31.8)
+        exists = alias in client.list_aliases().get("aliases", [])
+    except Exception:  # a Milvus without the listing: try to move it, create it when that fails
+        exists = None
+    if exists is None:
+        try:
+            client.alter_alias(collection, alias)
+        except Exception:  # pymilvus raises MilvusException when the alias does not exist yet
+            client.create_alias(collection, alias)
+    elif exists:
         client.alter_alias(collection, alias)
-    except Exception:  # pymilvus raises MilvusException when the alias does not exist yet
+    else:
         client.create_alias(collection, alias)
     log.info("alias %s -> %s", alias, collection)
 

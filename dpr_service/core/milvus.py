@@ -24,14 +24,16 @@ collection built by another checkpoint, and one whose export has not finished (f
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .artifact import ArtifactError, Manifest
 from .errors import first_line
 from .formats import Passage
-from .search import Hit
+
+if TYPE_CHECKING:  # imported where used: `dpr index export --help` reads INDEX_TYPES without loading FAISS
+    from .search import Hit
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,20 @@ class MilvusUnavailable(Exception):
     """Milvus did not answer (down, unreachable or too slow): the server answers 503 with Retry-After."""
 
 
+class _LiteUnimplemented(logging.Filter):
+    """Drops the ERROR (with a traceback) that Milvus Lite's embedded gRPC server logs in this process
+    for each call it does not implement (``AllocTimestamp``: the client asks, is told
+    ``Method not implemented!``, and goes on without it), so that a successful export or search prints
+    no ERROR (issue 31.8). Any other error of that server is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, NotImplementedError) and "not implemented" in str(error).lower())
+
+
+_LITE_FILTER = _LiteUnimplemented()
+
+
 def connect(uri: str, token: str | None = None, timeout_s: float = 10.0) -> Any:
     """A ``pymilvus.MilvusClient`` for ``uri`` (``http://host:19530`` for a server or cluster, a local
     ``*.db`` path for Milvus Lite). Raises ImportError naming the extra when pymilvus is missing,
@@ -53,6 +69,10 @@ def connect(uri: str, token: str | None = None, timeout_s: float = 10.0) -> Any:
         from pymilvus import MilvusClient
     except ImportError:
         raise ImportError("Milvus support needs pymilvus: pip install 'dpr-service[milvus]'") from None
+    if "://" not in uri:  # Milvus Lite: its gRPC server runs in this process and logs to grpc._server
+        grpc_server_log = logging.getLogger("grpc._server")
+        if _LITE_FILTER not in grpc_server_log.filters:
+            grpc_server_log.addFilter(_LITE_FILTER)
     try:
         return MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
     except Exception as e:  # pymilvus raises its own MilvusException (and grpc errors) for an unreachable server
@@ -160,6 +180,8 @@ class MilvusSearcher:
         xq = np.asarray(q_emb, dtype=np.float32)
         if xq.ndim != 2 or xq.shape[1] != self.dim:
             raise ValueError(f"query embeddings must have shape (Q, {self.dim}), got {xq.shape}")
+        from .search import Hit
+
         fields = OUTPUT_FIELDS if with_text else ["row"]
         try:
             results = self.client.search(self.collection, data=xq.tolist(), limit=min(k, self.count),
