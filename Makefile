@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= runs/demo
 PORT   ?= 8000
 
-.PHONY: setup test demo demo-build serve bench clean
+.PHONY: setup test demo demo-build demo-index serve bench clean
 
 setup: $(VENV)/.installed
 
@@ -41,7 +41,28 @@ $(DEMO)/.built: $(DEMO_INPUTS)
 	$(BIN)/dpr index build --checkpoint $(DEMO)/best --corpus dpr_service/demo_data --output $(DEMO)/index
 	touch $@
 
-demo-build: setup $(DEMO)/.built
+# The demo's index must hold the demo's own model: a training job promoted into $(DEMO)/index (serving
+# it with DPR_ADMIN_KEY set) replaces it with the job's checkpoint. Then the index alone is rebuilt from
+# best/ (under a minute), with one line saying why; the trained model is kept.
+define DEMO_INDEX_CHECK
+import json, sys
+demo = sys.argv[1]
+try:
+    built = json.load(open(f"{demo}/index/manifest.json"))["checkpoint_fingerprint"]
+    best = json.load(open(f"{demo}/best/dpr_config.json"))["fingerprint"]
+except (OSError, KeyError, ValueError) as e:
+    sys.exit(f"{demo}/index cannot be read ({e}): rebuilding the index from {demo}/best (the trained demo is kept)")
+if built != best:
+    sys.exit(f"{demo}/index was built with checkpoint {built[:12]}, not {demo}/best ({best[:12]}): another model "
+             f"was promoted into it; rebuilding the index from {demo}/best (the trained demo is kept)")
+endef
+export DEMO_INDEX_CHECK
+
+demo-index: setup
+	@$(BIN)/python -c "$$DEMO_INDEX_CHECK" $(DEMO) || \
+	  $(BIN)/dpr index build --checkpoint $(DEMO)/best --corpus dpr_service/demo_data --output $(DEMO)/index --no-progress
+
+demo-build: setup $(DEMO)/.built demo-index
 	@echo "== fine-tuned MiniLM, dev split (dpr eval) =="
 	$(BIN)/dpr eval --checkpoint $(DEMO)/best --index $(DEMO)/index --queries dpr_service/demo_data --split dev
 	@echo "== BM25, dev split (dpr bm25) =="
@@ -52,6 +73,7 @@ demo: demo-build serve
 # Serve the trained demo (restart the server alone with `make serve`).
 serve:
 	@test -f $(DEMO)/.built || { echo "no trained demo in $(DEMO): run make demo first"; exit 2; }
+	@$(MAKE) --no-print-directory -o setup demo-index DEMO=$(DEMO)
 	@echo ""
 	@echo "== serving the demo at http://127.0.0.1:$(PORT)  (web page: open it in a browser; API docs: /docs; Ctrl-C stops; make serve restarts it) =="
 	@echo "curl -s localhost:$(PORT)/search -H 'content-type: application/json' -d '{\"query\": \"which lighthouse has a red flash?\", \"top_k\": 3}'"
