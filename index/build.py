@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from dpr_service.core.artifact import (BM25_DIR, INDEX_FILE, PASSAGES_FILE, ArtifactError, create_passage_store,
                                        insert_passages, prepare_output, write_manifest)
-from dpr_service.core.bm25 import BM25
+from dpr_service.core.bm25 import BM25, BM25Error
 from dpr_service.core.checkpoint import Loaded, atomic_directory, load_checkpoint, recover_directory
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.formats import Passage, read_corpus
@@ -175,10 +175,18 @@ def _merge(loaded: Loaded, corpus: list[Passage], work: Path, n_parts: int, outp
 
 
 def _write_bm25(corpus: list[Passage], artifact: Path, progress: bool) -> None:
-    """``bm25/`` of a new artifact: BM25 over ``corpus`` (the passage rows, in order), no pickle."""
+    """``bm25/`` of a new artifact: BM25 over ``corpus`` (the passage rows, in order), no pickle. A
+    corpus with nothing BM25 can index (all stop words or punctuation) gets none, as with
+    ``--no-bm25``, and a warning: the dense index is built all the same."""
     t0 = time.perf_counter()
-    BM25(corpus, progress=progress).save(artifact / BM25_DIR)
-    log.info("BM25 index of %d passages written in %.1fs", len(corpus), time.perf_counter() - t0)
+    try:
+        bm25 = BM25(corpus, progress=progress)
+    except BM25Error as e:
+        log.warning("no BM25 index (as with --no-bm25; /search serves mode dense only): %s", e)
+        return
+    bm25.save(artifact / BM25_DIR)
+    log.info("BM25 index of %d passages (analyzer %s) written in %.1fs", len(corpus), bm25.analyzer,
+             time.perf_counter() - t0)
 
 
 def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path | None = None,

@@ -860,3 +860,93 @@ def test_bm25_prints_no_debug_lines(beir, caplog):
     with caplog.at_level(logging.DEBUG):
         BM25(read_corpus(beir)).search(["the the the", "apple river"], 3)  # a query without a searchable word too
     assert [r for r in caplog.records if r.name.startswith("bm25s")] == []
+
+
+# ----------------------------------------------------------------------------- BM25 on text it cannot tokenise (issue 31.5)
+
+UNINDEXABLE = ["the of and", "!!! ... ???", "a", "is it, or was it?", "—"]
+
+
+def _corpus_file(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def test_a_corpus_bm25_cannot_index_builds_its_dense_index_with_a_warning(tmp_path, checkpoint, caplog):
+    """bm25s raised `max() arg is an empty sequence` and not even the dense index was built."""
+    corpus, out = _corpus_file(tmp_path / "corpus.jsonl", UNINDEXABLE), tmp_path / "idx"
+    with caplog.at_level(logging.WARNING):
+        assert index_main(["build", "--checkpoint", str(checkpoint), "--corpus", str(corpus), "--output", str(out),
+                           "--factory", "Flat", "--no-progress"]) == 0
+    assert not (out / "bm25").exists()
+    assert any("no BM25 index" in r.getMessage() and "stop words" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)
+    searcher = Searcher(out, bm25=True)
+    assert searcher.count == len(UNINDEXABLE) and searcher.bm25 is None
+
+
+def test_dpr_bm25_on_a_corpus_it_cannot_index_is_a_clear_error(tmp_path, beir, capsys):
+    corpus = _corpus_file(tmp_path / "corpus.jsonl", UNINDEXABLE)
+    with pytest.raises(ValueError, match="no passage has a word BM25 can index"):
+        BM25(read_corpus(corpus))
+    assert bm25_main(["--corpus", str(corpus), "--queries", str(beir), "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no passage has a word BM25 can index" in err and "max()" not in err, err
+
+
+CJK = [("zh-tokyo", "日本的首都是东京。"), ("zh-paris", "法国的首都是巴黎，巴黎很美。"),
+       ("ja-tokyo", "東京は日本の首都です。"), ("ja-cat", "私は猫が好きです"), ("en", "The capital of France is Paris.")]
+
+
+def test_chinese_and_japanese_match_by_overlapping_bigrams():
+    """`首都` found nothing: a whole sentence was one token. Lucene's CJK rule: overlapping bigrams."""
+    from dpr_service.core.formats import Passage
+
+    bm25 = BM25([Passage(text, id=pid) for pid, text in CJK])
+    assert bm25.analyzer == "en-cjk-bigram"
+    assert {pid for pid, _ in bm25.search(["首都"], 10)[0]} == {"zh-tokyo", "zh-paris", "ja-tokyo"}
+    assert bm25.search(["巴黎在哪里"], 10)[0][0][0] == "zh-paris"
+    assert bm25.search(["日本の首都は"], 10)[0][0][0] == "ja-tokyo"
+    assert [pid for pid, _ in bm25.search(["猫が好き"], 10)[0]] == ["ja-cat"]
+    assert [pid for pid, _ in bm25.search(["capital of france"], 10)[0]] == ["en"]
+    assert bm25.tokens(["東京は日本"])[0] == ["東京", "京は", "は日", "日本"]
+    assert bm25.tokens(["iPhone手机 and 3个"])[0] == ["iphon", "手机", "个"]  # a lone CJK character is a token of its own
+
+
+def test_english_tokenisation_is_unchanged():
+    """What BM25 sees of text without CJK characters is bm25s's default, as before the CJK rule: on
+    SciFact's corpus when it is here, and on a few English, accented and Greek lines."""
+    import bm25s
+    import Stemmer
+
+    from dpr_service.core.formats import Passage
+
+    lines = ["The p53 protein's role in β-cell apoptosis (IL-6, TNF-α) — 12.5% of cases.",
+             "Café naïve résumé coöperate", "Αλφα βήτα γάμμα", "don't won't it's", "x y z 1 22 333", ""]
+    texts = [f"{p.title} {p.text}".strip() for p in (read_corpus(SCIFACT) if SCIFACT.exists() else [])] + lines
+    stemmer = Stemmer.Stemmer("english")
+    before = bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
+    bm25 = BM25([Passage("river")])
+    assert bm25.tokens(texts) == before
+
+
+SCIFACT = Path("/work/shared/data/scifact")
+
+
+def test_an_artifact_without_an_analyser_record_keeps_todays_tokenisation(tmp_path):
+    """Old artifacts (no bm25/analyzer.json) load with the analyser they were built with: bm25s's
+    default split, English stop words and stemming, so a CJK sentence stays one token."""
+    from dpr_service.core.formats import Passage
+
+    corpus = [Passage(text, id=pid) for pid, text in CJK]
+    legacy = BM25(corpus, analyzer="en")
+    legacy.save(tmp_path / "bm25")
+    (tmp_path / "bm25" / "analyzer.json").unlink()
+    loaded = BM25.load(tmp_path / "bm25")
+    assert loaded.analyzer == "en"
+    assert loaded.search(["首都"], 10) == [[]] and loaded.search(["capital paris"], 10) == legacy.search(["capital paris"], 10)
+    BM25(corpus).save(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "analyzer.json").read_text())["analyzer"] == "en-cjk-bigram"
+    assert BM25.load(tmp_path / "new").search(["首都"], 10)[0]
+    with pytest.raises(ValueError, match="analyzer"):
+        BM25(corpus, analyzer="klingon")
