@@ -586,7 +586,7 @@ class _Collate:
         return [prep(list(col)) for col in zip(*rows)]
 
 
-def sentence_transformers_run(c: Check, model_dir: Path, rows, batch: int, steps: int, warmup: int) -> dict:
+def sentence_transformers_run(c: Check, model_dir: Path, rows, batch: int, steps: int, warmup: int, num_workers: int) -> dict:
     """sentence-transformers' MultipleNegativesRankingLoss (scale 20 = our temperature 0.05, cosine) on
     the same model, texts and batch as our trainer: SentenceTransformer(model_dir) (mean pooling),
     fused AdamW at 2e-5, gradient clipping at our trainer's 2.0, bf16 autocast on CUDA, a DataLoader
@@ -608,7 +608,7 @@ def sentence_transformers_run(c: Check, model_dir: Path, rows, batch: int, steps
     model.max_seq_length = c.sizes.p_len  # questions are q_len tokens by construction
     loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=cuda)
-    loader = DataLoader(rows[: batch * steps], batch_size=batch, collate_fn=_Collate(model), num_workers=c.sizes.num_workers,
+    loader = DataLoader(rows[: batch * steps], batch_size=batch, collate_fn=_Collate(model), num_workers=num_workers,
                         pin_memory=cuda, drop_last=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     if cuda:
@@ -645,7 +645,16 @@ def step_train_throughput(c: Check) -> dict:
     for batch in s.throughput_batches:
         ours = c.train(rows, model_dir, batch, s.warmup + s.timed, None, f"tp{batch}")
         ours_eps = _timed_examples_per_s(ours["records"], batch, s.warmup)
-        theirs = sentence_transformers_run(c, model_dir, rows, batch, s.warmup + s.timed, s.warmup)
+        st_workers, st_note = s.num_workers, None
+        try:
+            theirs = sentence_transformers_run(c, model_dir, rows, batch, s.warmup + s.timed, s.warmup, st_workers)
+        except Exception as e:  # noqa: BLE001 - its tokenising workers are the one part our trainer does not share
+            if not st_workers:
+                raise
+            c.note(traceback.format_exc())
+            st_workers, st_note = 0, f"with {s.num_workers} DataLoader workers it failed ({type(e).__name__}: {str(e)[:200]}); ran with 0"
+            _free_memory()
+            theirs = sentence_transformers_run(c, model_dir, rows, batch, s.warmup + s.timed, s.warmup, 0)
         _free_memory()
         row = {"batch_size": batch, "examples_per_s": round(ours_eps, 2), "tokens_per_s": round(ours_eps * tokens_per_example),
                "peak_memory_gib": _gib(ours["peak_bytes"]), "model_tflops": round(ours_eps * fpe / 1e12, 2),
@@ -653,7 +662,7 @@ def step_train_throughput(c: Check) -> dict:
                "mfu_of_measured_matmul": round(ours_eps * fpe / (measured * 1e12), 4) if measured else None,
                "st_examples_per_s": round(theirs["examples_per_s"], 2), "st_peak_memory_gib": _gib(theirs["peak_bytes"]),
                "st_mfu": round(theirs["examples_per_s"] * fpe / (peak * 1e12), 4) if peak else None,
-               "ratio_to_st": round(ours_eps / theirs["examples_per_s"], 3), "loss_first_last": [ours["records"][0]["loss"], ours["records"][-1]["loss"]]}
+               "ratio_to_st": round(ours_eps / theirs["examples_per_s"], 3), "st_num_workers": st_workers, "st_note": st_note, "loss_first_last": [ours["records"][0]["loss"], ours["records"][-1]["loss"]]}
         table.append(row)
         print(f"   batch {batch}: {row['examples_per_s']} ex/s, MFU {row['mfu']}, sentence-transformers {row['st_examples_per_s']} ex/s "
               f"(x{row['ratio_to_st']})", flush=True)
