@@ -103,8 +103,12 @@ class Server:
         raise SystemExit("the server did not become ready")
 
     def close(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        self.proc.terminate()  # the job runner stops its job first (it saves last/): give it time
+        try:
+            self.proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 async def side_score(base: str, stop: asyncio.Event, tally: Counter, latencies: list) -> None:
