@@ -187,3 +187,24 @@ def test_copy_of_a_known_positive_is_masked_too():
     batch = collate([q1, q2], [[], [k, k_copy]], _RowsTokenizer())  # columns a, n, k, k2
     assert batch.candidate_mask()[0].tolist() == [False, True, False, False]
     assert batch.candidate_mask()[1].tolist() == [True, False, True, True]
+
+
+def test_the_trainer_counts_the_global_batchs_masked_pairs_on_every_rank():
+    """The training log's masked_pairs: under torch.distributed each rank holds a slice of the global
+    batch but reports what the loss masks over all of it, the single-process count."""
+    from dpr_service.core.formats import Passage, TrainExample
+    from trainer.batches import EpochBatches
+
+    a, b, c, d = (Passage(t, id=i) for t, i in (("apple", "a"), ("violin", "b"), ("canyon", "c"), ("comet", "d")))
+    a_copy = Passage("Apple", id="a-copy")
+    examples = [TrainExample("q apple", a, hard_negatives=[c], known_positive_ids=frozenset({"a"})),
+                TrainExample("q violin", b, hard_negatives=[a_copy], known_positive_ids=frozenset({"b"})),
+                TrainExample("q canyon", c, hard_negatives=[d], known_positive_ids=frozenset({"c"})),
+                TrainExample("q comet", d, hard_negatives=[b], known_positive_ids=frozenset({"d"}))]
+    corpus = [a, b, c, d, a_copy]
+    single = EpochBatches(examples, corpus, _RowsTokenizer(), 4, 1, seed=0, epoch=0)[0]
+    ranks = [EpochBatches(examples, corpus, _RowsTokenizer(), 4, 1, seed=0, epoch=0, rank=r, world_size=2)[0] for r in (0, 1)]
+    # each positive is another question's negative (c, a-copy, d, b): one masked pair per question
+    assert single.masked == 4
+    assert [r.masked for r in ranks] == [4, 4]
+    assert single.to(torch.device("cpu")).masked == 4  # kept by to() and pin_memory() (the DataLoader's)
