@@ -23,7 +23,8 @@ import zipfile
 from pathlib import Path
 
 from dpr_service.core import formats
-from dpr_service.core.formats import DataError, check_beir_dir, read_corpus, read_eval_data, read_train_data
+from dpr_service.core.formats import DataError, check_beir_dir
+from dpr_service.core.formats import read_train_data  # noqa: F401  (tests/test_jobs.py's race test patches it)
 from dpr_service.core.fsio import exclusive, fsync_dir, fsync_tree, pid_alive
 
 from ..schemas import FieldError
@@ -430,9 +431,39 @@ def _unzip(upload: Path, into: Path, limit: int, max_entries: int = MAX_ZIP_ENTR
 
 
 def _check_beir(root: Path) -> None:
-    """Read a BEIR directory as ``dpr train`` and ``dpr eval`` would: the corpus, then each qrels split
-    (``train`` as training data, any other as evaluation data). Raises DataError."""
+    """Read a BEIR directory by the rules of ``dpr train`` and ``dpr eval`` (the corpus, then each
+    qrels split: ``train`` as training data, any other as evaluation data), refusing what they
+    refuse with their messages, without holding the corpus: it is read line by line, keeping its
+    ids (memory by the ids, not the texts). Raises DataError."""
     check_beir_dir(root)
-    read_corpus(root)
+    ids = _corpus_ids(root / "corpus.jsonl")
     for qrels in sorted((root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []:
-        (read_train_data if qrels.stem == "train" else read_eval_data)(root, qrels.stem)
+        if qrels.stem == "train":
+            _check_beir_train(root, qrels, ids)
+        else:
+            formats.read_judged(root, None, qrels.stem)  # read_eval_data's checks; its corpus is the one above
+
+
+def _corpus_ids(path: Path) -> set[str]:
+    """The passage ids of a BEIR corpus.jsonl, each line checked as read_corpus checks it (a duplicate
+    id, an empty corpus: DataError)."""
+    ids: set[str] = set()
+    for lineno, passage in formats._beir_passages(path):
+        if passage.id in ids:
+            raise DataError(path, lineno, f"duplicate passage id {passage.id!r}")
+        ids.add(passage.id)
+    if not ids:
+        raise DataError(path, None, "empty corpus")
+    return ids
+
+
+def _check_beir_train(root: Path, qrels_path: Path, ids: set[str]) -> None:
+    """A ``train`` split as read_train_data reads it: queries, judgements, every judged query in
+    queries.jsonl, and a judgement with score > 0 of a passage in the corpus. Raises DataError."""
+    queries = formats.read_beir_queries(root / "queries.jsonl")
+    qrels = formats.read_qrels(qrels_path)
+    missing = [q for q in qrels if q not in queries]
+    if missing:
+        raise DataError(qrels_path, None, f"{len(missing)} query ids not in queries.jsonl (first: {missing[0]!r})")
+    if not any(score > 0 and pid in ids for rel in qrels.values() for pid, score in rel.items()):
+        raise DataError(qrels_path, None, "no judgements with score > 0")
