@@ -484,3 +484,72 @@ def test_event_streams_poll_in_the_events_lane_and_are_capped_503(world, tmp_pat
         wait_for(lambda: c.app.state.job_streams.open, lambda n: n == 0, what="the stream's slot to free")
         with c.stream("GET", f"/jobs/{job.id}/events", headers=H) as again:  # the slot came back
             assert again.status_code == 200
+
+
+# ----------------------------------------------------------------------------- a real server killed during a promotion
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(world: Path, tmp: Path, index: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "DPR_ADMIN_KEY": ADMIN, "DPR_JOBS_DIR": str(tmp / "state"), "DPR_DATA_ROOT": str(world / "data"),
+           "DPR_DEVICE": "cpu", "DPR_JOBS_POLL_S": "0.1"}
+    return subprocess.Popen([str(Path(sys.executable).parent / "dpr"), "serve", "--index", str(index), "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_server_killed_during_a_promotion_records_it_once_the_build_child_has_swapped_the_index(world, tmp_path):
+    """kill -9 of `dpr serve` while `dpr index build` runs: the child still swaps the index in; at
+    the next start the job says ``promoted`` (today it stays null), and it cannot be deleted."""
+    import httpx
+
+    index = copy_index(world, tmp_path, world / "served")
+    store = JobStore(tmp_path / "state")
+    job_id = fake_finished_job(world, store)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = _serve(world, tmp_path, index, port)
+    try:
+        wait_for(lambda: _get(f"{base}/readyz"), lambda s: s == 200, 180, "the server")
+        threading.Thread(target=lambda: _post(f"{base}/jobs/{job_id}/promote", {"corpus": "beir", "force": True}),
+                         daemon=True).start()
+        wait_for(lambda: store.get(job_id).claim, lambda claim: claim is not None, 60, "the promotion's claim")
+        server.send_signal(9)
+        server.wait()
+        best = (store.job_dir(job_id) / "run" / "best").resolve()
+        wait_for(lambda: json.loads((index / "manifest.json").read_text()).get("checkpoint") if (index / "manifest.json").is_file() else None,
+                 lambda named: named == str(best), 180, "the orphaned build child's swap")
+        server = _serve(world, tmp_path, index, port)
+        wait_for(lambda: _get(f"{base}/readyz"), lambda s: s == 200, 180, "the restarted server")
+        job = wait_for(lambda: httpx.get(f"{base}/jobs/{job_id}", headers=H).json(), lambda j: j["promoted"] == "beir",
+                       60, "the promotion to be recorded")
+        r = httpx.delete(f"{base}/jobs/{job_id}", headers=H)
+        assert r.status_code == 409, r.text
+        assert job["promoted"] == "beir" and store.get(job_id).claim is None
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _get(url: str) -> int | None:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return None
+
+
+def _post(url: str, body: dict) -> None:
+    import httpx
+
+    try:
+        httpx.post(url, headers=H, json=body, timeout=300)
+    except httpx.TransportError:
+        pass  # the server is killed meanwhile
