@@ -63,9 +63,11 @@ def known_positive_mask(p_hashes: torch.Tensor, known_hashes: torch.Tensor,
     passage known to answer question i (by id, in this batch) is masked too: a copy under another id.
     """
     known = (p_hashes[None, :, None] == known_hashes[:, None, :]).any(-1)  # (B, N)
-    if c_hashes is not None:
-        same = c_hashes[:, None] == c_hashes[None, :]  # (N, N)
-        known = (known.float() @ same.float()) > 0  # a column counts if any known column has its content
+    if c_hashes is not None:  # a column counts if any known column has its content; O(B * N), no (N, N)
+        contents, which = torch.unique(c_hashes, return_inverse=True)  # (U,), (N,) content index of each column
+        seen = torch.zeros(known.shape[0], contents.shape[0], device=known.device)  # (B, U)
+        seen.index_add_(1, which, known.float())
+        known = seen[:, which] > 0
     return ~known
 
 
