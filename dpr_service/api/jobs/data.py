@@ -2,10 +2,12 @@
 
 Jobs and promotions name data sets, corpora and starting models *by name*, a relative path under
 the root (``scifact``, ``beir/nfcorpus``, ``models/minilm``); nothing else on the server's disk is
-reachable. A name that is absolute, holds ``..`` (or ``.``, or an empty part), or resolves (through
-symbolic links) outside the root is refused. Uploads (a JSONL training file, or a zip of a BEIR
-directory) are checked with the readers ``dpr train`` uses (:mod:`dpr_service.core.formats`) before
-they are moved into place under their name; a bad line is a :class:`DataRefused` naming it.
+reachable. A name that is absolute, holds ``..`` (or ``.``, or an empty part), names a hidden file
+(``.upload-*`` temporaries, ``.uploads.lock``) or resolves (through symbolic links) outside the root
+or to a hidden file is refused. Uploads (a JSONL training file, or a zip of a BEIR directory) are
+checked by the rules of the readers ``dpr train`` uses (:mod:`dpr_service.core.formats`), streaming,
+in a claimed ``.upload-*`` directory outside the uploads' lock, then renamed into place under their
+name (the lock covers that rename only); a bad line or zip entry is a :class:`DataRefused` naming it.
 """
 
 from __future__ import annotations
