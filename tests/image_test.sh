@@ -66,8 +66,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   "$SRC/docker/image.sh"
   say "build: $(( $(date +%s) - t0 )) s (layers cached from earlier builds are reused)"
 fi
-size=$("${B[@]}" images --json "$IMAGE" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)[0]["size"])')
-say "image size: $size bytes ($(( size / 1000000 )) MB)"
+say "image size: $("${B[@]}" images --format '{{.Size}}' --filter "reference=$IMAGE" | head -n 1) (buildah images: its layers, uncompressed)"
 
 # ------------------------------------------------------------------ the image's configuration
 "${B[@]}" inspect --type image "$IMAGE" > "$WORK/image.json"
