@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import io
 import json
 import logging
@@ -391,6 +390,7 @@ class Check:
             log_every=1, save_every=10**8, progress=False, chunk_size=chunk, num_workers=s.num_workers,
             device="cpu" if self.rehearse else "auto",
         )
+        _free_memory()  # the previous run's tensors out of the peak
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         train(cfg)
@@ -614,6 +614,7 @@ def sentence_transformers_run(c: Check, model_dir: Path, rows, batch: int, steps
     loader = DataLoader(rows[: batch * steps], batch_size=batch, collate_fn=_Collate(model), num_workers=num_workers,
                         pin_memory=cuda, drop_last=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    _free_memory()  # the previous run's tensors out of the peak
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
@@ -740,10 +741,10 @@ def step_scifact_default(c: Check) -> dict:
     c.paths["checkpoint"] = checkpoint
     c.paths["data"] = data
     figures = {"command": "dpr train --model MiniLM --train scifact --output run (the default command)", "train_s": round(train_s, 1)}
-    plan = (work / "run" / "train_config.yaml")
-    if plan.exists():
-        figures["train_config"] = {k: v for k, v in (line.split(": ", 1) for line in plan.read_text().splitlines() if ": " in line)
-                                   if k in ("batch_size", "epochs", "max_steps", "negatives", "precision", "device", "lr")}
+    records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines() if '"examples_per_s"' in x]
+    if records:  # the run the defaults chose: steps, epochs, and its speed (median over the logged windows)
+        speeds = sorted(r["examples_per_s"] for r in records)
+        figures.update(steps=records[-1]["step"], epochs=records[-1]["epoch"] + 1, train_examples_per_s_median=round(speeds[len(speeds) // 2], 1))
     try:
         import faiss  # noqa: F401
     except ImportError as e:

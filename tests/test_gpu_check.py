@@ -56,6 +56,7 @@ def test_the_rehearsal_runs_every_step_and_reports_each(tmp_path):
     assert [(r["batch_size"], r["chunk_size"]) for r in caching] == [(4, None), (4, 2), (8, 2)]
     assert all(r["ms_per_example"] > 0 for r in caching)
     assert 0 <= steps["scifact_default"]["ndcg@10"] <= 1 and steps["scifact_default"]["index_s"] is not None
+    assert steps["scifact_default"]["steps"] >= 1 and steps["scifact_default"]["epochs"] >= 1  # the run the defaults chose
     enc = steps["gpu_encoding"]
     assert enc["fp32_passages_per_s"] > 0 and enc["bf16_passages_per_s"] > 0
     assert 0 <= enc["largest_cosine_difference"] < 0.01  # bf16 autocast really ran: not NaN, close to fp32
