@@ -125,7 +125,8 @@ def test_a_tiny_job_end_to_end_events_promotion_and_search(world, tmp_path):
 
         best = json.loads((run / "best" / "eval.json").read_text())
         (tmp_path / "served-better").mkdir()
-        served = Path(c.get("/info").json()["checkpoint"]["path"])
+        served = c.app.state.resources.loaded.path  # /info names it by its last part only (no absolute path)
+        assert c.get("/info").json()["checkpoint"]["path"] == served.name
         (served / "eval.json").write_text(json.dumps({"ndcg@10": best["ndcg@10"] + 0.1}))
         try:
             r = c.post(f"/jobs/{job_id}/promote", headers=H, json={"corpus": "beir"})
@@ -136,7 +137,7 @@ def test_a_tiny_job_end_to_end_events_promotion_and_search(world, tmp_path):
         assert r.status_code == 200, r.text
         assert r.json()["passages"] == 30 and r.json()["comparison"]["job"] == best["ndcg@10"]
         info = c.get("/info").json()
-        assert Path(info["checkpoint"]["path"]) == run / "best"
+        assert c.app.state.resources.loaded.path == run / "best" and info["checkpoint"]["path"] == "best"
 
         loaded = load_checkpoint(run / "best", CPU.device)
         query = "what is the apple near the river"

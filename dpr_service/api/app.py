@@ -68,8 +68,9 @@ def _lifespan(settings: Settings, metrics: Metrics):
             yield
         finally:
             await reloader.close()  # the batcher drains: queued queries are still answered
-            app.state.lanes.shutdown()
-            app.state.lanes = None  # a later lifespan (or a call without one) makes new ones
+            lanes, app.state.lanes = app.state.lanes, None  # a later lifespan (or a call without one) makes new ones
+            if lanes is not None:
+                lanes.shutdown()
 
     return lifespan
 

@@ -15,7 +15,8 @@ heavy      ``/score``; larger ``/encode`` and ``/v1/embeddings``    pending < th
                                                                     in-flight tokens (queued and
                                                                     running) + this request's
                                                                     <= ``DPR_HEAVY_MAX_TOKENS``
-admin      reloads, data set and job file work, uploads             pending < threads + queue
+admin      reloads, data set and job file work, uploads (their     pending < threads + queue
+           check in a child process: :func:`in_child_process`)
 events     the polling of ``/jobs/{id}/events`` streams             pending < threads + queue
 ========== ======================================================== ============================
 
@@ -36,9 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -146,17 +148,34 @@ def lane_specs(settings) -> dict[str, LaneSpec]:
 
 
 class Lanes:
-    """The app's lanes, by name (``app.state.lanes``), made from its settings."""
+    """The app's lanes, by name (``app.state.lanes``), made from its settings, and the admin lane's
+    child processes (:meth:`processes`)."""
 
     def __init__(self, settings):
         self.by_name = {name: Lane(name, spec) for name, spec in lane_specs(settings).items()}
+        self.process_count = settings.lane_admin_processes
+        self._processes: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> Lane:
         return self.by_name[name]
 
+    def processes(self) -> ProcessPoolExecutor:
+        """Child processes (``DPR_LANE_ADMIN_PROCESSES``, spawned at first use) for the admin lane's
+        CPU-bound pure-Python work, such as checking a 50 MB upload line by line: in a thread of the
+        server it would hold the GIL that the event loop and the interactive lane need (a nice value
+        does not help there), in a child it holds only its own."""
+        with self._lock:
+            if self._processes is None:
+                self._processes = ProcessPoolExecutor(self.process_count, mp_context=multiprocessing.get_context("spawn"))
+            return self._processes
+
     def shutdown(self) -> None:
         for lane in self.by_name.values():
             lane.shutdown()
+        with self._lock:
+            if self._processes is not None:
+                self._processes.shutdown(wait=False, cancel_futures=True)
 
 
 def lane(app, name: str) -> Lane:
@@ -165,6 +184,16 @@ def lane(app, name: str) -> Lane:
     if lanes is None:
         lanes = app.state.lanes = Lanes(app.state.settings)
     return lanes[name]
+
+
+def in_child_process(app, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in one of the admin lane's child processes (:meth:`Lanes.processes`), waited for
+    (blocking: call it from a lane's thread). ``fn``, its arguments, its result and what it raises
+    must pickle. Raises what ``fn`` raises."""
+    lanes = getattr(app.state, "lanes", None)
+    if lanes is None:
+        lanes = app.state.lanes = Lanes(app.state.settings)
+    return lanes.processes().submit(fn, *args).result()
 
 
 async def run_in_lane(app, name: str, fn: Callable[..., T], *args: Any, cost: int = 0) -> T:

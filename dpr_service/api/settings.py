@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     lane_heavy_queue: int = Field(16, ge=0, le=100_000)
     lane_admin_threads: int = Field(2, ge=1, le=256)
     lane_admin_queue: int = Field(16, ge=0, le=100_000)
+    lane_admin_processes: int = Field(1, ge=1, le=64, description="child processes that check large uploads (each "
+                                      "~350 MB: it imports torch; started at the first), so that a long check never "
+                                      "holds the server's GIL")
+    upload_child_bytes: int = Field(16_000_000, ge=0, description="uploads of at least this many bytes are checked "
+                                    "in a child process; smaller ones on an admin lane thread")
     lane_events_threads: int = Field(2, ge=1, le=256)
     lane_events_queue: int = Field(256, ge=0, le=100_000)
     lane_nice: int = Field(10, ge=0, le=19, description="how much lower the CPU priority of heavy and admin threads is "

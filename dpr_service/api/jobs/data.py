@@ -48,6 +48,9 @@ class DataRefused(FieldError):
     """A name or an upload refused: ``field`` is the request field at fault, ``status`` the HTTP
     status to answer (422 bad input, 404 no such data, 409 the name is taken, 413 too large)."""
 
+    def __reduce__(self):  # raised in the admin lane's child process (an upload's check), re-raised here
+        return type(self), (self.field, self.message, self.status)
+
 
 def check_split_name(value, field: str) -> str:
     """``value`` if it is a plain split name (``train``, ``dev``, ``test``: the stem of a BEIR

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from ..jobs.data import TEMP_PREFIX, DataRefused, claim, ingest, list_data
-from ..lanes import LaneFull, run_in_lane
+from ..lanes import LaneFull, in_child_process, run_in_lane
 from ..jobs.deps import ADMIN_REQUIRED, AppJobSettings, allow_only
 from ..jobs.schemas import Dataset, DatasetList
 from ..schemas import ErrorResponse
@@ -67,8 +67,11 @@ async def upload(request: Request, js: AppJobSettings,
         raise
 
     def store() -> dict:  # in the admin lane; it cleans up after itself even if the client went away meanwhile
-        try:
-            return ingest(js.data_root, name, Path(tmp), js.max_upload_bytes, js.max_zip_entries)
+        args = (js.data_root, name, Path(tmp), js.max_upload_bytes, js.max_zip_entries)
+        try:  # a large upload's check in a child process: parsing 50 MB here would hold the GIL /search needs
+            if size >= request.app.state.settings.upload_child_bytes:
+                return in_child_process(request.app, ingest, *args)
+            return ingest(*args)
         finally:
             done()
 
