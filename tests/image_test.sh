@@ -64,7 +64,7 @@ say "image test: $IMAGE (target $TARGET) built from $what, $(date -u +%FT%TZ), $
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   t0=$(date +%s)
   "$SRC/docker/image.sh"
-  say "build: $(( $(date +%s) - t0 )) s (layers cached from earlier builds are reused)"
+  say "build: $(( $(date +%s) - t0 )) s (LAYERS=${LAYERS:-0}: 1 reuses cached layers)"
 fi
 say "image size: $("${B[@]}" images --format '{{.Size}}' --filter "reference=$IMAGE" | head -n 1) (buildah images: its layers, uncompressed)"
 
@@ -115,6 +115,9 @@ elif kind == "volumes":
         else:
             src = os.path.normpath(os.path.join(os.path.dirname(compose), src))
         print(f"{src}:{dst}:{mode}")
+elif kind == "tmpfs":
+    for t in svc.get("tmpfs", []):
+        print(f"type=tmpfs,destination={t}")
 elif kind == "environment":
     for k, v in (svc.get("environment") or {}).items():
         print(f"{k}={expand(v)}")
@@ -138,6 +141,7 @@ start_service() {
     vols+=(-v "$spec")
   done < <(service_args "$svc" volumes)
   while IFS= read -r v; do envs+=(--env "$v"); done < <(service_args "$svc" environment)
+  while IFS= read -r v; do vols+=(--mount "$v"); done < <(service_args "$svc" tmpfs)
   mapfile -t CMD < <(service_args "$svc" command)
   MARK[$svc]=$WORK/mark-$svc
   touch "${MARK[$svc]}"; sleep 1
@@ -151,6 +155,7 @@ check_writes() {
   local svc=$1 mnt=${MNT[$1]} dst
   local allowed=(/etc /etc/hosts /etc/resolv.conf /etc/hostname /run /run/.containerenv / /dev /proc /sys)
   while IFS= read -r spec; do dst=${spec#*:}; allowed+=("${dst%%:*}"); done < <(service_args "$svc" volumes)
+  while IFS= read -r spec; do dst=${spec#*destination=}; allowed+=("$dst"); done < <(service_args "$svc" tmpfs)
   "$PY" - "$mnt" "${MARK[$svc]}" "${allowed[@]}" > "$WORK/writes-$svc" <<'EOF'
 import os, sys
 root, mark, allowed = sys.argv[1], os.stat(sys.argv[2]).st_mtime, set(sys.argv[3:])
