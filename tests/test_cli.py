@@ -123,7 +123,7 @@ def test_model_dir_error_tells_a_run_an_index_and_a_hub_id_apart(paths):
     (paths / "ix" / "manifest.json").write_text("{}")
     assert "an index, not a model directory" in model_dir_error("--checkpoint", str(paths / "ix"))
     assert model_dir_error("--model", "sentence-transformers/all-MiniLM-L6-v2", hub_ids=True) is None
-    assert "no such directory" in model_dir_error("--model", "./no/such/model", hub_ids=True)
+    assert "no such model directory" in model_dir_error("--model", "./no/such/model", hub_ids=True)
     plain = paths / "plain"
     plain.mkdir(exist_ok=True)
     (plain / "config.json").write_text("{}")
