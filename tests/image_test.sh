@@ -58,7 +58,8 @@ check() {  # check NAME COMMAND...: one PASS/FAIL line
   if "$@"; then say "PASS  $name"; else say "FAIL  $name"; FAILED=1; fi
 }
 
-say "image test: $IMAGE (target $TARGET) built from $what, $(date -u +%FT%TZ), $(nproc) CPUs"
+if [ "${SKIP_BUILD:-0}" = 1 ]; then what="an image built before (SKIP_BUILD=1); compose file and data of $what"; else what="built from $what"; fi
+say "image test: $IMAGE (target $TARGET), $what, $(date -u +%FT%TZ), $(nproc) CPUs"
 
 # ------------------------------------------------------------------ build
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
