@@ -1,36 +1,41 @@
 """The shared core: torch and transformers only, never the web stack.
 
 The trainer, the index builder and the server all import from here, so a query is tokenised,
-encoded and scored by one piece of code everywhere.
+encoded and scored by one piece of code everywhere. The names below are imported on first use
+(PEP 562), so that importing one light module of the core (a command line's parsing and path
+checks) does not load torch and transformers.
 """
 
-from .checkpoint import CheckpointError, Loaded, load_base_model, load_checkpoint, save_checkpoint
-from .config import EncoderConfig
-from .device import Runtime, pick_runtime
-from .encoder import BiEncoder
-from .formats import DataError, EvalData, Passage, TrainData, TrainExample, read_eval_data, read_train_data
-from .loss import candidate_log_probs, in_batch_nll, scores
-from .tokenize import TextTokenizer
+import importlib
 
-__all__ = [
-    "BiEncoder",
-    "CheckpointError",
-    "DataError",
-    "EncoderConfig",
-    "EvalData",
-    "Loaded",
-    "Passage",
-    "Runtime",
-    "TextTokenizer",
-    "TrainData",
-    "TrainExample",
-    "candidate_log_probs",
-    "in_batch_nll",
-    "load_base_model",
-    "load_checkpoint",
-    "pick_runtime",
-    "read_eval_data",
-    "read_train_data",
-    "save_checkpoint",
-    "scores",
-]
+_HOMES = {
+    "CheckpointError": "checkpoint", "Loaded": "checkpoint", "load_base_model": "checkpoint",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "EncoderConfig": "config",
+    "Runtime": "device", "pick_runtime": "device",
+    "BiEncoder": "encoder",
+    "DataError": "formats", "EvalData": "formats", "Passage": "formats", "TrainData": "formats",
+    "TrainExample": "formats", "read_eval_data": "formats", "read_train_data": "formats",
+    "candidate_log_probs": "loss", "in_batch_nll": "loss", "scores": "loss",
+    "TextTokenizer": "tokenize",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    """``from dpr_service.core import X``: imports X's module on first use (AttributeError for an unknown name)."""
+    if name not in _HOMES:  # a submodule, as `import dpr_service.core; dpr_service.core.formats` found it before
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

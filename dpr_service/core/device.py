@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: PRECISIONS (a command line's parsing) costs no torch
+    import torch
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -25,21 +27,29 @@ class Runtime:
     @property
     def amp_dtype(self) -> torch.dtype | None:
         """The autocast dtype (bf16 or fp16), or None for fp32."""
+        import torch
+
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     def autocast(self):
         """The context every forward pass runs in: autocast on CUDA in bf16/fp16, nothing otherwise."""
+        import torch
+
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A scaler that is active only for fp16 (bf16 and fp32 need none)."""
+        import torch
+
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
 
 def pick_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Resolve ``device`` ("auto", "cpu", "cuda", "cuda:1") and ``precision`` once; logs the choice."""
+    import torch
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if device == "auto":
