@@ -177,7 +177,7 @@ def test_encoder_settings_are_nested_but_flat_in_yaml_and_flags(tmp_path):
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--pooling", "max"], "--pooling must be one of cls, mean"),
         (["--temperature", "0"], "--temperature must be > 0"),
-        (["--query-max-length", "1"], "--query-max-length must be an integer >= 2"),
+        (["--query-max-length", "1"], "--query-max-length must be in [2, 32768], got 1"),
         (["--precision", "int8"], "--precision must be one of"),
         (["--best-metric", "ndcg@11"], "--best-metric must be one of"),
         (["--train", "missing.jsonl"], "missing.jsonl: no such file or directory"),

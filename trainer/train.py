@@ -141,7 +141,9 @@ def prepare_run(cfg: TrainConfig, dist: distributed.Dist) -> tuple[TrainConfig, 
 def load_data(cfg: TrainConfig) -> tuple[TrainData, EvalData | None, TrainData | None]:
     """The training data, and the dev data as queries (for retrieval metrics) and as pairs (dev NLL)."""
     data = read_train_data(cfg.train, cfg.train_split)
-    log.info("training data: %d examples, %d passages in the pool, from %s", len(data.examples), len(data.corpus), data.source)
+    questions = len({ex.query for ex in data.examples})
+    log.info("training data: %d questions, %d (question, positive) pairs, %d passages in the pool, from %s",
+             questions, len(data.examples), len(data.corpus), data.source)
     if not cfg.dev:
         return data, None, None
     eval_data = read_eval_data(cfg.dev, cfg.dev_split)
@@ -398,9 +400,9 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
     if cfg.remine_every and method in ("given", "random", "bm25"):
         raise ConfigError(f"--remine-every mines with the model being trained, but the negatives are {method!r}"
                           f"{' (auto chose it)' if cfg.negatives == 'auto' else ''}: pass --negatives model")
-    log.info("plan: %d %s per epoch (%s), %s epochs (%s) = %d steps of %d; negatives: %s%s", plan.units,
+    log.info("plan: %d %s per epoch (%s), %s %s (%s) = %d steps of %d; negatives: %s%s", plan.units,
              "questions, one positive each" if groups is not None else "(question, positive) pairs", f"--pairs {cfg.pairs}",
-             f"{plan.epochs:g}", plan.why, plan.total_steps, cfg.batch_size, method,
+             f"{plan.epochs:g}", "epoch" if plan.epochs == 1 else "epochs", plan.why, plan.total_steps, cfg.batch_size, method,
              f", re-mined every {cfg.remine_every} epoch(s)" if cfg.remine_every else "")
     run = Run(cfg, dist, runtime, data, eval_data, nll_data, encoder, tokenizer,
               prepare_models(encoder, dist, runtime.device), groups, plan, method, optimizer, scheduler,
