@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -374,3 +375,23 @@ def test_a_large_upload_is_checked_in_a_child_process(artifact, tmp_path):
         r = c.post("/datasets?name=bad", content=good + b'{"query": "q", "positive": 3}\n', headers=headers)
         assert r.status_code == 422 and "bad.jsonl:51" in r.json()["detail"], r.text
     assert (tmp_path / "data" / "good.jsonl").is_file() and not (tmp_path / "data" / "bad.jsonl").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_heavy_lane_threads_run_at_a_lower_cpu_priority():
+    """A heavy lane's threads run at DPR_LANE_NICE more than the server's own (Linux nice values are
+    per thread, and the OpenMP threads torch starts from one inherit it); interactive ones do not."""
+    base = os.getpriority(_os.PRIO_PROCESS, 0)
+    heavy = Lane("heavy", LaneSpec(threads=1, queue=0, nice=5))
+    interactive = Lane("interactive", LaneSpec(threads=1, queue=0))
+
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario():
+        return await heavy.run(nice_here), await interactive.run(nice_here)
+
+    got_heavy, got_interactive = asyncio.run(scenario())
+    assert got_heavy == min(base + 5, 19) and got_interactive == base
+    heavy.shutdown()
+    interactive.shutdown()
