@@ -219,7 +219,7 @@ check "api: /search answers 3 results ($(echo "$search" | head -c 160))" \
 score=$("${NET[@]}" curl -s http://127.0.0.1:8000/score -H 'content-type: application/json' \
   -d '{"items": [{"question": "which lighthouse has a red flash?", "positive": "The Ember Light flashes red.", "negatives": ["The Saltwatch tower is painted red and shows a green light."]}]}')
 check "api: /score answers a finite loss ($(echo "$score" | head -c 160))" \
-  "$PY" -c 'import json, math, sys; r = json.loads(sys.argv[1]); assert math.isfinite(r["loss"])' "$score"
+  "$PY" -c 'import json, math, sys; r = json.loads(sys.argv[1]); assert math.isfinite(r["mean_loss"]) and len(r["results"][0]["probabilities"]) == 2' "$score"
 check "the image's HEALTHCHECK command passes in the api container" \
   "${NET[@]}" "${B[@]}" run --isolation chroot "${CTR[api]}" -- "${HEALTH[@]}"
 # the server process: the container's process (a descendant of the unshare) running `serve`
