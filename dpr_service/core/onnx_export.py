@@ -26,10 +26,11 @@ call, on the text's own tokens (no padding): its scales are its own, and a text 
 vectors alone or in any batch. Measured against the alternatives (MiniLM, SciFact passages, same
 machine): int8 weights with fp32 activations (``MatMulNBits``, accuracy level 0) are batch-exact
 but no faster than fp32; ``MatMulNBits`` with int8 compute (accuracy level 4) is not batch-exact
-(4e-3); one call per text against batched int8, alternated on the shared 2-core machine (load
-12-15): queries 30.2 / 32.6 q/s against 37.3 / 27.8, passages 3.60 / 3.22 p/s against 3.70 / 4.36,
-i.e. queries alike and passages ~15% slower (their matrix products stay large, and no padding is
-computed). fp32 graphs are batched as before (a text's vector moves ~1e-7 with its batch).
+(4e-3). One call per text is no slower than batched int8: alternated in four pairs on the shared
+2-core machine (load 5-6; 96 SciFact queries in batches of 32, 64 passages in one batch), per text /
+batched was 0.65-1.43x for passages (median 1.13x) and 0.91-2.17x for queries (median 1.4x): the
+passages' matrix products stay large, and no padding is computed. fp32 graphs are batched as before
+(a text's vector moves ~1e-7 with its batch).
 
 The export cache (:func:`onnx_runtime`) is bounded: ``$DPR_ONNX_CACHE_MAX_BYTES`` (default
 :data:`CACHE_MAX_BYTES`); after each load the least recently used exports are removed until the
