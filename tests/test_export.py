@@ -462,6 +462,7 @@ def test_serve_with_onnx_runtime_answers_like_torch_and_scores_with_torch(built,
                                            onnx_cache=tmp_path / "cache"))) as onnx_app:
         assert onnx_app.get("/readyz").status_code == 200
         assert (tmp_path / "cache").is_dir()  # exported at start into DPR_ONNX_CACHE
+        assert onnx_app.get("/info").json()["runtime"]["runtime"] == "onnx"  # /info says ONNX Runtime serves
         want, got = torch_app.post("/search", json=body).json(), onnx_app.post("/search", json=body).json()
         for g, w in zip(got["results"], want["results"]):
             assert_same_ranking(g, w)

@@ -331,6 +331,7 @@ def test_readyz_and_info_show_no_absolute_path(artifact, tmp_path):
         info = c.get("/info").json()
         assert str(artifact) not in json.dumps(info), info
         assert info["checkpoint"]["path"] == "ckpt" and info["index"]["path"] == "index"
+        assert info["runtime"] == {"runtime": "torch"}
 
 
 def test_reload_without_a_key_refuses_a_cross_site_browser_request(artifact):

@@ -45,6 +45,7 @@ async def readyz(request: Request, reloader: AppReloader):
 async def info(res: ServingResources) -> dict:
     """The checkpoint and the index manifest in use, and how ``/search`` serves them: the modes
     this index allows (bm25 and hybrid need its BM25 index) and the fusion of hybrid by default.
+    ``runtime`` says what encodes queries and passages (torch, or ONNX Runtime and its quantisation).
     Paths are shown by their last part (``ckpt``, not ``/srv/.../ckpt``): no answer maps the server's
     directories."""
     fusion, alpha = res.served_fusion
@@ -52,7 +53,8 @@ async def info(res: ServingResources) -> dict:
                                     "base_model": res.loaded.base_model, **res.loaded.config.to_dict()},
                      "index": {"path": str(res.searcher.directory), **res.searcher.manifest.to_dict()},
                      "search": {"modes": res.modes, "hybrid": {"fusion": fusion, "alpha": alpha}},
-                     "device": str(res.runtime.device)})
+                     "device": str(res.runtime.device),
+                     "runtime": getattr(res.runtime, "description", None) or {"runtime": "torch"}})
 
 
 @router.get("/metrics", dependencies=[KEY_REQUIRED], response_class=PlainTextResponse)
