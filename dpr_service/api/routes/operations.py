@@ -49,9 +49,9 @@ async def info(res: ServingResources) -> dict:
     Paths are shown by their last part (``ckpt``, not ``/srv/.../ckpt``): no answer maps the server's
     directories."""
     fusion, alpha = res.served_fusion
-    return redacted({"checkpoint": {"path": str(res.loaded.path), "fingerprint": res.loaded.fingerprint,
+    return redacted({"checkpoint": {"path": Path(res.loaded.path).name, "fingerprint": res.loaded.fingerprint,
                                     "base_model": res.loaded.base_model, **res.loaded.config.to_dict()},
-                     "index": {"path": str(res.searcher.directory), **res.searcher.manifest.to_dict()},
+                     "index": {**res.searcher.manifest.to_dict(), "path": Path(str(res.searcher.directory)).name},
                      "search": {"modes": res.modes, "hybrid": {"fusion": fusion, "alpha": alpha}},
                      "device": str(res.runtime.device),
                      "runtime": getattr(res.runtime, "description", None) or {"runtime": "torch"}})
@@ -65,9 +65,10 @@ async def prometheus(request: Request, metrics: AppMetrics) -> PlainTextResponse
 
 
 def without_paths(text: str) -> str:
-    """``text`` with every absolute path cut to its last part (``/srv/x/runs/index: ...`` ->
-    ``index: ...``): what an open route says must not map the server's directories."""
-    return ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+    """``text`` with every absolute path cut to its last two parts (``/srv/x/runs/index: ...`` ->
+    ``runs/index: ...``, ``.../index/bm25/vocab.index.json`` -> ``bm25/vocab.index.json``): what an
+    open route says must not map the server's directories."""
+    return ABSOLUTE_PATH.sub(lambda m: "/".join(m.group(0).split("/")[-2:]), text)
 
 
 def redacted(value):
