@@ -24,8 +24,10 @@ if [ -z "${ENGINE:-}" ]; then
   fi
 fi
 
-# stage the wheel directory and the certificates (docker/local/ is in the build context)
+# stage the wheel directory and the certificates (docker/local/ is in the build context), and
+# remove them however the build ends
 rm -rf docker/local/wheels docker/local/ca
+trap 'rm -rf docker/local/wheels docker/local/ca' EXIT
 if [ -n "${TORCH_WHEELS:-}" ]; then
   set -- "$TORCH_WHEELS"/torch-2.13.0+cpu-*.whl
   [ -f "$1" ] || { echo "image.sh: TORCH_WHEELS=$TORCH_WHEELS has no torch-2.13.0+cpu-*.whl" >&2; exit 2; }
