@@ -157,11 +157,12 @@ async def side_slow_bodies(port: int, stop: asyncio.Event, tally: Counter, socke
 async def side_uploads(base: str, stop: asyncio.Event, tally: Counter, upload: Path, clients: int = 4) -> None:
     data = upload.read_bytes()
     counter = iter(range(10**6))
+    prefix = f"{time.time_ns():x}"  # names never repeat across scenarios and runs (a taken name is 409)
 
     async def one(c):
         async with httpx.AsyncClient(base_url=base, timeout=900, headers={"X-Admin-Key": ADMIN}) as h:
             while not stop.is_set():
-                r = await h.post(f"/datasets?name=up{c}-{next(counter)}.jsonl", content=data)
+                r = await h.post(f"/datasets?name=up-{prefix}-{c}-{next(counter)}.jsonl", content=data)
                 tally[r.status_code] += 1
                 if r.status_code == 503:
                     await asyncio.sleep(float(r.headers.get("retry-after", 1)))
