@@ -502,13 +502,15 @@ def test_runtime_flags_are_checked(built, capsys):
 
 def test_an_error_without_a_message_is_one_line_naming_its_type(monkeypatch, tmp_path, capsys):
     """An OSError() has an empty message: the CLI says its type (exit 2), it does not crash on it."""
-    import dpr_service.core.export_cli as export_cli
+    import dpr_service.core.export as export_module
 
     def fail(*args, **kwargs):
         raise PermissionError()
 
-    monkeypatch.setattr(export_cli, "export", fail)
-    code, err = export(["--checkpoint", str(tmp_path), "--format", "onnx", "--output", str(tmp_path / "o")], capsys)
+    monkeypatch.setattr(export_module, "export", fail)  # export_cli imports it when it runs (after its checks)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    code, err = export(["--checkpoint", str(tmp_path / "model"), "--format", "onnx", "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and err.strip() == "dpr export: error: PermissionError", err
 
 

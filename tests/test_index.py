@@ -673,7 +673,9 @@ def test_os_errors_at_the_cli_edge_name_the_path(tmp_path, beir, capsys):
     assert mine_main(["--queries", str(beir), "--corpus", str(beir), "--output", str(afile / "m.jsonl")]) == 2
     err = capsys.readouterr().err
     assert f"{afile / 'm.jsonl'}: cannot be created, {afile} is a file" in err and "Traceback" not in err
-    assert index_main(["build", "--checkpoint", "c", "--corpus", str(beir), "--output", str(afile / "idx")]) == 2
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text("{}")  # a model directory as far as the path checks go
+    assert index_main(["build", "--checkpoint", str(tmp_path / "c"), "--corpus", str(beir), "--output", str(afile / "idx")]) == 2
     assert f"{afile} is a file" in capsys.readouterr().err
 
     def unreadable():

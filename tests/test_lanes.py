@@ -351,7 +351,7 @@ def test_reload_without_a_key_refuses_a_cross_site_browser_request(artifact):
 def test_heavy_lane_threads_run_at_a_lower_cpu_priority():
     """A heavy lane's threads run at DPR_LANE_NICE more than the server's own (Linux nice values are
     per thread, and the OpenMP threads torch starts from one inherit it); interactive ones do not."""
-    base = os.getpriority(_os.PRIO_PROCESS, 0)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
     heavy = Lane("heavy", LaneSpec(threads=1, queue=0, nice=5))
     interactive = Lane("interactive", LaneSpec(threads=1, queue=0))
 

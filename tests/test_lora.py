@@ -212,7 +212,7 @@ def test_resume_is_bit_identical(tmp_path, base, data):
 @pytest.mark.parametrize("given, message", [
     ({"lora_alpha": 8.0}, "--lora-alpha needs --lora-r"),
     ({"lora_targets": "query"}, "--lora-targets needs --lora-r"),
-    ({"lora_r": 0}, "--lora-r must be a positive integer"),
+    ({"lora_r": 0}, "--lora-r must be in \\[1, 4096\\], got 0"),
     ({"lora_r": 4, "lora_dropout": 1.0}, r"--lora-dropout must be in \[0, 1\)"),
     ({"lora_r": 4, "lora_alpha": 0.0}, "--lora-alpha must be > 0"),
     ({"lora_r": 4, "lora_targets": "query,,value"}, "--lora-targets must be comma-separated"),

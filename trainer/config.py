@@ -223,9 +223,10 @@ NEGATIVES = ("auto", "given", "random", "bm25", "model")
 # [low, high] of every numeric setting (flat names). The ceilings are far above any sensible run
 # (DPR trains 40 epochs of batch 128; BERT-sized encoders read at most 512 tokens) and far below what
 # exhausts a machine; num_workers is bounded by the CPUs (usable_cpus), as PyTorch's DataLoader advises.
+# lr costs nothing however large, so its ceiling only keeps it finite (the tests drive a run to NaN with 1e20).
 UPPER_BOUNDS: dict[str, tuple[float, float]] = {
     "batch_size": (2, 65_536), "hard_negatives": (0, 256), "chunk_size": (1, 65_536), "max_steps": (1, 100_000_000),
-    "epochs": (0, 100_000), "lr": (0, 1.0), "weight_decay": (0, 10.0), "adam_eps": (0, 1.0), "warmup_ratio": (0, 1),
+    "epochs": (0, 100_000), "lr": (0, 1e30), "weight_decay": (0, 10.0), "adam_eps": (0, 1.0), "warmup_ratio": (0, 1),
     "warmup_steps": (0, 100_000_000), "max_grad_norm": (0, 1e6), "seed": (0, 2**32 - 1), "mine_depth": (1, 10_000),
     "mine_ratio": (0, 1), "remine_every": (1, 100_000), "lora_r": (1, 4096), "lora_alpha": (0, 1e6),
     "lora_dropout": (0, 1), "num_workers": (0, 256), "length_buckets": (1, 256), "eval_every": (1, 100_000_000),
