@@ -187,3 +187,22 @@ def exclusive(path: Path | str, blocking: bool = True) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)  # releases the lock
+
+
+def tree_bytes(path: Path | str) -> int:
+    """Bytes of a file, or of every file under a directory (links not followed; a file removed
+    meanwhile counts 0; a path that does not exist counts 0)."""
+    path = Path(path)
+    if not path.is_dir():
+        try:
+            return os.lstat(path).st_size
+        except OSError:
+            return 0
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total

@@ -63,7 +63,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, Loaded, verify_checksums, write_checksums
 from .device import Runtime
-from .fsio import atomic_directory, exclusive
+from .fsio import atomic_directory, exclusive, tree_bytes
 
 log = logging.getLogger(__name__)
 FORMAT = "dpr-service-onnx/1"
@@ -259,15 +259,6 @@ def _hold(entry: Path) -> int:
     return fd
 
 
-def _size(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def evict_cache(cache_dir: Path | str, max_bytes: int, keep: Path | None = None) -> list[str]:
@@ -285,7 +276,7 @@ def evict_cache(cache_dir: Path | str, max_bytes: int, keep: Path | None = None)
         for p in cache_dir.iterdir():
             if _CACHE_ENTRY.match(p.name) and p.is_dir():
                 try:
-                    found.append((p.stat().st_mtime_ns, p, _size(p)))
+                    found.append((p.stat().st_mtime_ns, p, tree_bytes(p)))
                 except OSError:
                     continue
         total = sum(size for _, _, size in found)

@@ -27,7 +27,7 @@ from pathlib import Path
 from dpr_service.core import formats
 from dpr_service.core.formats import DataError, check_beir_dir
 from dpr_service.core.formats import read_train_data  # noqa: F401  (tests/test_jobs.py's race test patches it)
-from dpr_service.core.fsio import exclusive, fsync_dir, fsync_tree, pid_alive
+from dpr_service.core.fsio import exclusive, fsync_dir, fsync_tree, pid_alive, tree_bytes
 
 from ..schemas import FieldError
 
@@ -109,7 +109,7 @@ def list_data(root: Path) -> list[dict]:
         try:
             if entry.name.startswith(".") or not _plain_target(base, entry.resolve()):
                 continue
-            out.append({"name": entry.name, "kind": kind_of(entry), "bytes": _size(entry)})
+            out.append({"name": entry.name, "kind": kind_of(entry), "bytes": tree_bytes(entry)})
         except OSError:  # removed (or made unreadable) while listed
             continue
     return out
@@ -121,18 +121,6 @@ def _plain_target(base: Path, path: Path) -> bool:
         not any(p.startswith(".") for p in path.relative_to(base).parts)
 
 
-def _size(path: Path) -> int:
-    """A file's size, or the total of a directory's files (links not followed; a file removed meanwhile counts 0)."""
-    if not path.is_dir():
-        return path.stat().st_size
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                continue
-    return total
 
 
 def upload_name(name: str, is_zip: bool) -> str:
@@ -237,7 +225,7 @@ def ingest(root: Path, name: str, upload: Path, limit: int, max_entries: int = M
                 check_train_file(checked)
             except DataError as e:
                 raise DataRefused("body", _shown(e, work, "")) from None
-        size = _size(checked)
+        size = tree_bytes(checked)
         if is_zip:
             fsync_tree(checked)
         else:

@@ -40,7 +40,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dpr_service.core.artifact import ArtifactError, read_manifest
-from dpr_service.core.fsio import exclusive
+from dpr_service.core.fsio import exclusive, tree_bytes
 
 from .progress import log_tail, saved_progress
 from .service import child_env, holds, index_checkpoint, promotion_lock
@@ -391,16 +391,6 @@ def remove_weights(job_dir: Path) -> int:
     return freed
 
 
-def tree_bytes(root: Path) -> int:
-    """The bytes of every file under ``root`` (files that vanish meanwhile count 0)."""
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def promotion_landed(claim: dict) -> bool:
