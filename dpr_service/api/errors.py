@@ -81,10 +81,17 @@ OBJECT_EXPECTED = {"model_attributes_type", "model_type", "dict_type"}
 
 def _message(error: dict) -> str:
     """pydantic's message, but "must be a JSON object, got an array" where an object was expected
-    (pydantic says "a valid dictionary or object to extract fields from")."""
+    (pydantic says "a valid dictionary or object to extract fields from"), and without the "Value
+    error, " pydantic puts before a validator's own message."""
     if error.get("type") in OBJECT_EXPECTED:
         return f"must be a JSON object, got {json_type(error.get('input'))}"
-    return printable(error["msg"])
+    message = error["msg"]
+    if error.get("type") == "value_error" and message.startswith(VALUE_ERROR_PREFIX):
+        message = message[len(VALUE_ERROR_PREFIX):]  # pydantic's wording, not the rule the field broke
+    return printable(message)
+
+
+VALUE_ERROR_PREFIX = "Value error, "
 
 
 def json_type(value) -> str:
