@@ -289,10 +289,11 @@ def test_model_card_has_training_config_data_and_dev_figures(checkpoints, tmp_pa
                                        + json.dumps({"step": 6, "eval": {"ndcg@10": 0.8125, "mrr@10": 0.75}}) + "\n")
     assert export_main(["--checkpoint", str(run / "best"), "--format", "sentence-transformers", "--output", str(tmp_path / "o")]) == 0
     card = (tmp_path / "o" / "README.md").read_text()
-    for expected in ("- train: `/data/train`", "- dev: `/data/dev`", "| ndcg@10 | 0.8125 |", "| step | 6 |",
-                     "lr: 2.0e-05", "| pooling | `'cls'` |", "sentence-transformers"):
+    for expected in ("- train: `data/train`", "- dev: `data/dev`", "| ndcg@10 | 0.8125 |", "| step | 6 |",
+                     "lr: 2.0e-05", "| pooling | `'cls'` |", "sentence-transformers", "checkpoint `run/best`"):
         assert expected in card, expected
     assert "0.5000" not in card  # the last evaluation, not the first
+    assert str(tmp_path) not in card and "/data/train" not in card  # a card travels: no absolute path of this machine
 
 
 def test_model_card_of_a_run_killed_mid_write(checkpoints, tmp_path):

@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import Loaded, atomic_directory, load_checkpoint
+from .fsio import without_dirs
 from .config import EncoderConfig
 from .formats import metrics_lines, read_eval
 
@@ -204,12 +205,13 @@ def model_card(loaded: Loaded, fmt: str, quantize: str | None = None) -> str:
     it scored on its dev set (when the run had one)."""
     cfg: EncoderConfig = loaded.config
     config_text, figures = training_record(Path(loaded.path))
+    config_text = without_dirs(config_text)  # a card travels: no absolute path of this machine in it
     data = [f"- {key}: `{value}`" for line in config_text.splitlines()
             for key, _, value in [line.partition(": ")] if key in ("model", "train", "dev", "train_split", "dev_split")]
     lines = [
         f"# dpr-service export ({fmt}{', ' + quantize if quantize else ''})", "",
-        f"Exported by `dpr export --format {fmt}` from the checkpoint `{loaded.path}` "
-        f"(fingerprint `{loaded.fingerprint[:16]}`, base model `{loaded.base_model or 'unknown'}`).", "",
+        f"Exported by `dpr export --format {fmt}` from the checkpoint `{without_dirs(str(loaded.path))}` "
+        f"(fingerprint `{loaded.fingerprint[:16]}`, base model `{without_dirs(str(loaded.base_model or 'unknown'))}`).", "",
         "## Use", "", USAGE[fmt], "",
         "## Encoder", "",
         "| setting | value |", "| --- | --- |",

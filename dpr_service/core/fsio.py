@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -206,3 +207,13 @@ def tree_bytes(path: Path | str) -> int:
             except OSError:
                 pass
     return total
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\"():,;`]+/)*[^\s/'\"():,;`]*")
+
+
+def without_dirs(text: str, keep: int = 2) -> str:
+    """``text`` with every absolute path cut to its last ``keep`` parts (``/srv/x/runs/index`` ->
+    ``runs/index``): what a server answers or an export writes must not map the machine's
+    directories. URLs (``http://host/x``) are left alone."""
+    return ABSOLUTE_PATH.sub(lambda m: "/".join(m.group(0).split("/")[-keep:]), text)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -11,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from dpr_service.core.artifact import ArtifactError
 from dpr_service.core.checkpoint import CheckpointError
+from dpr_service.core.fsio import without_dirs
 
 from ..deps import KEY_REQUIRED, AppMetrics, AppReloader, AppSettings, ServingResources
 from ..lanes import run_in_lane
@@ -67,8 +67,8 @@ async def prometheus(request: Request, metrics: AppMetrics) -> PlainTextResponse
 def without_paths(text: str) -> str:
     """``text`` with every absolute path cut to its last two parts (``/srv/x/runs/index: ...`` ->
     ``runs/index: ...``, ``.../index/bm25/vocab.index.json`` -> ``bm25/vocab.index.json``): what an
-    open route says must not map the server's directories."""
-    return ABSOLUTE_PATH.sub(lambda m: "/".join(m.group(0).split("/")[-2:]), text)
+    open route says must not map the server's directories (the core's :func:`without_dirs`)."""
+    return without_dirs(text)
 
 
 def redacted(value):
@@ -82,7 +82,6 @@ def redacted(value):
     return value
 
 
-ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\"():,;]+/)*([^\s/'\"():,;]*)")
 
 
 def same_origin(request: Request) -> None:
