@@ -20,6 +20,8 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -365,3 +367,64 @@ def test_heavy_lane_threads_run_at_a_lower_cpu_priority():
     assert got_heavy == min(base + 5, 19) and got_interactive == base
     heavy.shutdown()
     interactive.shutdown()
+
+
+def test_a_large_upload_is_checked_in_a_child_process(artifact, tmp_path):
+    """An upload of at least DPR_UPLOAD_CHILD_BYTES is checked in the admin lane's child process (a
+    50 MB check in a server thread holds the GIL that /search needs): a good file is stored, a bad
+    line is still 422 naming the file and the line (the refusal crosses the process boundary)."""
+    from dpr_service.api.jobs.settings import JobSettings
+
+    js = JobSettings(admin_key="admin-key-0123456789", jobs_dir=tmp_path / "jobs", data_root=tmp_path / "data")
+    good = b"".join(json.dumps({"query": f"q{i}", "positive": {"title": "", "text": f"passage {i}", "id": f"p{i}"}}).encode()
+                    + b"\n" for i in range(50))
+    app = create_app(Settings(index=artifact / "index", device="cpu", upload_child_bytes=1), js)
+    headers = {"X-Admin-Key": "admin-key-0123456789"}
+    with TestClient(app) as c:
+        r = c.post("/datasets?name=good", content=good, headers=headers)
+        assert r.status_code == 201, r.text
+        assert c.app.state.lanes._processes is not None  # the check ran in the child
+        r = c.post("/datasets?name=bad", content=good + b'{"query": "q", "positive": 3}\n', headers=headers)
+        assert r.status_code == 422 and "bad.jsonl:51" in r.json()["detail"], r.text
+    assert (tmp_path / "data" / "good.jsonl").is_file() and not (tmp_path / "data" / "bad.jsonl").exists()
+    # the child process ended with the app (one was left running after a server stopped)
+    children = [d for d in Path("/proc").iterdir() if d.name.isdigit() and _parent(d) == os.getpid()
+                and b"spawn_main" in _cmdline(d)]
+    assert children == [], children
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_server_leaves_no_check_process():
+    """The admin lane's child processes die with the server, even a SIGKILLed one (two were found
+    still running after the benchmark's servers had gone)."""
+    script = ("import os, time\nfrom dpr_service.api.lanes import Lanes\nfrom dpr_service.api.settings import Settings\n"
+              "print(Lanes(Settings()).processes().submit(os.getpid).result(), flush=True)\ntime.sleep(600)\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(server.stdout.readline())
+    server.kill()
+    server.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child), f"the check process {child} outlived its server"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

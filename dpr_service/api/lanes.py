@@ -136,6 +136,18 @@ def _lower_priority(nice: int) -> None:
         log.warning("could not lower the priority of a lane thread: %s", e)
 
 
+def _die_with_parent() -> None:
+    """In a child process of :meth:`Lanes.processes`: on Linux, ask the kernel for SIGTERM when the
+    server that spawned it dies (``prctl(PR_SET_PDEATHSIG)``), so a killed server leaves no child."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the executor's own shutdown still ends them
+        pass
+
+
 def lane_specs(settings) -> dict[str, LaneSpec]:
     """Each lane's bounds from the service settings (``DPR_LANE_*``, ``DPR_HEAVY_MAX_TOKENS``)."""
     return {
@@ -167,15 +179,17 @@ class Lanes:
         does not help there), in a child it holds only its own."""
         with self._lock:
             if self._processes is None:
-                self._processes = ProcessPoolExecutor(self.process_count, mp_context=multiprocessing.get_context("spawn"))
+                self._processes = ProcessPoolExecutor(self.process_count, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_die_with_parent)
             return self._processes
 
     def shutdown(self) -> None:
         for lane in self.by_name.values():
             lane.shutdown()
         with self._lock:
-            if self._processes is not None:
-                self._processes.shutdown(wait=False, cancel_futures=True)
+            processes, self._processes = self._processes, None
+        if processes is not None:  # waited for: a check in progress ends (or its process does), none is left behind
+            processes.shutdown(wait=True, cancel_futures=True)
 
 
 def lane(app, name: str) -> Lane:
