@@ -168,7 +168,7 @@ def test_numeric_settings_have_upper_bounds_in_the_service(world, tmp_path):
 
 
 @pytest.mark.parametrize("setting, value", [
-    ("max_steps", 10**30), ("batch_size", 10**9), ("epochs", 1e9), ("lr", 5.0), ("seed", 2**64), ("seed", -1),
+    ("max_steps", 10**30), ("batch_size", 10**9), ("epochs", 1e9), ("lr", 1e31), ("seed", 2**64), ("seed", -1),
     ("hard_negatives", 10**6), ("mine_depth", 10**7), ("eval_batch_size", 10**9), ("length_buckets", 10**6),
     ("query_max_length", 10**7), ("temperature", 1e9), ("max_grad_norm", 1e30), ("warmup_steps", 10**12),
     ("save_every", 10**12), ("log_every", 10**12), ("eval_every", 10**12), ("lora_r", 10**6),

@@ -332,7 +332,7 @@ def test_readyz_and_info_show_no_absolute_path(artifact, tmp_path):
     with client(artifact) as c:
         info = c.get("/info").json()
         assert str(artifact) not in json.dumps(info), info
-        assert info["checkpoint"]["path"] == "ckpt" and info["index"]["path"] == "index"
+        assert info["checkpoint"]["path"] == f"{artifact.parent.name}/{artifact.name}/ckpt" and info["index"]["path"] == "index"
         assert info["runtime"] == {"runtime": "torch"}
 
 

@@ -46,10 +46,10 @@ async def info(res: ServingResources) -> dict:
     """The checkpoint and the index manifest in use, and how ``/search`` serves them: the modes
     this index allows (bm25 and hybrid need its BM25 index) and the fusion of hybrid by default.
     ``runtime`` says what encodes queries and passages (torch, or ONNX Runtime and its quantisation).
-    Paths are shown by their last part (``ckpt``, not ``/srv/.../ckpt``): no answer maps the server's
-    directories."""
+    Paths are shown by their last parts (the checkpoint's last three, ``<job id>/run/best``; the
+    index's name), never from the root: no answer maps the server's directories."""
     fusion, alpha = res.served_fusion
-    return redacted({"checkpoint": {"path": Path(res.loaded.path).name, "fingerprint": res.loaded.fingerprint,
+    return redacted({"checkpoint": {"path": without_dirs(str(res.loaded.path), keep=3), "fingerprint": res.loaded.fingerprint,
                                     "base_model": res.loaded.base_model, **res.loaded.config.to_dict()},
                      "index": {**res.searcher.manifest.to_dict(), "path": Path(str(res.searcher.directory)).name},
                      "search": {"modes": res.modes, "hybrid": {"fusion": fusion, "alpha": alpha}},
