@@ -164,13 +164,16 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory (its entries: names created or renamed in it)."""
+def fsync_path(path: Path) -> None:
+    """fsync a file (its data) or a directory (its entries: names created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path  # the name its callers use for a directory
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from pathlib import Path
 from dpr_service.core import formats
 from dpr_service.core.formats import DataError, check_beir_dir
 from dpr_service.core.formats import read_train_data  # noqa: F401  (tests/test_jobs.py's race test patches it)
-from dpr_service.core.fsio import exclusive, fsync_dir, fsync_tree, pid_alive, tree_bytes
+from dpr_service.core.fsio import exclusive, fsync_dir, fsync_path, fsync_tree, pid_alive, tree_bytes
 
 from ..schemas import FieldError
 
@@ -229,7 +229,7 @@ def ingest(root: Path, name: str, upload: Path, limit: int, max_entries: int = M
         if is_zip:
             fsync_tree(checked)
         else:
-            _fsync_file(checked)
+            fsync_path(checked)
         with exclusive(root / ".uploads.lock"):
             _refuse_taken(target, name)
             os.rename(checked, target)
@@ -243,14 +243,6 @@ def ingest(root: Path, name: str, upload: Path, limit: int, max_entries: int = M
 def _refuse_taken(target: Path, name: str) -> None:
     if target.exists() or target.is_symlink():
         raise DataRefused("name", f"{name!r} exists already under the data root (delete it or choose another name)", 409)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_train_file(path: Path) -> None:
