@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_openai_client_gets_encodes_embeddings_and_our_token_counts(server, clie
     assert [d.index for d in got.data] == list(range(len(texts)))
     assert all(isinstance(d.embedding, str) for d in got.data) == (encoding_format == "base64")
     np.testing.assert_allclose(vectors(got), want, rtol=0, atol=1e-6)
-    assert got.model == "ckpt" == client.models.list().data[0].id
+    assert got.model == client.models.list().data[0].id and got.model.startswith("ckpt-")
     hf = load_checkpoint(art / "ckpt").tokenizer.hf  # the checkpoint's tokenizer, called here directly
     prompt, max_length = ("query: ", QUERY_LEN) if kind == "query" else ("passage: ", PASSAGE_LEN)
     tokens = sum(len(hf(prompt + t, truncation=True, max_length=max_length)["input_ids"]) for t in texts)
@@ -142,10 +143,29 @@ def test_models_lists_the_served_checkpoint(server, client):
     assert len(models) == 1
     info = httpx.get(f"{server}/info", headers={"X-API-Key": KEY}).json()
     m = models[0].model_dump()
-    assert m["id"] == Path(info["checkpoint"]["path"]).name and m["object"] == "model" and m["owned_by"] == "dpr-service"
+    assert m["id"] == f'{Path(info["checkpoint"]["path"]).name}-{info["checkpoint"]["fingerprint"][:12]}'
+    assert m["object"] == "model" and m["owned_by"] == "dpr-service"
     assert m["fingerprint"] == info["checkpoint"]["fingerprint"]
     assert m["dimensions"] == encode(server, ["apple"], "query").shape[1]
     assert abs(m["created"] - time.time()) < 24 * 3600
+
+
+def test_model_id_names_the_run_and_the_weights(tmp_path, art):
+    """A trainer's ``best``/``last`` is named with its run (a job's with the job id) and the weights'
+    short fingerprint; /v1/embeddings answers with that id and accepts it, or any name, as ``model``."""
+    fp = json.loads((art / "ckpt" / "dpr_config.json").read_text())["fingerprint"]
+    cases = {tmp_path / "runs" / "tour" / "best": "tour-best", tmp_path / "jobs" / "j7f3a" / "run" / "last": "j7f3a-last",
+             art / "ckpt": "ckpt"}
+    for ckpt, label in cases.items():
+        if ckpt != art / "ckpt":
+            shutil.copytree(art / "ckpt", ckpt)  # the same weights (the index's fingerprint), elsewhere
+        with TestClient(create_app(Settings(index=art / "index", checkpoint=ckpt, device="cpu"))) as c:
+            listed = c.get("/v1/models").json()["data"]
+            assert [m["id"] for m in listed] == [f"{label}-{fp[:12]}"]
+            for name in (listed[0]["id"], ckpt.name, "anything"):  # the id, the id of old (best, last), any name
+                r = c.post("/v1/embeddings", json={"model": name, "input": "apple"})
+                assert r.status_code == 200, r.text
+                assert r.json()["model"] == listed[0]["id"]
 
 
 def test_models_of_a_base_model_directory(tmp_path, tiny_model):
@@ -154,7 +174,7 @@ def test_models_of_a_base_model_directory(tmp_path, tiny_model):
     with TestClient(create_app(Settings(index=index, checkpoint=tiny_model, device="cpu"))) as c:
         r = c.get("/v1/models")
         assert r.status_code == 200, r.text
-        assert r.json()["data"][0]["id"] == tiny_model.name
+        assert r.json()["data"][0]["id"] == f'{tiny_model.name}-{c.get("/info").json()["checkpoint"]["fingerprint"][:12]}'
         assert r.json()["data"][0]["created"] == int(tiny_model.stat().st_mtime)
 
 

@@ -103,7 +103,9 @@ class EmbeddingsResponse(BaseModel):
 class Model(BaseModel):
     """The served checkpoint as OpenAI's Model object, with its embedding dimension and fingerprint."""
 
-    id: str = Field(description="the checkpoint directory's name")
+    id: str = Field(description="the checkpoint's name and the first 12 hex digits of its fingerprint, e.g. "
+                                "tour-best-275ab8a857fa (a trainer's best/last named with its run directory, a job's "
+                                "with the job id); any model name is accepted by POST /v1/embeddings")
     object: Literal["model"] = "model"
     created: int = Field(description="when the checkpoint directory last changed (Unix seconds, its mtime)")
     owned_by: str = "dpr-service"

@@ -9,6 +9,7 @@ says how a client uses them and why ``input_type`` is ``document`` by default.
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -26,11 +27,30 @@ EmbeddingsBody = within_limits(EmbeddingsRequest)
 KINDS = {"query": "query", "document": "passage"}  # input_type -> the encoder's kind
 
 
+RUN_CHECKPOINTS = ("best", "last")  # what the trainer writes under its --output directory
+JOB_RUN = "run"  # a job's trainer output: <jobs root>/<job id>/run/{best,last}
+
+
+def model_id(path: Path, fingerprint: str) -> str:
+    """A served checkpoint's model id: its name and the first 12 hex digits of its fingerprint,
+    ``<name>-<fingerprint[:12]>`` (the name alone for a checkpoint without a fingerprint). A trainer's
+    ``best``/``last`` is named with its run directory (``runs/tour/best`` -> ``tour-best-…``), a job's
+    with the job id (``<job id>/run/last`` -> ``<job id>-last-…``). The id changes when the weights
+    do, so a client that keeps embeddings by model id never mixes two checkpoints' vectors."""
+    path = Path(path).resolve()
+    name = path.name
+    if name in RUN_CHECKPOINTS:
+        run = path.parent.parent if path.parent.name == JOB_RUN else path.parent
+        name = f"{run.name}-{name}" if run.name else name
+    return f"{name}-{fingerprint[:12]}" if fingerprint else name
+
+
 def served_model(res: Resources) -> Model:
-    """The checkpoint serving now, as OpenAI's Model object (id: its directory's name; created: the
+    """The checkpoint serving now, as OpenAI's Model object (id: :func:`model_id`; created: the
     directory's mtime, 0 when it is not a local directory)."""
     loaded = res.loaded
-    return Model(id=loaded.path.name, created=int(loaded.path.stat().st_mtime) if loaded.path.is_dir() else 0,
+    return Model(id=model_id(loaded.path, loaded.fingerprint),
+                 created=int(loaded.path.stat().st_mtime) if loaded.path.is_dir() else 0,
                  dimensions=loaded.encoder.dim, fingerprint=loaded.fingerprint)
 
 
