@@ -8,6 +8,8 @@ or to a hidden file is refused. Uploads (a JSONL training file, or a zip of a BE
 checked by the rules of the readers ``dpr train`` uses (:mod:`dpr_service.core.formats`), streaming,
 in a claimed ``.upload-*`` directory outside the uploads' lock, then renamed into place under their
 name (the lock covers that rename only); a bad line or zip entry is a :class:`DataRefused` naming it.
+A delete (:func:`delete_data`) renames the entry into such a directory under the same lock, then
+removes it there.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from dpr_service.core import formats
 from dpr_service.core.formats import DataError, check_beir_dir
@@ -242,7 +245,60 @@ def ingest(root: Path, name: str, upload: Path, limit: int, max_entries: int = M
 
 def _refuse_taken(target: Path, name: str) -> None:
     if target.exists() or target.is_symlink():
-        raise DataRefused("name", f"{name!r} exists already under the data root (delete it or choose another name)", 409)
+        raise DataRefused("name", f"{name!r} exists already under the data root (DELETE /datasets/{name} "
+                                  "removes it; or choose another name)", 409)
+
+
+# ----------------------------------------------------------------------------- deletes
+
+
+def delete_data(root: Path, name: str, in_use: Callable[[Path, Path], str | None]) -> None:
+    """Remove the entry ``name`` at the top of ``root`` (a file, a directory, or a link: the link
+    itself, never what it points to), atomically: under the uploads' lock it is renamed into a
+    claimed ``.upload-*`` directory (the name is gone at once; a server killed meanwhile leaves a
+    temporary that :func:`sweep_stale_uploads` removes, never half a data set), then removed there.
+
+    ``in_use(path, entry)`` (``path`` resolved, links followed; ``entry`` as named, ``root/name``)
+    says why the data may not go (a job using it) or None; it is asked before the rename and again
+    after it, so a job submitted meanwhile, which named the data before it vanished, is seen: the
+    entry is then renamed back. Raises DataRefused naming ``name``: 422 for a name that is not a
+    plain entry of the root (a path, ``..``, a hidden name), 404 for a missing one, 409 with
+    ``in_use``'s reason."""
+    if isinstance(name, str) and "/" in name:
+        raise DataRefused("name", f"{name!r}: name an entry at the top of the data root, as GET /datasets lists it")
+    path = resolve_name(root, name, "name")
+    entry = root / name
+
+    def refuse_if_used() -> None:
+        reason = in_use(path, entry)
+        if reason:
+            raise DataRefused("name", f"{name!r} is in use: {reason}", 409)
+
+    refuse_if_used()  # early, to spare the rename; checked again once the name is gone
+    with exclusive(root / ".uploads.lock"):
+        if not (entry.exists() or entry.is_symlink()):  # removed meanwhile (another delete)
+            raise DataRefused("name", f"no data named {name!r} under the data root (GET /datasets lists them)", status=404)
+        work = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
+        fd = claim(work)
+        moved = False
+        try:
+            os.rename(entry, work / name)
+            moved = True
+            fsync_dir(root)
+            refuse_if_used()
+        except BaseException:
+            try:
+                if moved:  # put back under its name: nothing is removed
+                    os.rename(work / name, entry)
+                    fsync_dir(root)
+                os.rmdir(work)
+            finally:
+                os.close(fd)
+            raise
+    try:  # outside the lock: a large data set's files need not hold up uploads
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def check_train_file(path: Path) -> None:
