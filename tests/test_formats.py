@@ -113,6 +113,48 @@ def test_bad_dpr_json_element_line(tmp_path):
     assert err.value.line == second
 
 
+MISSING_BRACE = '{"query": "q2", "positive": "p"'  # 31 characters: the parser fails past its end
+
+
+@pytest.mark.parametrize("ending, last_newline", [("\n", True), ("\r\n", True), ("\n", False)])
+def test_a_missing_brace_is_placed_at_the_end_of_its_line(tmp_path, ending, last_newline):
+    """Issue 31.10: the parser fails on the newline (or the end of the file) after the line that
+    lacks its '}', which was reported as column 1 (of the next line); the error names the line and
+    the column past its last character, whatever the line ending."""
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes((ending.join(['{"query": "q", "positive": "p"}', MISSING_BRACE]) + (ending if last_newline else "")).encode())
+    with pytest.raises(DataError) as err:
+        read_train_data(path)
+    assert err.value.line == 2
+    assert "column 32" in str(err.value) and "end of the line" in str(err.value) and "'}'" in str(err.value), str(err.value)
+    corpus = tmp_path / "beir"  # every JSONL reader shares the rule: a BEIR corpus too
+    corpus.mkdir()
+    cut = '{"_id": "d1", "text": "b"'
+    (corpus / "corpus.jsonl").write_text('{"_id": "d0", "text": "a"}\n' + cut + "\n")
+    with pytest.raises(DataError, match=rf"corpus.jsonl:2: bad JSON: .*column {len(cut) + 1}, the end of the line"):
+        read_corpus(corpus / "corpus.jsonl")
+
+
+def test_a_json_error_inside_a_line_keeps_its_column(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"query": "q" "positive": "p"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: bad JSON: Expecting ',' delimiter \(column 15\)$"):
+        read_train_data(path)
+
+
+def test_a_missing_brace_in_a_dpr_json_list_names_its_line(tmp_path):
+    """In a DPR JSON list the parser fails on the next element (line 4, column 3); the error names
+    line 3, the one lacking its '}', and the column past its end."""
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"question": "q1", "positive_ctxs": [{"text": "x"}]},\n'
+                    '  {"question": "q2", "positive_ctxs": [{"text": "y"}]\n'
+                    '  {"question": "q3", "positive_ctxs": [{"text": "z"}]}\n]\n')
+    width = len('  {"question": "q2", "positive_ctxs": [{"text": "y"}]')
+    with pytest.raises(DataError) as err:
+        read_train_data(path)
+    assert err.value.line == 3 and f"column {width + 1}" in str(err.value) and "end of the line" in str(err.value), str(err.value)
+
+
 def test_truncated_dpr_json(tmp_path):
     path = tmp_path / "cut.json"
     path.write_text('[\n  {"question": "q1", "positive_ctxs": [{"text": "x"}]},\n  {"question": "q2", "posi')

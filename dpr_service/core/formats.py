@@ -140,9 +140,33 @@ def iter_tsv(path: Path) -> Iterator[tuple[int, list[str]]]:
             yield lineno, row
 
 
+def json_error_place(text: str, pos: int) -> tuple[int, int, bool]:
+    """Where a JSON parse error at character ``pos`` of ``text`` is to be shown: (line, column, both
+    1-based; whether it is the end of a line). The parser reads past blanks before it fails, so an
+    error found at the end of the text, or on a later line after nothing but blanks, is placed just
+    past the last character before those blanks: at the end of the line that lacks its ``}`` (or
+    ``]``, ``,``), not at column 1 of the next line. Any other error stays where the parser failed."""
+    last = len(text[:pos].rstrip())  # just past the last non-blank character before pos
+    at_end = pos >= len(text) or "\n" in text[last:pos]
+    place = last if at_end else pos
+    return text.count("\n", 0, place) + 1, place - text.rfind("\n", 0, place), at_end
+
+
+def json_error_message(e: json.JSONDecodeError) -> tuple[int, str]:
+    """(line of ``e.doc``, 1-based, and the message) for a parse error: ``bad JSON: <what> (column
+    N)``, placed by :func:`json_error_place`; at the end of a line, the message says so, and for a
+    missing ``,`` there it asks whether a closing ``}`` or ``]`` is missing."""
+    line, column, at_end = json_error_place(e.doc, e.pos)
+    if not at_end:
+        return line, f"bad JSON: {e.msg} (column {column})"
+    hint = ": is a closing '}' or ']' missing?" if e.msg.startswith("Expecting ',' delimiter") else ""
+    return line, f"bad JSON: {e.msg} (column {column}, the end of the line{hint})"
+
+
 def _json_error(path: Path, lineno: int, e: Exception) -> DataError:
     if isinstance(e, json.JSONDecodeError):
-        return DataError(path, lineno, f"bad JSON: {e.msg} (column {e.colno})")
+        line, message = json_error_message(e)
+        return DataError(path, lineno + line - 1, message)
     if isinstance(e, RecursionError):
         return DataError(path, lineno, "bad JSON: nested too deeply")
     return DataError(path, lineno, f"bad JSON: {e}")  # ValueError: an integer over 4300 digits
@@ -198,7 +222,7 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, dict]]:
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise DataError(path, e.lineno, f"bad JSON: {e.msg} (column {e.colno})") from None
+            raise _json_error(path, 1, e) from None  # e.doc is the whole file: its line is the file's
         except (ValueError, RecursionError) as e:
             raise _json_error(path, start, e) from None
         if not isinstance(obj, dict):
