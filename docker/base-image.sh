@@ -6,6 +6,9 @@
 # Needs mmdebstrap and buildah (Debian: apt-get install mmdebstrap buildah) and a Debian mirror
 # (mmdebstrap uses the host's apt sources). The image has python3.11, venv, ca-certificates and
 # useradd, and `python` on PATH, which is all docker/Dockerfile asks of its base.
+# The merged-usr hook makes /bin, /lib, ... links into /usr as Debian 12 does and installs
+# usr-is-merged: without it apt picks usrmerge to satisfy init-system-helpers, which brings perl
+# (about 47 MB: libperl5.36, perl-modules-5.36) into the image.
 # BUILDAH_FLAGS: storage options for buildah, e.g. "--storage-driver vfs" (the default here: it
 # works without fuse-overlayfs or an overlay-capable filesystem).
 set -eu
@@ -14,7 +17,8 @@ SUITE=${SUITE:-bookworm}
 BUILDAH_FLAGS=${BUILDAH_FLAGS:---storage-driver vfs}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mmdebstrap --variant=apt --include=python3,python3-venv,python-is-python3,ca-certificates,passwd \
+mmdebstrap --variant=apt --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+  --include=python3,python3-venv,python-is-python3,ca-certificates,passwd \
   --customize-hook='rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*' \
   "$SUITE" "$tmp/rootfs.tar"
 # shellcheck disable=SC2086
