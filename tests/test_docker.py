@@ -45,6 +45,23 @@ def test_compose_files_validate():
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
 
+def test_compose_files_match_the_compose_specification(tmp_path):
+    """Every compose file validates against the Compose Specification's JSON schema (the schema Docker
+    Compose v2 checks files with; check-jsonschema vendors it), with no Docker and no network; a copy
+    with a misspelt key is refused, so the check can fail."""
+    tool = shutil.which("check-jsonschema") or str(Path(sys.executable).parent / "check-jsonschema")
+    if not Path(tool).exists():
+        pytest.skip("check-jsonschema is not installed (the test extra installs it)")
+    check = [tool, "--builtin-schema", "vendor.compose-spec"]
+    proc = subprocess.run([*check, str(COMPOSE), str(GPU), str(MILVUS)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(COMPOSE.read_text().replace("    command: [\"serve\"", "    comand: [\"serve\"", 1))
+    assert "comand:" in bad.read_text()
+    proc = subprocess.run([*check, str(bad)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "comand" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
 def test_compose_structure():
     spec = yaml.safe_load(COMPOSE.read_text())
     services = spec["services"]
