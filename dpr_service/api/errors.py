@@ -43,12 +43,23 @@ from .settings import Settings
 log = logging.getLogger("dpr_service.api")
 
 
-def field_name(loc: tuple | list) -> str:
+def field_name(loc: tuple | list, body=None, missing: bool = False) -> str:
     """A pydantic error location after ``body`` as a client writes it: ``("items", 0, "question")``
-    -> ``items[0].question``; the empty location is ``body``."""
-    name = ""
-    for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    -> ``items[0].question``; the empty location is ``body``. Given the request's ``body`` (the
+    parsed JSON), the location is walked along it and the parts pydantic adds for a union's branch
+    (``("query", "str")``, ``("items", 0, "positive", "PassageIn", "text")``) are left out: a string
+    part is kept where it is a key of the object there, or, for a ``missing`` error (a required
+    field left out), where it is the last part."""
+    name, value = "", body
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            name += f"[{part}]"
+            value = value[part] if isinstance(value, list) and 0 <= part < len(value) else None
+            continue
+        if body is not None and not (isinstance(value, dict) and (part in value or (missing and i == len(loc) - 1))):
+            continue  # a union branch's tag, not a field the client wrote
+        name += f".{part}" if name else str(part)
+        value = value.get(part) if isinstance(value, dict) else None
     return printable(name or "body")
 
 
@@ -72,7 +83,11 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         reason = (bad_json.get("ctx") or {}).get("error", "cannot be parsed")
         at = bad_json["loc"][1] if len(bad_json["loc"]) > 1 else 0
         return error_response(400, [{"field": "body", "message": f"not valid JSON ({printable(str(reason))} at character {at})"}])
-    errors = [{"field": field_name(e["loc"][1:]), "message": _message(e)} for e in raw]
+    errors = []
+    for e in raw:
+        error = {"field": field_name(e["loc"][1:], exc.body, e.get("type") == "missing"), "message": _message(e)}
+        if error not in errors:  # one union's branches can say the same of one field
+            errors.append(error)
     return error_response(422, errors)
 
 

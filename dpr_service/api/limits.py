@@ -44,7 +44,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit(SearchRequest, "queries", "max_queries", "items"),
     Limit(SearchRequest, "top_k", "max_top_k", "maximum"),
     Limit(SearchRequest, "queries", "max_text_chars", "characters"),
-    Limit(SearchRequest, "query", "max_text_chars", "characters"),  # shorthand for queries[0], checked there first
+    Limit(SearchRequest, "query", "max_text_chars", "characters"),  # shorthand for queries: [query], named as written
     Limit(ScoreRequest, "items", "max_items", "items"),
     Limit(ScoreItemIn, "negatives", "max_passages_per_item", "items"),
     Limit(ScoreItemIn, "question", "max_text_chars", "characters"),
@@ -90,10 +90,17 @@ def check_tokens(tokens: int, settings: Settings, field: str) -> None:
 def check_limits(body: BaseModel, settings: Settings, path: str = "") -> None:
     """Raise :class:`LimitExceeded` for the first field of ``body`` (a parsed request, walked depth
     first in table order, then its nested models) over its limit in ``settings``; return None when
-    every field is within its limits."""
+    every field is within its limits. The field is named as the client wrote it: a model that
+    parses a field into another shape (``/v1/embeddings``' one string ``input`` into a list) names
+    it back by its ``written_field`` method."""
     for limit in LIMITS:
         if type(body) is limit.model:
-            _check(limit, getattr(body, limit.field), _join(path, limit.field), getattr(settings, limit.setting))
+            try:
+                _check(limit, getattr(body, limit.field), _join(path, limit.field), getattr(settings, limit.setting))
+            except LimitExceeded as e:
+                if hasattr(body, "written_field"):
+                    raise LimitExceeded(body.written_field(e.field), e.message) from None
+                raise
     for name in type(body).model_fields:
         for where, model in _models(getattr(body, name), _join(path, name)):
             check_limits(model, settings, where)

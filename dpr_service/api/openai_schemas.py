@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator, model_validator
 
 from .schemas import NON_BLANK, STRICT, Integer, _no_default, _not_blank, _not_null
 
@@ -57,6 +57,18 @@ class EmbeddingsRequest(BaseModel):
     user: str = Field(None, json_schema_extra=_no_default, description="accepted and ignored (OpenAI: an end-user id)")
 
     _present = field_validator("dimensions", "user", mode="before")(_not_null)
+    _one_text: bool = PrivateAttr(False)  # input was sent as one string (parsed as a list of one)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_sent(cls, data, handler):
+        request = handler(data)
+        request._one_text = isinstance(data, dict) and isinstance(data.get("input"), str)
+        return request
+
+    def written_field(self, field: str) -> str:
+        """``field`` as the client wrote it: ``input[0]`` is ``input`` when input was one string."""
+        return "input" if self._one_text and field == "input[0]" else field
 
     @field_validator("input", mode="before")
     @classmethod

@@ -14,7 +14,6 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
-from pydantic.json_schema import SkipJsonSchema
 
 # Python's whitespace (str.isspace, what str.strip removes), written out so that the JSON Schema
 # pattern and this check agree in every regex dialect: a text must hold one character outside it.
@@ -110,8 +109,8 @@ _FUSION_RULES = [
 class SearchRequest(BaseModel):
     """``POST /search``: one question (``query``) or several (``queries``), never both.
 
-    ``query`` is shorthand for ``queries: [query]``: after validation ``queries`` holds the texts
-    either way, and limits and errors speak of ``queries``. ``mode`` picks the ranking (dense by
+    ``query`` is shorthand for ``queries: [query]`` (:meth:`texts` gives the questions either way);
+    limits and errors name the field the client wrote. ``mode`` picks the ranking (dense by
     default); hybrid mode fuses by the index's served default unless ``fusion``/``alpha`` say
     otherwise (:meth:`fusion_choice`)."""
 
@@ -120,9 +119,10 @@ class SearchRequest(BaseModel):
                      {"query": "who built the Ember Light?", "mode": "hybrid", "fusion": "convex", "alpha": 0.6}],
         "oneOf": [{"required": ["query"]}, {"required": ["queries"]}],
         "anyOf": _FUSION_RULES})
-    queries: list[NonBlank] | SkipJsonSchema[None] = Field(None, description="questions, one ranked list each",
-                                                           json_schema_extra={"minItems": 1})
-    query: NonBlank | SkipJsonSchema[None] = Field(None, description="a single question (instead of queries)")
+    # no None in the types (left out is None, by default): an error names the field, not a union branch
+    queries: list[NonBlank] = Field(None, description="questions, one ranked list each",
+                                    json_schema_extra=lambda schema: (_no_default(schema), schema.update(minItems=1)))
+    query: NonBlank = Field(None, json_schema_extra=_no_default, description="a single question (instead of queries)")
     top_k: Integer = Field(10, ge=1)
     with_text: bool = True
     mode: Literal["dense", "bm25", "hybrid"] = Field("dense", description="dense (the model), bm25 (the index's BM25), or hybrid (both, fused)")
@@ -169,13 +169,11 @@ class SearchRequest(BaseModel):
     def _exactly_one(self) -> "SearchRequest":
         if (self.queries is None) == (self.query is None):
             raise ValueError("give exactly one of 'query' and 'queries'")
-        if self.query is not None:
-            self.queries = [self.query]
         return self
 
     def texts(self) -> list[str]:
         """The questions, in request order (one for ``query``)."""
-        return self.queries
+        return [self.query] if self.query is not None else self.queries
 
 
 class Hit(BaseModel):
