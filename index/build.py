@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpr_service.core.artifact import (BM25_DIR, INDEX_FILE, PASSAGES_FILE, ArtifactError, create_passage_store,
+from dpr_service.core.artifact import (BM25_DIR, INDEX_FILE, PASSAGES_FILE, ArtifactError, check_binding, create_passage_store,
                                        insert_passages, prepare_output, write_manifest)
 from dpr_service.core.bm25 import BM25, BM25Error
 from dpr_service.core.checkpoint import Loaded, atomic_directory, load_checkpoint, recover_directory
@@ -168,8 +168,10 @@ def _merge(loaded: Loaded, corpus: list[Passage], work: Path, n_parts: int, outp
         write_manifest(
             tmp, checkpoint_fingerprint=loaded.fingerprint, dim=dim, similarity=loaded.config.similarity,
             count=n, factory=factory, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            # absolute: `dpr serve` and `dpr index add` may run from another directory
+            # absolute: `dpr serve` and `dpr index add` may run from another directory; the passage
+            # fingerprint lets a query encoder trained against this index (dpr train --index) serve it
             extra={"search_params": tune_search(index), "checkpoint": str(checkpoint.resolve()),
+                   "passage_fingerprint": loaded.passage_fingerprint,
                    "encoder_runtime": runtime.name if isinstance(runtime, OnnxRuntime) else "torch"},
         )
 
@@ -211,8 +213,7 @@ def add(index_dir: str | Path, corpus_path: str | Path, checkpoint: str | Path |
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
     runtime = pick_encoding_runtime(loaded, runtime, encoder_runtime, onnx_dir)
-    if loaded.fingerprint != old.manifest.checkpoint_fingerprint:
-        raise ArtifactError(f"{index_dir}: built with another checkpoint than {checkpoint}; new passages would not be comparable")
+    check_binding(old.manifest, loaded.identity, f"{index_dir} (new passages would not be comparable)")
     new = read_corpus(corpus_path)
     clash = sorted(old.store.by_ids([p.id for p in new]))
     if clash:

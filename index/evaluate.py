@@ -36,7 +36,7 @@ def evaluate_index(checkpoint: str, index_dir: str, queries_path: str, qrels_pat
     queries, answers, qrels = read_judged(queries_path, qrels_path, split)
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
-    searcher = Searcher(index_dir, loaded.fingerprint)
+    searcher = Searcher(index_dir, loaded.identity)
     qids = list(queries)
     q_emb = encode_texts(loaded.encoder, loaded.tokenizer, [queries[q] for q in qids], "query", runtime, 128, progress)
     q_emb = q_emb.numpy()  # (Q, D)

@@ -46,7 +46,7 @@ def evaluate_modes(checkpoint: str, index_dir: str, queries_path: str, split: st
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
     sparse_needed = bool(set(modes) - {"dense"}) or tune_split is not None
-    searcher = Searcher(index_dir, loaded.fingerprint, bm25=sparse_needed)
+    searcher = Searcher(index_dir, loaded.identity, bm25=sparse_needed)
     retriever = Retriever(searcher, artifact_bm25(searcher) if sparse_needed else None)
 
     def encoded(split_name: str):

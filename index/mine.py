@@ -100,7 +100,7 @@ def _model_candidates(checkpoint: str, index_dir: str, device: str, texts: list[
     """(searcher, the top ``depth`` (id, score) hits of each question, {(question, positive id): score})."""
     runtime = pick_runtime(device, "auto")
     loaded = load_checkpoint(checkpoint, runtime.device)
-    searcher = Searcher(index_dir, loaded.fingerprint)
+    searcher = Searcher(index_dir, loaded.identity)
     q_emb = encode_texts(loaded.encoder, loaded.tokenizer, texts, "query", runtime, 128, progress=True)  # (Q, D)
     hits = searcher.search(q_emb.numpy(), depth)
     ranked = [[(h.id, h.score) for h in hs] for hs in hits]

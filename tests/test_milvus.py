@@ -5,8 +5,10 @@ duplicates, and collections of another checkpoint or an unfinished export are re
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
+
 import pytest
 from conftest import AsgiForward, write_beir
 
@@ -28,9 +30,9 @@ CPU = pick_runtime("cpu", "fp32")
 QUERIES = ["what is the apple near the river", "comet", "harbor lights at night", "a quiet forest"]
 
 
-def _checkpoint(root, tiny_model, seed_text=""):
+def _checkpoint(root, tiny_model, seed_text="", passage_prompt=""):
     cfg = EncoderConfig(pooling="mean", similarity="cosine", temperature=0.05, query_max_length=16,
-                        passage_max_length=32, query_prompt=seed_text)
+                        passage_max_length=32, query_prompt=seed_text, passage_prompt=passage_prompt)
     encoder, tokenizer = load_base_model(str(tiny_model), cfg)
     save_checkpoint(root, encoder, tokenizer)
     return root
@@ -296,7 +298,8 @@ def test_collection_of_another_checkpoint_is_not_served(art, served, tmp_path, t
     import dpr_service.api.resources as resources
     import dpr_service.core.milvus as core_milvus
 
-    other = _checkpoint(tmp_path / "other", tiny_model, seed_text="query: ")
+    # another passage side (a checkpoint differing only in its query side may serve the collection)
+    other = _checkpoint(tmp_path / "other", tiny_model, passage_prompt="passage: ")
     clients, loads, real_connect = [], [], core_milvus.connect
 
     def counted(*a, **kw):
@@ -312,6 +315,9 @@ def test_collection_of_another_checkpoint_is_not_served(art, served, tmp_path, t
         ready = app.get("/readyz")
         assert ready.status_code == 503 and "not with the checkpoint in use" in ready.json()["reason"]
         assert app.post("/search", json=SEARCH).status_code == 503
+    deadline = time.monotonic() + 10  # a retry may still be under way in its thread when the app stops
+    while not all(clients) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert clients and all(clients) and not loads  # every client of a refused load was closed
 
 

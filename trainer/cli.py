@@ -34,6 +34,13 @@ HELP = {
     "mine_depth": "mined negatives come from this many top-ranked passages",
     "mine_ratio": "a model-mined negative must score below this share of the positive's score (NV-Retriever)",
     "remine_every": "re-mine negatives with the model being trained every N epochs (ANCE-style rounds)",
+    "index": "train the query encoder only, against this index artifact's stored passage vectors (query-side "
+             "training, ADORE): no re-encoding of the corpus, and the result serves that index after a reload. "
+             "--model must be the checkpoint (or model) whose passage encoder built it",
+    "index_negatives": "with --index: each step, this many top passages of the whole index per question (by the "
+                       "current query encoder, known positives and their copies skipped) are its negatives",
+    "index_loss": "with --index: topk (the --index-negatives, shared across the batch) or corpus (the exact NLL "
+                  "over every passage of the index: a (batch, passages) score matrix per step)",
     "on_nonfinite": "a NaN/inf loss or gradient: stop (exit 1, nothing written from it) or skip the step",
     "batch_size": "questions per batch; every passage in the batch is a negative for the other questions",
     "hard_negatives": "hard negatives per question (missing ones are filled with random corpus passages)",

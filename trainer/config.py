@@ -50,6 +50,10 @@ class TrainConfig:
     mine_depth: int = 50  # mined negatives come from this many top-ranked passages
     mine_ratio: float = 0.95  # a mined negative scores below this share of the positive's score (NV-Retriever)
     remine_every: int | None = None  # epochs between re-mining rounds with the model being trained (ANCE)
+    # query-side training against a fixed index (trainer/query_side.py; ADORE): the query encoder alone trains
+    index: str | None = None  # an index artifact built by --model's passage encoder: its vectors are the passage side
+    index_negatives: int = 32  # each step, this many top passages of the whole index per question are its negatives
+    index_loss: str = "topk"  # topk: those negatives, shared across the batch; corpus: the exact NLL over every passage
     # the optimisation (DPR's defaults where DPR has one)
     batch_size: int = 32
     hard_negatives: int = 1
@@ -132,6 +136,17 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
         if not 0 < self.mine_ratio <= 1:
             raise ConfigError(f"--mine-ratio must be in (0, 1], got {self.mine_ratio!r}")
+        if self.index_loss not in INDEX_LOSSES:
+            raise ConfigError(f"--index-loss must be one of {', '.join(INDEX_LOSSES)}, got {self.index_loss!r}")
+        if not isinstance(self.index_negatives, int) or self.index_negatives < 1:
+            raise ConfigError(f"--index-negatives must be a positive integer, got {self.index_negatives!r}")
+        if self.index is not None:
+            if self.remine_every is not None:
+                raise ConfigError("--remine-every does not apply with --index: the negatives come from the index "
+                                  "with the current query encoder at every step")
+            if self.chunk_size is not None:
+                raise ConfigError("--chunk-size does not apply with --index: only questions are encoded (no passage "
+                                  "forward pass to cache); lower --batch-size if memory is short")
         if self.remine_every is not None and self.negatives == "given":
             raise ConfigError("--remine-every mines new negatives with the model: use it with --negatives model (or auto)")
         if self.lr is not None and not self.lr > 0:
@@ -220,6 +235,7 @@ class TrainConfig:
 
 
 NEGATIVES = ("auto", "given", "random", "bm25", "model")
+INDEX_LOSSES = ("topk", "corpus")
 # [low, high] of every numeric setting (flat names). The ceilings are far above any sensible run
 # (DPR trains 40 epochs of batch 128; BERT-sized encoders read at most 512 tokens) and far below what
 # exhausts a machine; num_workers is bounded by the CPUs (usable_cpus), as PyTorch's DataLoader advises.
@@ -227,7 +243,7 @@ NEGATIVES = ("auto", "given", "random", "bm25", "model")
 UPPER_BOUNDS: dict[str, tuple[float, float]] = {
     "batch_size": (2, 65_536), "hard_negatives": (0, 256), "chunk_size": (1, 65_536), "max_steps": (1, 100_000_000),
     "epochs": (0, 100_000), "lr": (0, 1e30), "weight_decay": (0, 10.0), "adam_eps": (0, 1.0), "warmup_ratio": (0, 1),
-    "warmup_steps": (0, 100_000_000), "max_grad_norm": (0, 1e6), "seed": (0, 2**32 - 1), "mine_depth": (1, 10_000),
+    "warmup_steps": (0, 100_000_000), "max_grad_norm": (0, 1e6), "seed": (0, 2**32 - 1), "mine_depth": (1, 10_000), "index_negatives": (1, 100_000),
     "mine_ratio": (0, 1), "remine_every": (1, 100_000), "lora_r": (1, 4096), "lora_alpha": (0, 1e6),
     "lora_dropout": (0, 1), "num_workers": (0, 256), "length_buckets": (1, 256), "eval_every": (1, 100_000_000),
     "eval_batch_size": (1, 65_536), "save_every": (1, 100_000_000), "log_every": (1, 100_000_000),

@@ -50,13 +50,20 @@ def dev_nll(encoder: BiEncoder, tokenizer: TextTokenizer, data: TrainData, runti
 @torch.no_grad()
 def retrieval_eval(encoder: BiEncoder, tokenizer: TextTokenizer, data: EvalData, runtime: Runtime,
                    batch_size: int = 128, progress: bool = False,
-                   conventions: Conventions = Conventions()) -> dict[str, float]:
+                   conventions: Conventions = Conventions(), passages: tuple[dict, torch.Tensor] | None = None) -> dict[str, float]:
     """Exact inner-product search over the whole dev corpus, scored as ``dpr eval`` scores an index:
     ``conventions.measures`` (default nDCG@10, MRR@10, Recall@1/5/20/100) and, when the data has
     answers, DPR's top-k answer accuracy. Ranking, the cut at k and ties are
-    :mod:`dpr_service.core.metrics`' (trec_eval's rule), so the corpus order changes nothing."""
+    :mod:`dpr_service.core.metrics`' (trec_eval's rule), so the corpus order changes nothing.
+
+    ``passages`` (id -> row, (N, D) vectors): stored passage vectors to search instead of encoding
+    the dev corpus (query-side training: the passage encoder does not change), used when they hold
+    every dev passage."""
     qids = list(data.queries)
-    p_emb = encode_texts(encoder, tokenizer, data.corpus, "passage", runtime, batch_size, progress)  # (N, D)
+    if passages is not None and all(p.id in passages[0] for p in data.corpus):
+        p_emb = passages[1][torch.tensor([passages[0][p.id] for p in data.corpus])].float().cpu()  # (N, D)
+    else:
+        p_emb = encode_texts(encoder, tokenizer, data.corpus, "passage", runtime, batch_size, progress)  # (N, D)
     q_emb = encode_texts(encoder, tokenizer, [data.queries[q] for q in qids], "query", runtime, batch_size, progress)
     pids = [p.id for p in data.corpus]
     p_np, q_np = p_emb.numpy(), q_emb.numpy()
@@ -74,12 +81,13 @@ def retrieval_eval(encoder: BiEncoder, tokenizer: TextTokenizer, data: EvalData,
 
 def evaluate(encoder: BiEncoder, tokenizer: TextTokenizer, eval_data: EvalData, nll_data: TrainData,
              runtime: Runtime, batch_size: int, eval_batch_size: int, hard_negatives: int,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, passages: tuple[dict, torch.Tensor] | None = None) -> dict[str, float]:
     """One evaluation: ``dev_nll`` (:func:`dev_nll` over ``nll_data`` in training-sized batches),
     the retrieval measures of :func:`retrieval_eval` over ``eval_data`` (``ndcg@10``, ``mrr@10``,
-    ``recall@{1,5,20,100}``, and ``top{1,5,20,100}_accuracy`` with answers) and ``eval_seconds``."""
+    ``recall@{1,5,20,100}``, and ``top{1,5,20,100}_accuracy`` with answers; over ``passages``' stored
+    vectors when given) and ``eval_seconds``."""
     t0 = time.perf_counter()
     metrics = {"dev_nll": dev_nll(encoder, tokenizer, nll_data, runtime, batch_size, hard_negatives, eval_batch_size)}
-    metrics.update(retrieval_eval(encoder, tokenizer, eval_data, runtime, eval_batch_size, progress))
+    metrics.update(retrieval_eval(encoder, tokenizer, eval_data, runtime, eval_batch_size, progress, passages=passages))
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics

@@ -62,8 +62,10 @@ def prepare_models(encoder: BiEncoder, d: Dist, device: torch.device) -> Models:
     _freeze_unused(encoder, device)
     ids = [device.index] if device.type == "cuda" else None
     query = DistributedDataParallel(encoder.query_model, device_ids=ids)
-    passage = query if encoder.config.shared else DistributedDataParallel(encoder.passage_model, device_ids=ids)
-    return Models(query, passage)
+    if encoder.config.shared:
+        return Models(query, query)
+    frozen = not any(p.requires_grad for p in encoder.passage_model.parameters())  # query-side training (--index)
+    return Models(query, encoder.passage_model if frozen else DistributedDataParallel(encoder.passage_model, device_ids=ids))
 
 
 def _freeze_unused(encoder: BiEncoder, device: torch.device) -> None:

@@ -36,7 +36,7 @@ from dpr_service.core.fsio import recover_directory
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.formats import EvalData, TrainData, read_eval_data, read_train_data
 
-from . import distributed, negatives
+from . import distributed, negatives, query_side
 from .batches import EpochBatches, group_by_question
 from .checks import log_length_report
 from .config import ConfigError, TrainConfig, check_resume_config, resolve_encoder
@@ -122,12 +122,14 @@ def prepare_run(cfg: TrainConfig, dist: distributed.Dist) -> tuple[TrainConfig, 
         raise ConfigError(f"{last_dir} exists: pass --resume to continue that run, or choose another --output")
     cfg, sources = resolve_encoder(cfg, last_dir if cfg.resume else None)
     cfg = cfg.resolve_defaults()
+    if cfg.index:  # query-side: the query encoder trains apart from the index's passage encoder
+        cfg = dataclasses.replace(cfg, encoder={**cfg.encoder, "shared": False})
     if cfg.lora_r is not None and importlib.util.find_spec("peft") is None:
         raise ConfigError("--lora-r needs the peft package: pip install 'dpr-service[lora]'")
     kind = sources.pop("kind")
     values = cfg.settings()
     log.info("encoder settings (%s): %s", kind, ", ".join(f"{k} {values[k]!r} ({sources[k]})" for k in sources))
-    cfg = dataclasses.replace(cfg, **{k: str(Path(v).expanduser().resolve()) for k in ("model", "train", "dev", "output")
+    cfg = dataclasses.replace(cfg, **{k: str(Path(v).expanduser().resolve()) for k in ("model", "train", "dev", "output", "index")
                                       if (v := getattr(cfg, k)) and Path(v).expanduser().exists()})
     if cfg.resume:
         check_resume_config(cfg, last_dir / "train_config.yaml")
@@ -244,14 +246,16 @@ class Checkpointer:
     Writes are atomic (a killed write leaves the previous checkpoint), rank 0 only, and refused for
     non-finite weights (CheckpointError from write_checkpoint): a diverged model is never saved."""
 
-    def __init__(self, cfg: TrainConfig, encoder, tokenizer, base_model: str, is_main: bool, base_fingerprint: str = ""):
+    def __init__(self, cfg: TrainConfig, encoder, tokenizer, base_model: str, is_main: bool, base_fingerprint: str = "",
+                 passage_source: str = ""):
         self.cfg, self.encoder, self.tokenizer, self.base_model, self.is_main = cfg, encoder, tokenizer, base_model, is_main
         self.base_fingerprint = base_fingerprint  # a LoRA run's: its checkpoints name the base model they need
+        self.passage_source = passage_source  # a query-side run's: the checkpoint that built its index
         self.out = Path(cfg.output)
 
     def _write(self, name: str, extra) -> None:
         with atomic_directory(self.out / name) as tmp:
-            write_checkpoint(tmp, self.encoder, self.tokenizer, self.base_model, self.base_fingerprint)
+            write_checkpoint(tmp, self.encoder, self.tokenizer, self.base_model, self.base_fingerprint, self.passage_source)
             (tmp / "train_config.yaml").write_text(self.cfg.to_yaml())
             extra(tmp)
 
@@ -284,7 +288,7 @@ class Run:
     models: object  # step.Models: the (DDP-wrapped) encoders
     groups: list | None  # examples per question (--pairs sample), or None (every pair)
     plan: Plan
-    method: str  # the negatives: given, random, bm25 or model
+    method: str  # the negatives: given, random, bm25, model, or index (query-side training)
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
@@ -293,6 +297,7 @@ class Run:
     best: float | None = None
     skipped: int = 0  # non-finite steps skipped (--on-nonfinite skip)
     model_kind: str = ""  # what the run started from (pretrained.Inferred.kind): --negatives auto depends on it
+    corpus: query_side.IndexedCorpus | None = None  # --index: the fixed passage side (query-side training)
 
     @property
     def out(self) -> Path:
@@ -304,8 +309,11 @@ class Run:
         return epoch // self.cfg.remine_every if self.cfg.remine_every else 0
 
     def prepare_negatives(self, round_: int) -> None:
-        """Make round ``round_``'s negatives the examples' hard negatives (read back or mined; see trainer/negatives.py)."""
+        """Make round ``round_``'s negatives the examples' hard negatives (read back or mined; see trainer/negatives.py).
+        Query-side training has none to prepare: each step retrieves its own from the index."""
         cfg = self.cfg
+        if self.corpus is not None:
+            return
         negatives.prepare_round(self.method, round_, self.data, self.out, self.encoder, self.tokenizer, self.runtime,
                                 cfg.mine_depth, cfg.mine_ratio, cfg.eval_batch_size, cfg.progress, self.dist.is_main,
                                 lambda: distributed.barrier(self.dist), cfg.hard_negatives)
@@ -316,7 +324,8 @@ class Run:
             return  # the other ranks wait for rank 0 in the next step's gather
         cfg = self.cfg
         metrics = evaluate(self.encoder, self.tokenizer, self.eval_data, self.nll_data, self.runtime, cfg.batch_size,
-                           cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress)
+                           cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress,
+                           passages=(self.corpus.row_of, self.corpus.vectors) if self.corpus is not None else None)
         value = metrics[cfg.best_metric]  # checked against the dev data before training started
         if self.best is None:
             better = True
@@ -370,14 +379,25 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
 
     # ---- data, model, run length
     data, eval_data, nll_data = load_data(cfg)
+    corpus = query_side.load_indexed_corpus(cfg.index, cfg.progress and dist.is_main) if cfg.index else None
+    if corpus is not None:
+        query_side.check_positives(corpus, data.examples, data.source)
     if cfg.resume:  # a LoRA run's adapters stay apart from the base, trainable
         loaded = load_checkpoint(last_dir, runtime.device, merge_adapters=False)
         encoder, tokenizer, base_model, base_fp = loaded.encoder, loaded.tokenizer, loaded.base_model, loaded.base_fingerprint
+    elif corpus is not None:  # query-side: the starting model must be the one whose passage encoder built the index
+        encoder, tokenizer = query_side.start_encoder(cfg.model, cfg.encoder_config(), corpus)
+        base_model, base_fp = cfg.model, ""
+        if cfg.lora_r is not None:
+            encoder, base_fp = add_lora(cfg, encoder)
     else:
         encoder, tokenizer = load_base_model(cfg.model, cfg.encoder_config())
         base_model, base_fp = cfg.model, ""
         if cfg.lora_r is not None:
             encoder, base_fp = add_lora(cfg, encoder)
+    if corpus is not None:
+        query_side.freeze_passage_encoder(encoder)  # LoRA adapters of the passage side included
+        corpus = corpus.to(runtime.device)
     trainable, total = count_parameters(encoder)
     log.info("parameters: %s of %s train (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total),
              ", the LoRA adapters; the base model is frozen" if cfg.lora_r is not None else "")
@@ -396,7 +416,7 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
     scaler = runtime.grad_scaler()
     progress = load_training_state(last_dir, optimizer, scheduler, scaler) if cfg.resume else {}
     model_kind = progress.get("model_kind", "sentence-transformers") if cfg.resume else model_kind
-    method = negatives.choose_method(cfg.negatives, data, model_kind)
+    method = "index" if corpus is not None else negatives.choose_method(cfg.negatives, data, model_kind)
     if cfg.remine_every and method in ("given", "random", "bm25"):
         raise ConfigError(f"--remine-every mines with the model being trained, but the negatives are {method!r}"
                           f"{' (auto chose it)' if cfg.negatives == 'auto' else ''}: pass --negatives model")
@@ -406,7 +426,9 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
              f", re-mined every {cfg.remine_every} epoch(s)" if cfg.remine_every else "")
     run = Run(cfg, dist, runtime, data, eval_data, nll_data, encoder, tokenizer,
               prepare_models(encoder, dist, runtime.device), groups, plan, method, optimizer, scheduler,
-              scaler, Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main, base_fp), model_kind=model_kind)
+              scaler, Checkpointer(cfg, encoder, tokenizer, base_model, dist.is_main, base_fp,
+                                   corpus.manifest.checkpoint_fingerprint if corpus is not None else ""),
+              model_kind=model_kind, corpus=corpus)
     if cfg.resume:
         run.step, run.best, run.skipped = progress["step"], progress.get("best"), progress.get("skipped_nonfinite", 0)
         if progress.get("world_size", 1) != dist.world_size:
@@ -439,8 +461,12 @@ def train_loop(run: Run) -> Path:
                     run.evaluate()  # the model that mines this round (unless this step was just evaluated)
                 current_round = run.mining_round(epoch)
                 run.prepare_negatives(current_round)
-            batches = EpochBatches(run.data.examples, run.data.corpus, run.tokenizer, cfg.batch_size, cfg.hard_negatives,
-                                   cfg.seed, epoch, dist.rank, dist.world_size, groups=run.groups)
+            if run.corpus is None:
+                batches = EpochBatches(run.data.examples, run.data.corpus, run.tokenizer, cfg.batch_size, cfg.hard_negatives,
+                                       cfg.seed, epoch, dist.rank, dist.world_size, groups=run.groups)
+            else:  # query-side: the questions only; their passages come from the index
+                batches = query_side.QueryBatches(run.data.examples, run.corpus.row_of, run.tokenizer, cfg.batch_size,
+                                                  cfg.seed, epoch, dist.rank, dist.world_size, groups=run.groups)
             loader = DataLoader(
                 batches, batch_size=None, sampler=range(first, len(batches)), num_workers=cfg.num_workers,
                 pin_memory=run.runtime.device.type == "cuda", generator=torch.Generator(),  # leaves the global RNG alone
@@ -450,12 +476,18 @@ def train_loop(run: Run) -> Path:
                 # dropout's RNG from (seed, step, rank): a resumed run replays the same masks
                 torch.manual_seed((cfg.seed * 1_000_003 + run.step) * 4099 + dist.rank)
                 # forward and backward: B questions and B * (1 + H) passages (over all ranks), DPR
-                # loss over all pairs (the function the dev evaluation and the server's /score use)
-                loss = forward_backward(run.encoder, run.models, batch, run.runtime, dist, run.scaler, cfg.chunk_size)  # scalar
+                # loss over all pairs (the function the dev evaluation and the server's /score use);
+                # query-side: B questions against their negatives from the index (or all of it)
+                if run.corpus is None:
+                    loss = forward_backward(run.encoder, run.models, batch, run.runtime, dist, run.scaler, cfg.chunk_size)  # scalar
+                    batch_masked = batch.masked
+                else:
+                    loss, batch_masked = query_side.forward_backward(run.encoder, run.models, batch, run.corpus, run.runtime, dist,
+                                                                     run.scaler, cfg.index_loss, cfg.index_negatives, cfg.mine_ratio)
                 grad_norm = run.optimizer_step(loss)
                 run.step += 1
                 window_examples += batch.size * dist.world_size
-                window_masked, masked = window_masked + batch.masked, masked + batch.masked  # known positives, copies
+                window_masked, masked = window_masked + batch_masked, masked + batch_masked  # known positives, copies
                 bar.update(1)
 
                 if dist.is_main and (run.step % cfg.log_every == 0 or run.step == plan.total_steps):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI
 
-from dpr_service.core.artifact import MANIFEST, ArtifactError, read_manifest, served_fusion
+from dpr_service.core.artifact import MANIFEST, ArtifactError, EncoderIdentity, check_binding, read_manifest, served_fusion
 from dpr_service.core.checkpoint import CheckpointError, Loaded, load_checkpoint, read_config
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.fsio import readable_directory
@@ -93,7 +93,7 @@ def load_resources(settings: Settings, metrics: Metrics) -> Resources:
         if not checkpoint:
             raise ArtifactError(f"{settings.index}: the manifest names no checkpoint; set DPR_CHECKPOINT")
         loaded = load_checkpoint(checkpoint, runtime.device)
-        searcher = Searcher(settings.index, loaded.fingerprint, bm25=True)
+        searcher = Searcher(settings.index, loaded.identity, bm25=True)
     try:
         runtime = pick_encoding_runtime(loaded, runtime, settings.runtime, settings.onnx_dir, settings.onnx_cache)
         res = Resources(loaded, searcher, runtime, None)
@@ -123,31 +123,26 @@ def _load_milvus(settings: Settings, runtime: Runtime) -> tuple[Loaded, MilvusSe
             raise ArtifactError(f"{searcher.directory}: the collection names no checkpoint; set DPR_CHECKPOINT")
         # a dpr-service checkpoint states its fingerprint: a collection of another checkpoint is refused
         # before any weights load (a server retrying every 5 s must not load a model each time)
-        stated = _stated_fingerprint(checkpoint)
-        if stated not in (None, searcher.manifest.checkpoint_fingerprint):
-            raise _other_checkpoint(searcher, stated)
+        stated = _stated_identity(checkpoint)
+        if stated is not None:
+            check_binding(searcher.manifest, stated, searcher.directory)
         loaded = load_checkpoint(checkpoint, runtime.device)
-        if loaded.fingerprint != searcher.manifest.checkpoint_fingerprint:
-            raise _other_checkpoint(searcher, loaded.fingerprint)
+        check_binding(searcher.manifest, loaded.identity, searcher.directory)
     except BaseException:
         searcher.close()
         raise
     return loaded, searcher
 
 
-def _stated_fingerprint(checkpoint: str) -> str | None:
-    """The fingerprint a dpr-service checkpoint's config states (None for a plain model directory,
+def _stated_identity(checkpoint: str) -> EncoderIdentity | None:
+    """What a dpr-service checkpoint's config states about it (None for a plain model directory,
     whose fingerprint is known once loaded)."""
     try:
-        return read_config(checkpoint)[1].get("fingerprint")
+        raw = read_config(checkpoint)[1]
     except CheckpointError:
         return None
-
-
-def _other_checkpoint(searcher: MilvusSearcher, fingerprint: str) -> ArtifactError:
-    return ArtifactError(f"{searcher.directory}: exported from an index built with checkpoint "
-                         f"{searcher.manifest.checkpoint_fingerprint[:16]}, not with the checkpoint in use "
-                         f"({fingerprint[:16]}); export an index of this checkpoint")
+    return EncoderIdentity(str(raw.get("fingerprint", "")), str(raw.get("passage_fingerprint", "")),
+                           str(raw.get("passage_source", "")))
 
 
 def start_batcher(res: Resources, settings: Settings, metrics: Metrics, executor: Executor | None = None) -> None:

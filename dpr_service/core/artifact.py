@@ -2,8 +2,9 @@
 
 Layout::
 
-    manifest.json      format, checkpoint fingerprint, dim, similarity, count, factory, created,
-                       and the sha256 of every other file (``files``: relative path -> sha256)
+    manifest.json      format, checkpoint fingerprint, passage fingerprint, dim, similarity, count,
+                       factory, created, and the sha256 of every other file (``files``: relative
+                       path -> sha256)
     index.faiss        faiss.write_index of a CPU index; row r of the index is passage row r
     passages.sqlite    table passages(row INTEGER PRIMARY KEY, id TEXT UNIQUE, title, text)
     bm25/              optional (``dpr index build --no-bm25`` leaves it out): a BM25 index of the same
@@ -17,7 +18,9 @@ writes it; ``dpr eval --tune-split S --store-alpha``).
 The SQLite table is the row-to-passage-id map and the passage store at once, so the vectors and the
 texts cannot drift apart, and a server looks hits up by row without loading the corpus. Loading
 checks the manifest and every checksum before ``faiss.read_index`` sees a byte, and refuses an
-index made with another checkpoint than the one it is served with.
+index made with another passage encoder than the one of the checkpoint it is served with
+(:func:`check_binding`): the checkpoint that built it, or a query encoder trained against it
+(``dpr train --index``), which keeps that passage encoder.
 """
 
 from __future__ import annotations
@@ -47,6 +50,60 @@ HYBRID = "hybrid"  # the manifest field of the served fusion
 
 class ArtifactError(Exception):
     """An index artifact that cannot be used; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------- binding
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """Who would search an index: a checkpoint's ``fingerprint``, its ``passage_fingerprint`` (the
+    passage side alone: :func:`dpr_service.core.checkpoint.passage_fingerprint`) and, for a query
+    encoder trained against an index (``dpr train --index``), ``passage_source``: the fingerprint of
+    the checkpoint whose passage encoder it keeps. Empty strings where unknown."""
+
+    fingerprint: str
+    passage_fingerprint: str = ""
+    passage_source: str = ""
+
+
+def binds(built_fingerprint: str, built_passage: str, identity: EncoderIdentity) -> bool:
+    """Whether an index built by checkpoint ``built_fingerprint`` (passage side ``built_passage``, ""
+    for artifacts older than the field) may be searched with query vectors of ``identity``: the
+    same checkpoint, the same passage side, or a query encoder trained against an index of that
+    checkpoint."""
+    return (identity.fingerprint == built_fingerprint
+            or bool(built_passage) and identity.passage_fingerprint == built_passage
+            or bool(identity.passage_source) and identity.passage_source == built_fingerprint)
+
+
+def binding_message(built_fingerprint: str, built_passage: str, identity: EncoderIdentity) -> str:
+    """Why :func:`binds` refused: both checkpoints and both passage encoders, each shown to 12+
+    characters (enough to tell them apart), and the two ways out."""
+    def short(a: str, b: str) -> tuple[str, str]:
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 0) + 12
+        return a[:n], b[:n]
+
+    built, used = short(built_fingerprint, identity.fingerprint)
+    text = f"the index was built with checkpoint {built}, not with the checkpoint in use ({used})"
+    if built_passage and identity.passage_fingerprint:
+        bp, up = short(built_passage, identity.passage_fingerprint)
+        text += f", and its passage encoder {bp} is not the checkpoint's ({up})"
+    return text + ("; rebuild the index with this checkpoint, or train a query encoder against this index "
+                   "(dpr train --index)")
+
+
+def check_binding(manifest: "Manifest", identity: EncoderIdentity | str | None, where: str) -> None:
+    """Raise ArtifactError (naming ``where``, both checkpoints and both passage encoders) unless
+    ``identity`` (an :class:`EncoderIdentity`, a bare checkpoint fingerprint, or None: no check) may
+    search the index of ``manifest``."""
+    if identity is None:
+        return
+    if isinstance(identity, str):
+        identity = EncoderIdentity(identity)
+    built_passage = str(manifest.extra.get("passage_fingerprint", ""))
+    if not binds(manifest.checkpoint_fingerprint, built_passage, identity):
+        raise ArtifactError(f"{where}: {binding_message(manifest.checkpoint_fingerprint, built_passage, identity)}")
 
 
 # ----------------------------------------------------------------------------- passages store

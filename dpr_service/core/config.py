@@ -74,7 +74,7 @@ class EncoderConfig:
     def from_dict(cls, data: dict) -> "EncoderConfig":
         """Parse a ``dpr_config.json`` dictionary; raises ValueError for unknown keys or bad values."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields - {"format", "base_model", "fingerprint"}
+        unknown = set(data) - fields - {"format", "base_model", "fingerprint", "passage_fingerprint", "passage_source"}
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}")
         return cls(**{k: v for k, v in data.items() if k in fields})

@@ -15,7 +15,7 @@ A collection holds one entity per passage:
     text    VARCHAR (at most 65,535 bytes, Milvus's limit)
 
 and, as collection properties, the artifact's ``dpr.format``, ``dpr.checkpoint_fingerprint``,
-``dpr.similarity``, ``dpr.dim``, ``dpr.count``, ``dpr.index_type`` and ``dpr.checkpoint`` (the path
+``dpr.passage_fingerprint``, ``dpr.similarity``, ``dpr.dim``, ``dpr.count``, ``dpr.index_type`` and ``dpr.checkpoint`` (the path
 the artifact's manifest names, the server's default checkpoint), so that a server refuses a
 collection built by another checkpoint, and one whose export has not finished (fewer rows than
 ``dpr.count``).
@@ -24,11 +24,12 @@ collection built by another checkpoint, and one whose export has not finished (f
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .artifact import ArtifactError, Manifest
+from .artifact import ArtifactError, EncoderIdentity, Manifest, check_binding
 from .errors import first_line
 from .formats import Passage
 
@@ -93,6 +94,7 @@ def reason(e: Exception) -> str:
 def collection_properties(manifest: Manifest, index_type: str) -> dict[str, str]:
     """The ``dpr.*`` properties describing a collection exported from the artifact of ``manifest``."""
     return {"dpr.format": FORMAT, "dpr.checkpoint_fingerprint": manifest.checkpoint_fingerprint,
+            "dpr.passage_fingerprint": str(manifest.extra.get("passage_fingerprint", "")),
             "dpr.similarity": manifest.similarity, "dpr.dim": str(manifest.dim), "dpr.count": str(manifest.count),
             "dpr.index_type": index_type, "dpr.checkpoint": str(manifest.extra.get("checkpoint", ""))}
 
@@ -134,7 +136,7 @@ class MilvusSearcher:
     bm25 = None
     no_bm25 = "a Milvus collection has no BM25 index (search with mode 'dense')"
 
-    def __init__(self, uri: str, collection: str, checkpoint_fingerprint: str | None = None,
+    def __init__(self, uri: str, collection: str, checkpoint_fingerprint: EncoderIdentity | str | None = None,
                  token: str | None = None, timeout_s: float = 10.0, ef: int = 128, nprobe: int = 32):
         self.uri, self.collection, self.timeout_s = uri, collection, timeout_s
         self.directory = f"milvus:{redact(uri)}#{collection}"  # shown by /info and the logs
@@ -147,14 +149,18 @@ class MilvusSearcher:
         self.search_params = {"metric_type": "IP", "params": {"ef": ef} if self.index_type == "HNSW" else
                               {"nprobe": nprobe} if self.index_type.startswith("IVF") else {}}
 
-    def _check(self, collection: str, checkpoint_fingerprint: str | None) -> None:
+    def _check(self, collection: str, checkpoint_fingerprint: EncoderIdentity | str | None) -> None:
         """The checks of the class docstring; sets ``dim``, ``index_type`` and ``manifest``."""
         props = read_properties(self.client, collection)
         built = props["dpr.checkpoint_fingerprint"]
-        if checkpoint_fingerprint is not None and built != checkpoint_fingerprint:
-            raise ArtifactError(f"Milvus collection {collection!r} was exported from an index built with checkpoint "
-                                f"{built[:16]}, not with the checkpoint in use ({checkpoint_fingerprint[:16]})")
+        extra = {"milvus_collection": collection, "checkpoint": props.get("dpr.checkpoint", "")}
+        if props.get("dpr.passage_fingerprint"):  # collections exported before the field have none
+            extra["passage_fingerprint"] = props["dpr.passage_fingerprint"]
         self.dim, self.index_type = int(props["dpr.dim"]), props["dpr.index_type"]
+        self.manifest = Manifest(checkpoint_fingerprint=built, dim=self.dim, similarity=props["dpr.similarity"],
+                                 count=int(props["dpr.count"]), factory=f"milvus:{self.index_type}", created="",
+                                 files={}, extra=extra)
+        check_binding(self.manifest, checkpoint_fingerprint, f"Milvus collection {collection!r} (exported from an index)")
         try:
             self.client.load_collection(collection, timeout=self.timeout_s)  # before any query: Milvus refuses them on a released one
             found = row_count(self.client, collection)
@@ -163,9 +169,7 @@ class MilvusSearcher:
         if found != int(props["dpr.count"]):
             raise ArtifactError(f"Milvus collection {collection!r} holds {found} of {props['dpr.count']} passages: its "
                                 f"export did not finish (run dpr index export again)")
-        self.manifest = Manifest(checkpoint_fingerprint=built, dim=self.dim, similarity=props["dpr.similarity"],
-                                 count=found, factory=f"milvus:{self.index_type}", created="", files={},
-                                 extra={"milvus_collection": collection, "checkpoint": props.get("dpr.checkpoint", "")})
+        self.manifest = replace(self.manifest, count=found)
 
     @property
     def count(self) -> int:

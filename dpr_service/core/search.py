@@ -13,8 +13,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .artifact import (BM25_DIR, INDEX_FILE, MANIFEST, PASSAGES_FILE, ArtifactError, Manifest, PassageStore, PinnedDirectory,
-                       resolve_artifact)
+from .artifact import (BM25_DIR, INDEX_FILE, MANIFEST, PASSAGES_FILE, ArtifactError, EncoderIdentity, Manifest, PassageStore, PinnedDirectory,
+                       check_binding, resolve_artifact)
 from .bm25 import BM25
 from .formats import Passage
 
@@ -48,7 +48,7 @@ class Searcher:
     #: why ``bm25`` can be None, for a client's error message
     no_bm25 = "this index was built with --no-bm25 (rebuild it without --no-bm25, or search with mode 'dense')"
 
-    def __init__(self, directory: str | Path, checkpoint_fingerprint: str | None = None, bm25: bool = False):
+    def __init__(self, directory: str | Path, checkpoint_fingerprint: EncoderIdentity | str | None = None, bm25: bool = False):
         requested = Path(directory)
         for attempt in range(3):
             self.directory = resolve_artifact(requested)
@@ -61,18 +61,12 @@ class Searcher:
                 log.info("%s was replaced while loading; loading the new artifact", requested)
         self.set_search_params(**self.manifest.extra.get("search_params", {}))
 
-    def _load(self, checkpoint_fingerprint: str | None, bm25: bool) -> None:
+    def _load(self, checkpoint_fingerprint: EncoderIdentity | str | None, bm25: bool) -> None:
         self._pinned_inode, self.bm25 = None, None
         with PinnedDirectory(self.directory) as pinned:
             self._pinned_inode = pinned.inode()
             self.manifest: Manifest = pinned.manifest()
-            if checkpoint_fingerprint is not None and checkpoint_fingerprint != self.manifest.checkpoint_fingerprint:
-                built, used = self.manifest.checkpoint_fingerprint, checkpoint_fingerprint
-                shown = next((i for i, (a, b) in enumerate(zip(built, used)) if a != b), 0) + 12  # enough to differ
-                raise ArtifactError(
-                    f"{self.directory / MANIFEST}: the index was built with checkpoint {built[:shown]}, not with the "
-                    f"checkpoint in use ({used[:shown]}); rebuild it with this checkpoint"
-                )
+            check_binding(self.manifest, checkpoint_fingerprint, str(self.directory / MANIFEST))
             pinned.verify(self.manifest)  # before faiss reads a byte; faiss and SQLite then open these very files
             try:
                 self.index = faiss.read_index(pinned.fd_path(INDEX_FILE))
