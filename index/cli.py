@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -319,6 +320,18 @@ def _fusion_label(fusion: dict) -> str:
     return f"{fusion['fusion']}, alpha {fusion['alpha']:.2f}"
 
 
+@contextlib.contextmanager
+def corpus_named(corpus: str):
+    """A BM25Error (a corpus with no word BM25 can index) raised inside, as a DataError naming the corpus file."""
+    from dpr_service.core.bm25 import BM25Error
+    from dpr_service.core.formats import DataError
+
+    try:
+        yield
+    except BM25Error as e:
+        raise DataError(corpus, None, str(e)) from None
+
+
 def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
     """``dpr bm25``: the BM25 baseline's metrics on judged queries; returns 0, or 2 with a one-line error."""
     parser = argparse.ArgumentParser(prog=prog, description="BM25 baseline (bm25s) on the same queries and judgements.")
@@ -334,8 +347,9 @@ def bm25_main(argv: list[str], prog: str = "dpr bm25") -> int:
 
         from .evaluate import evaluate_bm25, format_metrics
 
-        print(format_metrics(evaluate_bm25(read_corpus(args.corpus), args.queries, args.qrels, args.split,
-                                           _conventions(args)), args.json))
+        with corpus_named(args.corpus):
+            print(format_metrics(evaluate_bm25(read_corpus(args.corpus), args.queries, args.qrels, args.split,
+                                               _conventions(args)), args.json))
 
     return _run(prog, go, *problems)
 
@@ -369,8 +383,9 @@ def mine_main(argv: list[str], prog: str = "dpr mine") -> int:
 
         from .mine import mine
 
-        stats = mine(args.queries, read_corpus(args.corpus), args.output, args.qrels, args.split, args.method,
-                     args.checkpoint, args.index, args.num_negatives, args.depth, args.skip_top, args.margin, args.device)
+        with corpus_named(args.corpus):
+            stats = mine(args.queries, read_corpus(args.corpus), args.output, args.qrels, args.split, args.method,
+                         args.checkpoint, args.index, args.num_negatives, args.depth, args.skip_top, args.margin, args.device)
         print(f"wrote {stats['examples']} examples to {args.output}; skipped as negatives: "
               f"{stats['skipped_copy_of_positive']} copies of a positive (same title and text), "
               f"{stats['skipped_within_margin']} within the margin; "

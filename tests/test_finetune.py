@@ -356,6 +356,41 @@ def test_auto_negatives_follow_the_data_and_the_starting_model(tmp_path, tiny_mo
     assert choose_method("random", with_negatives, "transformers") == "random"
 
 
+def _unindexable_beir(root: Path) -> Path:
+    """A BEIR directory whose passages are all stop words or punctuation: nothing BM25 can index."""
+    texts = ["the of and", "!!! ... ???", "a", "is it, or was it?", "and or the", "to be or not to be"]
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                               for i, t in enumerate(texts)))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"question {i}"}) + "\n"
+                                                for i in range(len(texts))))
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                              "".join(f"q{i}\td{i}\t1\n" for i in range(len(texts))))
+    return root
+
+
+def test_auto_negatives_on_a_corpus_bm25_cannot_index_fall_back_to_random(tmp_path, tiny_model, caplog, capsys):
+    """Issue 31.5: `dpr train --negatives auto` from an untrained encoder chose BM25 and stopped with
+    BM25Error; now it trains on random negatives with a warning naming the corpus file (as `dpr index
+    build` builds its dense index without BM25), and `--negatives bm25`, asked for, is exit 2 naming it."""
+    from trainer.cli import main
+    from trainer.negatives import choose_method
+
+    beir = _unindexable_beir(tmp_path / "beir")
+    corpus = str(beir / "corpus.jsonl")
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert choose_method("auto", read_train_data(beir, "train"), "transformers") == "random"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(corpus in m and "random" in m for m in warned), warned
+    common = ["--model", str(tiny_model), "--train", str(beir), "--max-steps", "2", "--batch-size", "2", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "auto"), "--negatives", "auto"]) == 0
+    assert (tmp_path / "auto" / "last").is_dir() and not (tmp_path / "auto" / "negatives").exists()
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "bm25"), "--negatives", "bm25"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dpr train: error: {corpus}: ") and "--negatives" in err[0], err
+
+
 def test_a_fresh_run_never_reuses_negatives_mined_by_another(tmp_path, tiny_model):
     root = write_beir(tmp_path / "beir", n=16, splits=("train",))
     stale = tmp_path / "out" / "negatives" / "round-0.jsonl"

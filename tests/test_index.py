@@ -894,6 +894,15 @@ def test_dpr_bm25_on_a_corpus_it_cannot_index_is_a_clear_error(tmp_path, beir, c
     assert bm25_main(["--corpus", str(corpus), "--queries", str(beir), "--split", "test"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no passage has a word BM25 can index" in err and "max()" not in err, err
+    assert err.startswith(f"dpr bm25: error: {corpus}: "), err  # the file at fault named (issue 31.5)
+    # dpr mine --method bm25 shares the kind (its questions judge the corpus's passages)
+    (tmp_path / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"question {i}"}) + "\n"
+                                                    for i in range(len(UNINDEXABLE))))
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(UNINDEXABLE))))
+    assert mine_main(["--queries", str(tmp_path / "queries.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"), "--corpus",
+                      str(corpus), "--output", str(tmp_path / "mined.jsonl"), "--method", "bm25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"dpr mine: error: {corpus}: no passage has a word"), err
 
 
 CJK = [("zh-tokyo", "日本的首都是东京。"), ("zh-paris", "法国的首都是巴黎，巴黎很美。"),

@@ -30,7 +30,7 @@ from dpr_service.core.bm25 import BM25
 from dpr_service.core.checkpoint import CheckpointError
 from dpr_service.core.device import Runtime
 from dpr_service.core.encoder import BiEncoder
-from dpr_service.core.formats import TrainData
+from dpr_service.core.formats import DataError, Passage, TrainData
 from dpr_service.core.inference import encode_texts, exact_search
 from dpr_service.core.mining import MiningStats, score_ceiling, select_negatives
 from dpr_service.core.tokenize import TextTokenizer
@@ -44,12 +44,40 @@ def choose_method(requested: str, data: TrainData, model_kind: str = "sentence-t
     """``auto`` -> ``given`` when the data has hard negatives of its own; else ``model`` when the
     starting model is already a retriever (a sentence-transformers model or a dpr-service checkpoint,
     ``model_kind``), whose ranking makes hard negatives; else ``bm25`` (an untrained encoder such as
-    plain BERT ranks almost at random). Other values are returned as is."""
-    if requested != "auto":
-        return requested
-    if any(ex.hard_negatives or ex.negatives for ex in data.examples):
-        return "given"
-    return "model" if model_kind in ("sentence-transformers", "dpr-service checkpoint") else "bm25"
+    plain BERT ranks almost at random), or ``random``, with a warning naming the corpus file, when
+    BM25 finds no word to index in any passage (all stop words or punctuation: ``dpr index build``
+    likewise builds its dense index without BM25). Other values are returned as is; ``bm25`` asked
+    for on such a corpus raises DataError naming the corpus file."""
+    method = requested
+    if requested == "auto":
+        if any(ex.hard_negatives or ex.negatives for ex in data.examples):
+            return "given"
+        method = "model" if model_kind in ("sentence-transformers", "dpr-service checkpoint") else "bm25"
+    if method != "bm25" or bm25_can_index(data.corpus):
+        return method
+    why = ("no passage has a word BM25 can index (all stop words, punctuation or single characters; docs/index.md)")
+    if requested == "auto":
+        log.warning("--negatives auto: %s: %s; training with random negatives instead (--negatives model mines them "
+                    "with the starting model)", pool_file(data), why)
+        return "random"
+    raise DataError(pool_file(data), None, f"--negatives bm25: {why}; pass --negatives random or model")
+
+
+def bm25_can_index(corpus: list[Passage], chunk: int = 256) -> bool:
+    """Whether BM25 (:class:`~dpr_service.core.bm25.BM25`, its analyser) finds a word to index in some
+    passage of ``corpus``, looked at ``chunk`` passages at a time: a corpus of real text answers
+    with its first chunk; only one with nothing to index is read whole."""
+    bm25 = BM25(None)
+    for start in range(0, len(corpus), chunk):
+        if any(bm25.tokens([f"{p.title} {p.text}".strip() for p in corpus[start:start + chunk]])):
+            return True
+    return False
+
+
+def pool_file(data: TrainData) -> str:
+    """The file the passage pool was read from: a BEIR directory's ``corpus.jsonl``, else the training file."""
+    root = Path(data.source.rsplit(" (", 1)[0]) if data.source.endswith(")") else Path(data.source)
+    return str(root / "corpus.jsonl") if root.is_dir() else data.source
 
 
 def round_path(output: Path, round_: int) -> Path:
