@@ -2,6 +2,10 @@
 gloo), or in one process on the whole batch. Not a test module itself.
 
     torchrun --standalone --nproc-per-node 2 tests/ddp_worker.py MODEL_DIR DATA.jsonl OUT_DIR
+
+and of one query-side step (``dpr train --index``; test_query_side_compat.py), for each --index-loss:
+
+    torchrun --standalone --nproc-per-node 2 tests/ddp_worker.py query-side CHECKPOINT INDEX BEIR_DIR OUT_DIR
 """
 
 from __future__ import annotations
@@ -55,6 +59,42 @@ def step_grads(model_dir: str, data_path: str, d: distributed.Dist, chunk_size: 
     return grads
 
 
+QUERY_SIDE_BATCH = 8  # questions in the global batch of a query-side step
+QUERY_SIDE_LOSSES = ("topk", "corpus")
+
+
+def query_side_grads(checkpoint: str, index: str, data_path: str, d: distributed.Dist, mode: str,
+                     k: int = 3, ratio: float | None = 0.95) -> dict[str, torch.Tensor]:
+    """The query encoder's gradients (and the loss) of the first query-side step of an epoch-0
+    batch of :data:`QUERY_SIDE_BATCH` questions, this rank's slice of it (the trainer's own
+    QueryBatches), against ``index``'s stored vectors; eval mode (no dropout)."""
+    from dpr_service.core.checkpoint import load_checkpoint
+    from dpr_service.core.formats import read_train_data
+    from trainer import query_side
+
+    cpu = Runtime(torch.device("cpu"), "fp32")
+    corpus = query_side.load_indexed_corpus(index)
+    encoder, tokenizer = query_side.start_encoder(checkpoint, load_checkpoint(checkpoint).config, corpus)
+    encoder.eval()
+    models = prepare_models(encoder, d, cpu.device)
+    data = read_train_data(data_path)
+    batch = query_side.QueryBatches(data.examples, corpus.row_of, tokenizer, QUERY_SIDE_BATCH, seed=5, epoch=0,
+                                    rank=d.rank, world_size=d.world_size)[0]
+    loss, masked = query_side.forward_backward(encoder, models, batch, corpus, cpu, d, cpu.grad_scaler(), mode, k, ratio)
+    grads = {name: p.grad.clone() for name, p in encoder.query_model.named_parameters() if p.grad is not None}
+    assert not any(p.grad is not None for p in encoder.passage_model.parameters()), "the passage encoder got gradients"
+    grads["loss"], grads["masked"] = loss.reshape(1), torch.tensor([float(masked)])
+    return grads
+
+
+def main_query_side(checkpoint: str, index: str, data_path: str, out_dir: str) -> None:
+    d = distributed.from_env()
+    distributed.setup(d, torch.device("cpu"))
+    for mode in QUERY_SIDE_LOSSES:
+        save_file(query_side_grads(checkpoint, index, data_path, d, mode), str(Path(out_dir) / f"query-side-{mode}-rank{d.rank}.safetensors"))
+    distributed.teardown()
+
+
 def main(model_dir: str, data_path: str, out_dir: str) -> None:
     d = distributed.from_env()
     distributed.setup(d, torch.device("cpu"))
@@ -66,4 +106,7 @@ def main(model_dir: str, data_path: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "query-side":
+        main_query_side(*sys.argv[2:6])
+    else:
+        main(*sys.argv[1:4])

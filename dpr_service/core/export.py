@@ -212,6 +212,11 @@ def model_card(loaded: Loaded, fmt: str, quantize: str | None = None) -> str:
         f"# dpr-service export ({fmt}{', ' + quantize if quantize else ''})", "",
         f"Exported by `dpr export --format {fmt}` from the checkpoint `{without_dirs(str(loaded.path))}` "
         f"(fingerprint `{loaded.fingerprint[:16]}`, base model `{without_dirs(str(loaded.base_model or 'unknown'))}`).", "",
+        *([f"A query-side checkpoint (`dpr train --index`): only the query encoder was trained, against the stored "
+           f"vectors of an index built by checkpoint `{loaded.passage_source[:16]}`; the passage encoder is that "
+           f"checkpoint's, unchanged (passage fingerprint `{loaded.passage_fingerprint[:16]}`), so an index it built "
+           f"is searched with this model's queries as it is, without re-encoding the corpus.", ""]
+          if loaded.passage_source else []),
         "## Use", "", USAGE[fmt], "",
         "## Encoder", "",
         "| setting | value |", "| --- | --- |",
