@@ -2,11 +2,15 @@
 
 :func:`load_resources` loads and checks them (blocking); :class:`Reloader` swaps a new set in at
 start-up, on ``POST /admin/reload`` and by itself when the artifact at ``DPR_INDEX`` changes.
+When only the checkpoint changed and its passage side built the served index (a query encoder
+trained against it, ``dpr train --index``), :func:`swap_query_encoder` loads the checkpoint alone
+and keeps the loaded index (FAISS, passage store, BM25).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -17,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI
 
-from dpr_service.core.artifact import MANIFEST, ArtifactError, EncoderIdentity, check_binding, read_manifest, served_fusion
+from dpr_service.core.artifact import (MANIFEST, ArtifactError, EncoderIdentity, Manifest, check_binding, read_manifest,
+                                       served_fusion)
 from dpr_service.core.checkpoint import CheckpointError, Loaded, load_checkpoint, read_config
 from dpr_service.core.device import Runtime, pick_runtime
 from dpr_service.core.fsio import readable_directory
@@ -34,6 +39,10 @@ from .settings import Settings
 
 log = logging.getLogger("dpr_service.api")
 WARM_UP_QUERY = "warm-up query"
+#: manifest fields that say which checkpoint serves an index, not what the index holds: an artifact
+#: that differs from the served one in these alone is the same index (a query-side promotion
+#: rewrites them: dpr_service/api/jobs/service.py rebind_index)
+SERVING_FIELDS = ("checkpoint", "rebound")
 ENCODE_ATTEMPTS = 3  # a search re-routed to new resources this often before it gives up (503)
 
 
@@ -123,7 +132,7 @@ def _load_milvus(settings: Settings, runtime: Runtime) -> tuple[Loaded, MilvusSe
             raise ArtifactError(f"{searcher.directory}: the collection names no checkpoint; set DPR_CHECKPOINT")
         # a dpr-service checkpoint states its fingerprint: a collection of another checkpoint is refused
         # before any weights load (a server retrying every 5 s must not load a model each time)
-        stated = _stated_identity(checkpoint)
+        stated = stated_identity(checkpoint)
         if stated is not None:
             check_binding(searcher.manifest, stated, searcher.directory)
         loaded = load_checkpoint(checkpoint, runtime.device)
@@ -134,15 +143,79 @@ def _load_milvus(settings: Settings, runtime: Runtime) -> tuple[Loaded, MilvusSe
     return loaded, searcher
 
 
-def _stated_identity(checkpoint: str) -> EncoderIdentity | None:
-    """What a dpr-service checkpoint's config states about it (None for a plain model directory,
-    whose fingerprint is known once loaded)."""
+def stated_identity(checkpoint: str | Path) -> EncoderIdentity | None:
+    """What a dpr-service checkpoint's config states about it, read without loading weights (None
+    for a plain model directory, whose fingerprint is known once loaded, or an unreadable one)."""
     try:
         raw = read_config(checkpoint)[1]
     except CheckpointError:
         return None
     return EncoderIdentity(str(raw.get("fingerprint", "")), str(raw.get("passage_fingerprint", "")),
                            str(raw.get("passage_source", "")))
+
+
+def same_index(a: Manifest, b: Manifest) -> bool:
+    """Whether manifests ``a`` and ``b`` describe the same index: equal in every field (the files'
+    checksums, count, factory, creation time, served fusion...) but :data:`SERVING_FIELDS`."""
+    def held(m: Manifest) -> dict:
+        return {k: v for k, v in m.to_dict().items() if k not in SERVING_FIELDS}
+    return held(a) == held(b)
+
+
+def swap_query_encoder(settings: Settings, current: Resources | None) -> Resources | None:
+    """New resources with the checkpoint alone loaded again and ``current``'s index kept (blocking;
+    the admin lane runs it), or None when that does not apply and everything must be loaded
+    (:func:`load_resources`): no resources yet, a Milvus collection, an artifact at ``DPR_INDEX``
+    that is not the served index (:func:`same_index`), or the very checkpoint serving now (its
+    fingerprint and path unchanged: a plain reload verifies everything again).
+
+    The checkpoint is ``DPR_CHECKPOINT``, else the one the manifest names; its passage side must
+    have built the index (:func:`~dpr_service.core.artifact.check_binding`: the same checkpoint,
+    the same passage encoder, or a query encoder trained against an index of it), checked on its
+    stated fingerprints before any weights load and on the loaded ones after. It is then loaded
+    (``DPR_RUNTIME=onnx*``: its ONNX export too) and warmed up on the kept index. Raises ArtifactError
+    naming both checkpoints and both passage encoders when it did not build the index,
+    CheckpointError, ValueError / OnnxError / ImportError as :func:`load_resources`."""
+    if current is None or settings.milvus_uri or settings.index is None or isinstance(current.searcher, MilvusSearcher):
+        return None
+    try:
+        manifest = read_manifest(settings.index)
+    except ArtifactError:
+        return None  # load_resources says what is wrong with it
+    if not same_index(manifest, current.searcher.manifest):
+        return None
+    checkpoint = settings.checkpoint or manifest.extra.get("checkpoint")
+    if not checkpoint:
+        return None
+    stated = stated_identity(checkpoint)
+    if stated is None or (stated.fingerprint == current.loaded.fingerprint
+                          and Path(checkpoint).resolve() == Path(current.loaded.path).resolve()):
+        return None
+    where = str(Path(str(current.searcher.directory)) / MANIFEST)
+    check_binding(manifest, stated, where)  # before any weights load
+    runtime = pick_runtime(settings.device, "auto")
+    loaded = load_checkpoint(checkpoint, runtime.device)
+    check_binding(manifest, loaded.identity, where)
+    runtime = pick_encoding_runtime(loaded, runtime, settings.runtime, settings.onnx_dir, settings.onnx_cache)
+    searcher = current.searcher
+    if manifest != searcher.manifest:  # the same index under a manifest naming the new checkpoint: /info shows it
+        searcher = copy.copy(searcher)  # shares FAISS, the passage store and BM25 with the retired resources
+        searcher.manifest = manifest
+    res = Resources(loaded, searcher, runtime, None)
+    res.searcher.search(res.encode_queries([WARM_UP_QUERY]), 1, with_text=True)  # warm-up, as a full load's
+    log.info("swapped in the query encoder of %s (fingerprint %s); the index %s stays loaded", checkpoint,
+             loaded.fingerprint[:12], searcher.directory)
+    return res
+
+
+def reload_resources(settings: Settings, metrics: Metrics, current: Resources | None) -> tuple[Resources, str]:
+    """What a reload swaps in (blocking): :func:`swap_query_encoder` where it applies, else
+    :func:`load_resources`; with ``"query encoder"`` or ``"checkpoint and index"`` saying which.
+    Raises as they do."""
+    res = swap_query_encoder(settings, current)
+    if res is not None:
+        return res, "query encoder"
+    return load_resources(settings, metrics), "checkpoint and index"
 
 
 def start_batcher(res: Resources, settings: Settings, metrics: Metrics, executor: Executor | None = None) -> None:
@@ -229,11 +302,14 @@ class Reloader:
         self._tasks: set[asyncio.Task] = set()  # background reloads and retiring batchers, kept referenced
         self._closing: set[asyncio.Task] = set()  # delayed closes of retired Milvus clients
         self._retired: set[MilvusSearcher] = set()  # their searchers, closed at once at shutdown
+        self.swapped = ""  # what the last successful load swapped in: "query encoder" or "checkpoint and index"
 
     async def load(self, if_changed: bool = False) -> Resources:
         """Load, verify and swap in the artifact; raises (and keeps the old one serving) when it
         fails: ArtifactError, CheckpointError or ValueError as :func:`load_resources`. With
-        ``if_changed``, an artifact already loaded (by a background reload, say) is not loaded again."""
+        ``if_changed``, an artifact already loaded (by a background reload, say) is not loaded again.
+        When the index is the one serving and only the checkpoint changed, the checkpoint alone is
+        loaded and the index kept (:func:`swap_query_encoder`); :attr:`swapped` says which it was."""
         async with self._lock:
             stamp = artifact_stamp(self.settings.index)  # before loading: a change during the load is seen next time
             current = self.app.state.resources
@@ -241,11 +317,11 @@ class Reloader:
                 return current
             try:
                 # the admin lane: a load never takes a thread that /search needs
-                res = await lane(self.app, "admin").run_own(load_resources, self.settings, self.metrics)
+                res, swapped = await lane(self.app, "admin").run_own(reload_resources, self.settings, self.metrics, current)
             finally:
                 self.seen = stamp
             start_batcher(res, self.settings, self.metrics, lane(self.app, "interactive").executor)
-            self._serving = stamp
+            self._serving, self.swapped = stamp, swapped
             old, self.app.state.resources = self.app.state.resources, res
             self.app.state.load_error = None
             if old is not None and old.batcher is not None:

@@ -109,10 +109,18 @@ async def reload(reloader: AppReloader, settings: AppSettings) -> dict:
     worker processes this reloads the worker that got the request; every other worker notices
     the new artifact by itself at its next request (at most a second later). With Milvus it reads
     the collection (or alias) again: after ``dpr index export --alias`` moved it, each replica
-    switches on its reload; Milvus not answering is a 503 (MilvusUnavailable), the old one serving."""
+    switches on its reload; Milvus not answering is a 503 (MilvusUnavailable), the old one serving.
+
+    When the artifact is the index serving now and only the checkpoint changed (``DPR_CHECKPOINT``
+    replaced, or a query-side promotion's manifest naming a new one), the checkpoint alone is loaded
+    and warmed up on the loaded index: ``swapped`` is ``"query encoder"`` (else ``"checkpoint and
+    index"``). A checkpoint whose passage encoder did not build the index is refused (409 naming
+    both checkpoints and both passage encoders), the old one serving."""
     try:
         res = await reloader.load()  # the same DPR_INDEX path: rebuild or replace the artifact there first
     except (ArtifactError, CheckpointError, ValueError, ImportError) as e:
-        raise HTTPException(409, f"reload failed, still serving the previous index: {without_paths(str(e))}") from None
+        raise HTTPException(409, f"reload failed, still serving the previous checkpoint and index: "
+                                 f"{without_paths(str(e))}") from None
     served = res.searcher.directory if settings.milvus_uri else settings.index
-    return {"status": "reloaded", "index": Path(str(served)).name, "passages": res.searcher.count}
+    return {"status": "reloaded", "index": Path(str(served)).name, "passages": res.searcher.count,
+            "swapped": reloader.swapped, "checkpoint": res.loaded.fingerprint}

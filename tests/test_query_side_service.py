@@ -1,0 +1,112 @@
+"""The service side of query-side training (issue 32): a reload that brings a query encoder trained
+against the served index swaps the checkpoint alone and keeps the loaded index (FAISS, passage store,
+BM25); one whose passage encoder did not build the index is refused (409 naming both) while the old
+one serves; a ``query_side`` training job runs ``dpr train --index`` and is promoted by a reload, with
+no index build; the Train tab offers it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import write_beir
+from fastapi.testclient import TestClient
+
+from dpr_service.api.app import create_app
+from dpr_service.api.settings import Settings
+from dpr_service.core.checkpoint import load_base_model, load_checkpoint, save_checkpoint
+from dpr_service.core.config import EncoderConfig
+from dpr_service.core.device import pick_runtime
+from dpr_service.core.inference import encode_texts
+from dpr_service.core.search import Searcher
+from index.build import build
+from trainer.config import TrainConfig
+from trainer.train import train
+
+CPU = pick_runtime("cpu", "fp32")
+CFG = dict(pooling="mean", similarity="cosine", temperature=0.05, query_max_length=16, passage_max_length=32)
+QUERY = "what is the apple near the river"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model):
+    """A BEIR set, the checkpoint that indexed it (``built``), its index (Flat, with BM25), a query
+    encoder trained against that index (``qside``, 3 steps of dpr train --index) and a checkpoint of
+    another passage encoder (``other``: a passage prompt)."""
+    root = tmp_path_factory.mktemp("qside-service")
+    beir = write_beir(root / "data" / "beir", n=24, splits=("train", "dev"))
+    encoder, tokenizer = load_base_model(str(tiny_model), EncoderConfig(**CFG, shared=True))
+    save_checkpoint(root / "built", encoder, tokenizer)
+    build(root / "built", beir, root / "index", factory="Flat", progress=False)
+    cfg = TrainConfig.from_settings(model=str(root / "built"), train=str(beir), index=str(root / "index"),
+                                    output=str(root / "qside-run"), batch_size=4, lr=1e-3, log_every=1, progress=False,
+                                    seed=3, max_steps=3, index_negatives=3)
+    shutil.copytree(train(cfg), root / "qside")
+    encoder, tokenizer = load_base_model(str(tiny_model), EncoderConfig(**CFG, shared=True, passage_prompt="passage: "))
+    save_checkpoint(root / "other", encoder, tokenizer)
+    return root
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Put a copy of ``source`` at ``target`` by a rename (as an operator deploying a checkpoint)."""
+    tmp = target.with_name(target.name + ".new")
+    shutil.copytree(source, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+
+
+def expected_ids(checkpoint: Path, index: Path, k: int = 5) -> list[str]:
+    loaded = load_checkpoint(checkpoint, CPU.device)
+    q = encode_texts(loaded.encoder, loaded.tokenizer, [QUERY], "query", CPU).numpy()
+    return [h.id for h in Searcher(index, loaded.identity).search(q, k)[0]]
+
+
+# ----------------------------------------------------------------------------- hot reload
+
+
+def test_a_reload_of_a_query_encoder_trained_against_the_index_keeps_the_index_loaded(world, tmp_path):
+    """DPR_CHECKPOINT replaced by the query-side checkpoint: /admin/reload swaps the checkpoint alone
+    (the very FAISS index, passage store and BM25 objects stay), /info and /search show the new query
+    encoder; a checkpoint of another passage encoder is refused (409 naming both checkpoints and both
+    passage encoders) and the query-side one keeps serving; a reload with nothing changed still
+    loads (and verifies) everything."""
+    serving = tmp_path / "serving"
+    replace_dir(world / "built", serving)
+    qside, other = load_checkpoint(world / "qside"), load_checkpoint(world / "other")
+    settings = Settings(index=world / "index", checkpoint=serving, device="cpu", batch_max_wait_ms=1)
+    with TestClient(create_app(settings)) as c:
+        before = c.app.state.resources
+        replace_dir(world / "qside", serving)
+        r = c.post("/admin/reload")
+        assert r.status_code == 200, r.text
+        assert r.json()["swapped"] == "query encoder" and r.json()["checkpoint"] == qside.fingerprint
+        now = c.app.state.resources
+        assert now is not before and now.loaded.fingerprint == qside.fingerprint
+        assert now.searcher.index is before.searcher.index and now.searcher.store is before.searcher.store
+        assert now.searcher.bm25 is before.searcher.bm25 is not None
+        assert c.get("/info").json()["checkpoint"]["fingerprint"] == qside.fingerprint
+        got = c.post("/search", json={"query": QUERY, "top_k": 5}).json()["results"][0]
+        assert [h["id"] for h in got] == expected_ids(world / "qside", world / "index")
+        assert c.post("/search", json={"query": QUERY, "mode": "hybrid"}).status_code == 200
+
+        replace_dir(world / "other", serving)
+        r = c.post("/admin/reload")
+        assert r.status_code == 409, r.text
+        detail = r.json()["detail"]
+        assert "still serving the previous checkpoint" in detail
+        built = load_checkpoint(world / "built").fingerprint
+        shown = re.search(r"built with checkpoint ([0-9a-f]{12,}), not with the checkpoint in use \(([0-9a-f]{12,})\)", detail)
+        assert shown and built.startswith(shown.group(1)) and other.fingerprint.startswith(shown.group(2)), detail
+        assert re.search(r"its passage encoder [0-9a-f]{12,} is not the checkpoint's \([0-9a-f]{12,}\)", detail), detail
+        assert c.app.state.resources is now
+        assert c.get("/info").json()["checkpoint"]["fingerprint"] == qside.fingerprint
+
+        replace_dir(world / "qside", serving)  # the serving checkpoint again: a plain reload re-reads everything
+        r = c.post("/admin/reload")
+        assert r.status_code == 200 and r.json()["swapped"] == "checkpoint and index", r.text
+        assert c.app.state.resources.searcher.index is not before.searcher.index
