@@ -15,6 +15,10 @@ A row is a name and the flags it adds to the default command (``model``, ``train
     remine             --remine-every 1
     holdout            the default command on 90% of the train questions (seeded); the other 10% tune
                        the hybrid alpha (for data sets without a dev split, such as SciFact)
+    index@BASE         query-side training against row BASE's index (measured first: zeroshot, default...):
+                       dpr train --model <BASE's checkpoint> --index <BASE's index>, scored on that same
+                       index (no index build); flags as for default, e.g. index@zeroshot:seed=7,
+                       index@default:index-loss=corpus
 
 Every row with an index is also scored in hybrid mode (``dpr eval --mode all``): RRF, and the convex
 fusion with alpha tuned on the data set's dev split (zero-shot: on train, which it never saw;
@@ -68,7 +72,7 @@ def eval_json(stdout: str) -> dict:
 def row_flags(row: str) -> list[str]:
     if row == "remine":
         return ["--remine-every", "1"]
-    if row.startswith("default"):
+    if row.startswith("default") or row.startswith("index@"):
         flags = []
         for part in row.split(":")[1:]:
             name, value = part.split("=", 1)
@@ -120,20 +124,26 @@ def measure(row: str, data: Path, model: str, out: Path, log) -> dict:
     if row == "bm25":
         stdout, cpu = run(DPR + ["bm25", "--corpus", str(data)] + split, log)
         return {"metrics": eval_json(stdout), "eval_cpu_s": cpu}
-    checkpoint, train_cpu, train_wall, flags = model, None, None, []
+    checkpoint, train_cpu, train_wall, flags, index = model, None, None, [], out / "index"
+    if row.startswith("index@"):  # query-side: the base row's checkpoint and index
+        base = out.parent / row.split(":")[0].removeprefix("index@")
+        if not (base / "index" / "manifest.json").exists():
+            raise SystemExit(f"{row}: measure row {base.name} first (its index is the passage side)")
+        model, index = (model if base.name == "zeroshot" else str(base / "run" / "last")), base / "index"
+        flags = ["--index", str(index)]
     if row != "zeroshot":
-        flags = row_flags(row) if row != "holdout" else []
+        flags += row_flags(row) if row != "holdout" else []
         resume = ["--resume"] if (out / "run" / "last" / "training_state").is_dir() else []
         t0 = time.perf_counter()
         _, train_cpu = run(DPR + ["train", "--model", model, "--train", str(data), "--output", str(out / "run"),
                                   "--no-progress"] + flags + resume, log)
         train_wall = time.perf_counter() - t0
         checkpoint = str(out / "run" / "last")
-    if not (out / "index" / "manifest.json").exists():
-        run(DPR + ["index", "build", "--checkpoint", checkpoint, "--corpus", str(data), "--output", str(out / "index")], log)
-    stdout, _ = run(DPR + ["eval", "--checkpoint", checkpoint, "--index", str(out / "index")] + split, log)
+    if not (index / "manifest.json").exists():
+        run(DPR + ["index", "build", "--checkpoint", checkpoint, "--corpus", str(data), "--output", str(index)], log)
+    stdout, _ = run(DPR + ["eval", "--checkpoint", checkpoint, "--index", str(index)] + split, log)
     result = {"metrics": eval_json(stdout), "flags": flags, "train_cpu_s": train_cpu, "train_wall_s": train_wall,
-              "hybrid": hybrid(checkpoint, out / "index", data, tune_split, log)}
+              "hybrid": hybrid(checkpoint, index, data, tune_split, log)}
     plan = out / "run" / "train_config.yaml"
     if plan.exists():
         result["train_config"] = plan.read_text()
