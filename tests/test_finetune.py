@@ -68,6 +68,41 @@ def test_sentence_transformers_directory_gives_its_own_settings(tmp_path, tiny_m
     assert sources["pooling"] == "given"
 
 
+@pytest.mark.parametrize("lengths", [dict(query_length=12, document_length=20, max_seq_length=100),
+                                     dict(max_seq_length=16), dict(document_length=20)])
+def test_the_lengths_sentence_transformers_6_writes_are_read(tmp_path, tiny_model, lengths):
+    """sentence-transformers >= 6 writes no ``max_seq_length`` in sentence_bert_config.json (it is the
+    tokenizer's ``model_max_length``) and may write per-task ``query_length`` / ``document_length``
+    there: both were ignored (DPR's 64 / 256 instead). The oracle: the model saved by
+    sentence-transformers itself, and its encode_query / encode_document of texts past every limit."""
+    st = pytest.importorskip("sentence_transformers")
+    import inspect
+
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    from dpr_service.core.device import pick_runtime
+    from dpr_service.core.inference import encode_texts
+
+    if "query_length" not in inspect.signature(Transformer.__init__).parameters:
+        pytest.skip("sentence-transformers < 6 has no per-task lengths")
+    transformer = Transformer(str(tiny_model), **lengths)
+    model = st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"), Normalize()],
+                                   device="cpu")
+    model.save(str(tmp_path / "st6"))
+    seq = lengths.get("max_seq_length", 128)  # else the tiny model's positions
+    want = {"query_max_length": lengths.get("query_length", seq), "passage_max_length": lengths.get("document_length", seq)}
+    config = resolve_encoder_config(tmp_path / "st6", {})[0]
+    assert {k: getattr(config, k) for k in want} == want
+    encoder, tokenizer = load_base_model(str(tmp_path / "st6"), config)
+    encoder.eval()
+    long = [" ".join(["word"] * 150), " ".join(["river", "stone"] * 40)]
+    runtime = pick_runtime("cpu", "fp32")
+    ours_q = encode_texts(encoder, tokenizer, long, "query", runtime)
+    ours_p = encode_texts(encoder, tokenizer, [Passage(t) for t in long], "passage", runtime)
+    torch.testing.assert_close(torch.from_numpy(model.encode_query(long)), ours_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(model.encode_document(long)), ours_p, atol=1e-5, rtol=0)
+
+
 def test_plain_transformers_model_keeps_dpr_defaults_and_a_checkpoint_its_own(tmp_path, tiny_model):
     # DPR's defaults, the 256-token passages capped at the tiny model's 128 positions
     assert resolve_encoder_config(tiny_model, {})[0] == EncoderConfig(passage_max_length=128)

@@ -11,7 +11,10 @@ file                                       setting
 ``1_Pooling/config.json``                  ``pooling`` (``pooling_mode_cls_token`` / ``_mean_tokens``)
 ``modules.json`` (a ``Normalize`` module)  ``similarity = cosine``
 ``config_sentence_transformers.json``      ``similarity_fn_name`` (cosine, dot), ``prompts``
-``sentence_bert_config.json``              ``max_seq_length`` (both max lengths)
+``sentence_bert_config.json``              ``query_length``, ``document_length`` (sentence-transformers
+                                           >= 6, when set), else ``max_seq_length`` (both max lengths)
+``tokenizer_config.json``                  ``model_max_length``, where sentence-transformers >= 6
+                                           keeps max_seq_length (both, unless given per task)
 ``modules.json`` (one Transformer)         ``shared`` encoder
 =========================================  ===============================================
 
@@ -181,15 +184,34 @@ def infer_encoder_settings(path: str | Path) -> Inferred:
         out.set("temperature", COSINE_TEMPERATURE, f"cosine similarity ({sim_source})")
     else:
         out.set("temperature", 1.0, f"dot product ({sim_source})")
-    sbert = p / "sentence_bert_config.json"
-    length = _read_json(sbert).get("max_seq_length") if sbert.is_file() else None
-    for name in ("query_max_length", "passage_max_length"):
-        if isinstance(length, int):
-            out.set(name, length, "sentence_bert_config.json (max_seq_length)")
-        else:
-            out.set(name, getattr(DPR_DEFAULTS, name), "DPR's defaults")
+    _read_lengths(out, p)
     _read_prompts(out, st_config, pool_cfg.get("include_prompt") is False)
     return _fit_positions(out, p)
+
+
+def _is_length(value) -> bool:
+    """A token count a model can mean: a positive int below transformers' "no limit" sentinel (1e30)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9
+
+
+def _read_lengths(out: Inferred, p: Path) -> None:
+    """Query and passage max lengths of a sentence-transformers directory: the per-task
+    ``query_length`` / ``document_length`` of ``sentence_bert_config.json`` (sentence-transformers >= 6
+    writes them when set), else its ``max_seq_length`` (up to 5), else the tokenizer's
+    ``model_max_length`` (``tokenizer_config.json``: where sentence-transformers >= 6 keeps
+    max_seq_length, and what every version falls back to), else DPR's defaults."""
+    sbert = _read_json(p / "sentence_bert_config.json") if (p / "sentence_bert_config.json").is_file() else {}
+    length, source = sbert.get("max_seq_length"), "sentence_bert_config.json (max_seq_length)"
+    if not _is_length(length):
+        tokenizer = _read_json(p / "tokenizer_config.json") if (p / "tokenizer_config.json").is_file() else {}
+        length, source = tokenizer.get("model_max_length"), "tokenizer_config.json (model_max_length)"
+    for name, key in (("query_max_length", "query_length"), ("passage_max_length", "document_length")):
+        if _is_length(sbert.get(key)):
+            out.set(name, sbert[key], f"sentence_bert_config.json ({key})")
+        elif _is_length(length):
+            out.set(name, length, source)
+        else:
+            out.set(name, getattr(DPR_DEFAULTS, name), "DPR's defaults")
 
 
 def _read_prompts(out: Inferred, st_config: dict, prompt_left_out: bool) -> None:
