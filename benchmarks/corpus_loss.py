@@ -19,7 +19,9 @@ group; each question's positive is a random row and its embedding lies near that
 0.9), its only known positive. The corpus's ``ids`` are ``range(N)``: the loss never reads them.
 
 Each N runs in a process of its own, one after the other. Time per step is the median of
-``--steps`` timed steps after ``--warmup`` untimed ones (min and max beside it). Memory is read
+``--steps`` timed steps after ``--warmup`` untimed ones (min and max beside it), wall-clock, and
+beside it the median CPU time of the process per step (all threads; on a shared machine the wall
+time grows with the load, the CPU time much less). Memory is read
 from Linux's own accounting of the process: ``corpus RSS`` is what the vectors and content groups
 add to the process, ``peak extra`` the largest resident size during the mode's steps above the
 resident size before them (VmHWM after resetting it through /proc/self/clear_refs), i.e. what a step
@@ -142,19 +144,21 @@ def measure(n: int, dim: int, batch: int, temperature: float, k: int, ratio: flo
         return float(loss)
 
     out = {"n": n, "dim": dim, "batch": batch, "corpus_rss_bytes": corpus_rss, "vector_bytes": n * dim * 4,
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "modes": {}}
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "load": os.getloadavg()[0], "modes": {}}
     for mode in modes:
         gc.collect()
         resident = rss_bytes()
         reset_peak()
         for _ in range(warmup):
             step(mode)
-        times, losses = [], []
+        times, cpu, losses = [], [], []
         for _ in range(steps):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             losses.append(step(mode))
             times.append((time.perf_counter() - start) * 1e3)
-        out["modes"][mode] = {"ms": times, "loss": losses[-1], "peak_extra_bytes": max(0, peak_bytes() - resident)}
+            cpu.append((time.process_time() - start_cpu) * 1e3)
+        out["modes"][mode] = {"ms": times, "cpu_ms": cpu, "loss": losses[-1],
+                              "peak_extra_bytes": max(0, peak_bytes() - resident)}
     return out
 
 
@@ -190,19 +194,21 @@ def run_case(args, n: int) -> dict:
 
 def table(rows: list[dict], machine_: str, date: str) -> str:
     """The markdown table: one line per (N, mode), or per N when it was not run."""
-    head = ("| N | vectors GB | mode | ms/step, median (min-max) | peak extra RSS GB | corpus RSS GB | machine | date |\n"
-            "|---:|---:|---|---|---:|---:|---|---|\n")
+    head = ("| N | vectors GB | mode | ms/step, median (min-max) | CPU ms/step | peak extra RSS GB | corpus RSS GB | machine | date |\n"
+            "|---:|---:|---|---|---:|---:|---:|---|---|\n")
     lines = []
     for r in rows:
         vec = f"{r['n'] * r.get('dim', 0) * 4 / GB:.2f}" if "dim" in r else "-"
         if not r.get("modes"):
-            lines.append(f"| {r['n']:,} | {vec} | - | not run: {r.get('error') or r.get('skipped')} | - | - | {machine_} | {date} |")
+            lines.append(f"| {r['n']:,} | {vec} | - | not run: {r.get('error') or r.get('skipped')} | - | - | - | {machine_} | {date} |")
             continue
         for mode, m in r["modes"].items():
             ms = m["ms"]
             label = "corpus (exact NLL over all N)" if mode == "corpus" else f"topk (k={r['k']})"
+            where = re.sub(r"load [\d.]+", f"load {r['load']:.1f}", machine_)  # the load when this N started
             lines.append(f"| {r['n']:,} | {vec} | {label} | {statistics.median(ms):,.1f} ({min(ms):,.1f}-{max(ms):,.1f}) | "
-                         f"{m['peak_extra_bytes'] / GB:.3f} | {r['corpus_rss_bytes'] / GB:.2f} | {machine_} | {date} |")
+                         f"{statistics.median(m['cpu_ms']):,.1f} | {m['peak_extra_bytes'] / GB:.3f} | "
+                         f"{r['corpus_rss_bytes'] / GB:.2f} | {where} | {date} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ def test_rehearsal_measures_every_size_and_mode_and_refuses_what_cannot_fit(tmp_
         assert set(row["modes"]) == {"corpus", "topk"}
         assert row["corpus_rss_bytes"] >= 0 and row["vector_bytes"] == row["n"] * 16 * 4
         for m in row["modes"].values():
-            assert len(m["ms"]) == 2 and all(t > 0 for t in m["ms"])
+            assert len(m["ms"]) == len(m["cpu_ms"]) == 2 and all(t > 0 for t in m["ms"] + m["cpu_ms"])
             assert m["peak_extra_bytes"] >= 0 and m["loss"] > 0
     lines = [line for line in md.splitlines() if re.match(r"\| [\d,]+ \|", line)]
     assert len(lines) == 5
