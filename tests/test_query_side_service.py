@@ -48,6 +48,7 @@ def world(tmp_path_factory, tiny_model):
     shutil.copytree(train(cfg), root / "qside")
     encoder, tokenizer = load_base_model(str(tiny_model), EncoderConfig(**CFG, shared=True, passage_prompt="passage: "))
     save_checkpoint(root / "other", encoder, tokenizer)
+    shutil.copytree(root / "other", root / "data" / "other")  # a job may name it as its model
     return root
 
 
@@ -110,3 +111,86 @@ def test_a_reload_of_a_query_encoder_trained_against_the_index_keeps_the_index_l
         r = c.post("/admin/reload")
         assert r.status_code == 200 and r.json()["swapped"] == "checkpoint and index", r.text
         assert c.app.state.resources.searcher.index is not before.searcher.index
+
+
+# ----------------------------------------------------------------------------- the training service
+
+ADMIN = "admin-s3cret"
+H = {"X-Admin-Key": ADMIN}
+QS_RUN = dict(kind="query_side", train="beir", dev="beir", batch_size=4, lr=1e-3, max_steps=3, eval_every=3,
+              log_every=1, index_negatives=3)
+
+
+def jobs_client(world: Path, tmp: Path, index: Path) -> TestClient:
+    from dpr_service.api.jobs import JobSettings
+
+    js = JobSettings(admin_key=ADMIN, jobs_dir=tmp / "state", data_root=world / "data", jobs_poll_s=0.1)
+    return TestClient(create_app(Settings(index=index, device="cpu", batch_max_wait_ms=1), js))
+
+
+def field_of(r) -> str:
+    return r.json()["errors"][0]["field"]
+
+
+def test_a_query_side_job_trains_against_the_served_index_and_is_promoted_by_a_reload(world, tmp_path):
+    """kind query_side: dpr train --index with the served index and checkpoint; the record and the
+    event stream say "reload, no index build"; promotion links the same index under a manifest naming
+    the job's checkpoint and swaps the query encoder alone (the loaded FAISS index stays; no dpr index
+    build runs); /search ranks as the core's Searcher with the new checkpoint; a restarted server
+    serves the job's checkpoint from the manifest. Bad settings are 4xx naming the field."""
+    from test_jobs import sse_events, wait_for
+
+    shutil.copytree(world / "index", tmp_path / "index")
+    with jobs_client(world, tmp_path, tmp_path / "index") as c:
+        for body, field, status in [({**QS_RUN, "kind": "both"}, "kind", 422),
+                                    ({"train": "beir", "index": "beir"}, "index", 422),
+                                    ({**QS_RUN, "index": "beir"}, "index", 422),
+                                    ({**QS_RUN, "index": "../index"}, "index", 422),
+                                    ({**QS_RUN, "model": "other"}, "model", 422)]:
+            r = c.post("/jobs", headers=H, json=body)
+            assert (r.status_code, field_of(r)) == (status, field), (body, r.text)
+        r = c.post("/jobs", headers=H, json={**QS_RUN, "model": "other"})
+        assert re.search(r"built with checkpoint [0-9a-f]{12,}, not with the checkpoint in use \([0-9a-f]{12,}\)",
+                         r.json()["detail"]), r.text
+
+        before = c.app.state.resources
+        r = c.post("/jobs", headers=H, json=QS_RUN)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        job_dir = tmp_path / "state" / job_id
+        import yaml
+        config = yaml.safe_load((job_dir / "config.yaml").read_text())
+        assert Path(config["index"]) == (tmp_path / "index").resolve() and Path(config["model"]) == world / "built"
+        assert "kind" not in config
+        with c.stream("GET", f"/jobs/{job_id}/events", headers=H) as stream:
+            events = sse_events(stream.iter_lines())
+        assert events[-1] == ("end", {"id": job_id, "state": "succeeded", "kind": "query_side",
+                                      "promotion": "reload, no index build"}), events[-1]
+        job = c.get(f"/jobs/{job_id}", headers=H).json()
+        assert (job["kind"], job["index"], job["promotion"], job["step"]) == (
+            "query_side", "the served index (DPR_INDEX)", "reload, no index build", 3)
+
+        r = c.post(f"/jobs/{job_id}/promote", headers=H, json={"corpus": "beir"})
+        assert (r.status_code, field_of(r)) == (422, "corpus"), r.text
+        manifest_before = json.loads((tmp_path / "index" / "manifest.json").read_text())
+        r = c.post(f"/jobs/{job_id}/promote", headers=H, json={})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert (out["kind"], out["corpus"], out["promotion"], out["swapped"], out["passages"]) == (
+            "query_side", None, "reload, no index build", "query encoder", 24)
+        assert not (job_dir / "promote.log").exists()  # no dpr index build ran
+        best = job_dir / "run" / "best"
+        now = c.app.state.resources
+        assert now.loaded.path == best and now.searcher.index is before.searcher.index
+        info = c.get("/info").json()
+        new_fp = load_checkpoint(best).fingerprint
+        assert info["checkpoint"]["fingerprint"] == new_fp and info["index"]["rebound"]["checkpoint_fingerprint"] == new_fp
+        manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+        assert manifest["files"] == manifest_before["files"] and manifest["checkpoint"] == str(best.resolve())
+        assert manifest["checkpoint_fingerprint"] == manifest_before["checkpoint_fingerprint"]
+        got = c.post("/search", json={"query": QUERY, "top_k": 5}).json()["results"][0]
+        assert [h["id"] for h in got] == expected_ids(best, tmp_path / "index")
+        assert c.get(f"/jobs/{job_id}", headers=H).json()["promoted"] == "index"
+        assert c.delete(f"/jobs/{job_id}", headers=H).status_code == 409  # its checkpoint serves
+    with jobs_client(world, tmp_path, tmp_path / "index") as c:  # a restart serves the job's checkpoint
+        assert c.get("/info").json()["checkpoint"]["fingerprint"] == new_fp

@@ -395,7 +395,8 @@ def remove_weights(job_dir: Path) -> int:
 
 def promotion_landed(claim: dict) -> bool:
     """Whether the index a promotion claim names holds its checkpoint in a manifest written after
-    the claim was taken (so a re-promotion of the same checkpoint that died is not counted)."""
+    the claim was taken (so a re-promotion of the same checkpoint that died is not counted): built
+    then (``created``), or bound to it then (a query_side promotion's ``rebound.at``)."""
     try:
         manifest = read_manifest(claim["index"])
     except (ArtifactError, KeyError, OSError):
@@ -403,8 +404,10 @@ def promotion_landed(claim: dict) -> bool:
     named = manifest.extra.get("checkpoint")
     if not named or Path(named).resolve() != Path(claim.get("checkpoint", "")).resolve():
         return False
+    rebound = manifest.extra.get("rebound")
+    written = rebound.get("at") if isinstance(rebound, dict) and rebound.get("at") else manifest.created
     try:
-        created = datetime.fromisoformat(manifest.created).timestamp()
+        created = datetime.fromisoformat(written).timestamp()
     except (TypeError, ValueError):
         return False
     return created >= float(claim.get("at", 0)) - 1.0  # the manifest's time is in whole seconds

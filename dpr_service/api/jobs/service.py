@@ -6,6 +6,14 @@ root: ``{"model": "models/minilm", "train": "scifact", "dev": "scifact", "max_st
 They are written to ``<job>/config.yaml`` (names replaced by paths) and checked by the trainer's
 own ``build_config`` in a child process (``python -m trainer.validate``: the api never imports
 ``trainer``), so names, types, defaults and ranges are the YAML config's exactly.
+
+A job's ``kind`` (the one setting that is the service's, not the trainer's) is ``full`` (default: a
+fine-tune of both encoders, promoted by indexing a corpus) or ``query_side``: ``dpr train --index``,
+the query encoder alone trained against an index's stored vectors, promoted by a reload of the new
+checkpoint against that index, with no index build (:func:`rebind_index`). A ``query_side`` job's
+``index`` is the served one (``DPR_INDEX``) unless it names an artifact under the data root; its
+``model`` is the checkpoint serving that index (the one whose passage encoder built it) unless it
+names one.
 """
 
 from __future__ import annotations
@@ -13,20 +21,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import math
 import os
 import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
+from ..resources import stated_identity
 from ..schemas import FieldError
-from dpr_service.core.artifact import ArtifactError, read_manifest
+from dpr_service.core.artifact import (MANIFEST, ArtifactError, Manifest, PinnedDirectory, binding_message, binds,
+                                       check_binding, read_manifest, resolve_artifact, verify_files)
 from dpr_service.core.formats import read_eval
-from dpr_service.core.fsio import exclusive
+from dpr_service.core.fsio import atomic_directory, exclusive
 
 from .data import check_split_name, resolve_name
 from .progress import log_tail, read_progress
@@ -39,7 +52,11 @@ SERVER_SET = {  # settings a job may not give: the runner sets them
     "auto_resume": "set by the server (a job is continued with --auto-resume after a restart)",
     "stop_after": "a job runs to its planned end (max_steps or epochs); cancel stops it early, with last/ saved",
 }
-DATA_SETTINGS = ("model", "train", "dev")
+DATA_SETTINGS = ("model", "train", "dev", "index")
+QUERY_SIDE = "query_side"
+#: a job's kind -> how it goes into service (``GET /jobs/{id}``'s ``promotion``)
+PROMOTIONS = {"full": "index build (dpr index build of a corpus into DPR_INDEX), then reload",
+              QUERY_SIDE: "reload, no index build"}
 SPLIT_SETTINGS = ("train_split", "dev_split")  # qrels/<split>.tsv inside a data set: plain names, as data names
 VALIDATE_TIMEOUT_S = 300
 LOWER_IS_BETTER = {"dev_nll"}
@@ -117,24 +134,95 @@ def validation_slot(js: JobSettings):
                             "(DPR_JOBS_MAX_VALIDATIONS); retry later")
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the server serves now: the index artifact (``DPR_INDEX``; None with Milvus or none) and
+    the checkpoint in use (None before the first load). A ``query_side`` job trains against them by default."""
+
+    index: Path | None = None
+    checkpoint: Path | None = None
+
+
+def job_kind(settings: dict) -> str:
+    """A job's kind from its settings: ``full`` (the default) or ``query_side``."""
+    return str(settings.get("kind") or "full")
+
+
 def normalised(settings: dict) -> dict:
     """The settings with ``-`` in names written ``_`` (the YAML file accepts both)."""
     return {str(k).replace("-", "_"): v for k, v in settings.items()}
 
 
-def config_for(settings: dict, js: JobSettings, run_dir: Path) -> dict:
+def query_side_sources(settings: dict, js: JobSettings, served: Served) -> tuple[Path, Path | None]:
+    """The index a ``query_side`` job trains against and its starting model when it names none:
+    the served index and checkpoint, or the artifact ``index`` names under the data root and the
+    checkpoint its manifest names (when that lies under the data root too). The model given or
+    chosen must have built the index (its stated fingerprints: :func:`~dpr_service.core.artifact.binds`).
+    Raises JobRefused naming ``kind``, ``index`` or ``model`` (422; 409 while nothing serves)."""
+    named = settings.get("index")
+    if named is None:
+        if served.index is None:
+            raise JobRefused("index", "this server serves no index artifact (DPR_INDEX): name one under the data root")
+        if served.checkpoint is None and settings.get("model") is None:
+            raise JobRefused("index", "no model is serving the index yet: wait until /readyz answers 200, or name "
+                                      "the model that built it", 409)
+        index, default_model = Path(served.index), served.checkpoint
+    else:
+        index = resolve_name(js.data_root, named, "index")
+        default_model = None
+    try:
+        manifest = read_manifest(index)
+    except ArtifactError as e:
+        raise JobRefused("index", f"{named or 'the served index'} is not a usable index artifact: "
+                                  f"{without_root(str(e), js.data_root)}") from None
+    if named is not None and settings.get("model") is None:
+        built = manifest.extra.get("checkpoint")
+        base = js.data_root.resolve()
+        if built and Path(built).resolve().is_relative_to(base) and Path(built).exists():
+            default_model = Path(built).resolve()
+        else:
+            raise JobRefused("model", f"required: the index {named!r} names no checkpoint under the data root; name the "
+                                      "model whose passage encoder built it")
+    model = resolve_name(js.data_root, settings["model"], "model") if settings.get("model") is not None else default_model
+    identity = stated_identity(model)
+    built_passage = str(manifest.extra.get("passage_fingerprint", ""))
+    if identity is not None and not binds(manifest.checkpoint_fingerprint, built_passage, identity):
+        raise JobRefused("model" if settings.get("model") is not None else "index",
+                         f"{binding_message(manifest.checkpoint_fingerprint, built_passage, identity)}")
+    return resolve_artifact(index).resolve(), model
+
+
+def without_root(text: str, root: Path) -> str:
+    """``text`` with the data root's path left out (an error names data by its name)."""
+    return text.replace(str(root.resolve()) + "/", "").replace(str(root) + "/", "")
+
+
+def config_for(settings: dict, js: JobSettings, run_dir: Path, served: Served | None = None) -> dict:
     """The YAML config of a job: ``settings`` with data names resolved to paths under the data root,
-    ``output`` the job's run directory, progress bars off unless asked for. Raises JobRefused for a
-    server-set setting, DataRefused for a bad or missing name."""
+    ``output`` the job's run directory, progress bars off unless asked for; a ``query_side`` job's
+    ``index`` and ``model`` as :func:`query_side_sources` chooses them (``kind`` itself is the
+    service's: it is not written). Raises JobRefused for a server-set setting, a bad kind, an
+    ``index`` on a full job, DataRefused for a bad or missing name."""
     for name in SERVER_SET:
         if name in settings:
             raise JobRefused(name, SERVER_SET[name])
     config = dict(settings)
+    kind = config.pop("kind", None)
+    if kind is not None and kind not in PROMOTIONS:
+        raise JobRefused("kind", f"must be one of {', '.join(PROMOTIONS)}, got {kind!r}")
+    if kind == QUERY_SIDE:
+        if config.get("train") is None:
+            raise JobRefused("train", "required: the name of a training data set under the data root")
+        index, model = query_side_sources(config, js, served or Served())
+        config["index"], config["model"] = str(index), str(model)
+    elif config.get("index") is not None:
+        raise JobRefused("index", "applies to query_side jobs only (kind: query_side trains the query encoder against "
+                                  "an index); a full job rebuilds the index when it is promoted")
     if config.get("model") is None:
         if not js.jobs_model:
             raise JobRefused("model", "required: the name of a starting model under the data root (no DPR_JOBS_MODEL default)")
         config["model"] = js.jobs_model
-    else:
+    elif kind != QUERY_SIDE:
         config["model"] = str(resolve_name(js.data_root, config["model"], "model"))
     if config.get("train") is None:
         raise JobRefused("train", "required: the name of a training data set under the data root")
@@ -176,11 +264,12 @@ async def validate_config(config_path: Path) -> None:
         raise config_error(lines[-1] if lines else f"exit code {proc.returncode}", config_path)
 
 
-def prepare(store: JobStore, js: JobSettings, settings: dict) -> tuple[dict, Path]:
+def prepare(store: JobStore, js: JobSettings, settings: dict, served: Served | None = None) -> tuple[dict, Path]:
     """The file and table work before a job's settings are checked (blocking; the route runs it in
-    the admin lane): the checks that need no child (depth, server-set and split names, the queue's
-    bound), then ``<job>/config.yaml``. Returns the normalised settings and the config's path.
-    Raises JobRefused / DataRefused naming the field, JobsBusy (429) when DPR_JOBS_MAX_QUEUED jobs wait."""
+    the admin lane): the checks that need no child (depth, server-set and split names, a
+    ``query_side`` job's index and model against ``served``, the queue's bound), then
+    ``<job>/config.yaml``. Returns the normalised settings and the config's path. Raises JobRefused
+    / DataRefused naming the field, JobsBusy (429) when DPR_JOBS_MAX_QUEUED jobs wait."""
     if not isinstance(settings, dict):
         raise JobRefused("body", "must be a JSON object of settings")
     check_depth(settings)
@@ -194,7 +283,7 @@ def prepare(store: JobStore, js: JobSettings, settings: dict) -> tuple[dict, Pat
                             "retry when one has started, or cancel one")
     job_id = store.new_id()
     job_dir = store.job_dir(job_id)
-    config = config_for(settings, js, job_dir / "run")
+    config = config_for(settings, js, job_dir / "run", served)
     try:
         text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     except yaml.YAMLError as e:
@@ -208,15 +297,16 @@ def prepare(store: JobStore, js: JobSettings, settings: dict) -> tuple[dict, Pat
     return settings, job_dir / "config.yaml"
 
 
-async def submit(store: JobStore, js: JobSettings, settings: dict, run=None) -> Job:
+async def submit(store: JobStore, js: JobSettings, settings: dict, run=None, served: Served | None = None) -> Job:
     """Check ``settings`` and queue a job for them; raises JobRefused / DataRefused naming the field,
     JobsBusy over the queue's or the validations' bound. ``run(fn, *args)`` runs the blocking parts
-    (the route passes its admin lane; default: the event loop's executor)."""
+    (the route passes its admin lane; default: the event loop's executor); ``served`` is what a
+    ``query_side`` job trains against unless it names an index."""
     if run is None:
         async def run(fn, *args):
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
     with validation_slot(js):
-        settings, config_path = await run(prepare, store, js, settings)
+        settings, config_path = await run(prepare, store, js, settings, served)
         try:
             await validate_config(config_path)
             return await run(store.create, settings, config_path.parent.name)
@@ -226,11 +316,14 @@ async def submit(store: JobStore, js: JobSettings, settings: dict, run=None) -> 
 
 
 def describe(store: JobStore, job: Job) -> dict:
-    """A job as the API shows it: state, settings, step/total, the last logged metrics, every
-    evaluation, and on failure the error and the log's tail."""
+    """A job as the API shows it: state, its kind and how it is promoted, settings, step/total, the
+    last logged metrics, every evaluation, and on failure the error and the log's tail."""
     job_dir = store.job_dir(job.id)
     progress = read_progress(job_dir)
-    return {"id": job.id, "state": job.state, "settings": job.settings, "created": job.created, "started": job.started,
+    kind = job_kind(job.settings)
+    index = (job.settings.get("index") or "the served index (DPR_INDEX)") if kind == QUERY_SIDE else None
+    return {"id": job.id, "state": job.state, "kind": kind, "index": index, "promotion": PROMOTIONS.get(kind),
+            "settings": job.settings, "created": job.created, "started": job.started,
             "finished": job.finished, "step": progress.step, "total": progress.total, "metrics": progress.metrics,
             "evals": progress.evals, "error": job.error, "attempts": job.attempts, "promoted": job.promoted,
             "cancel_requested": job.cancel,
@@ -295,6 +388,8 @@ def busy_reason(job: Job) -> str:
     op = (job.claim or {}).get("op")
     if op == "prune":
         return f"job {job.id}'s weights are being removed (DPR_JOBS_MAX_BYTES)"
+    if op == "promote" and job.claim.get("kind") == QUERY_SIDE:
+        return f"job {job.id} is being promoted (a reload against its index): wait until the promotion has finished"
     if op == "promote":
         return (f"job {job.id} is being promoted (corpus {job.claim.get('corpus')!r}): wait until the promotion "
                 "has finished")
@@ -324,3 +419,50 @@ def delete(store: JobStore, job: Job, served_ckpt: Path | None, index: Path | No
         raise
     if store.delete(job.id):
         shutil.rmtree(job_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- query-side promotion
+
+
+def job_index(store: JobStore, job: Job) -> Path | None:
+    """The index artifact a ``query_side`` job trained against (its config's ``index``), or None."""
+    try:
+        config = yaml.safe_load((store.job_dir(job.id) / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return Path(config["index"]) if isinstance(config, dict) and config.get("index") else None
+
+
+def rebind_index(source: Path, target: Path, checkpoint: Path, job_id: str = "") -> Manifest:
+    """Make ``checkpoint`` (a query encoder trained against ``source``) the one ``target`` serves,
+    with no index build: a new artifact at ``target`` holding ``source``'s files (hard links where
+    the file system allows them, else copies; ``source`` may be ``target`` itself) and its manifest
+    with ``checkpoint`` naming the new checkpoint and ``rebound`` saying so (``checkpoint_fingerprint``,
+    ``passage_source``: the checkpoint that built the vectors, ``at``: ISO 8601, ``job``), verified
+    against its checksums and swapped in atomically. A server sees the same index under a manifest
+    naming a new checkpoint and swaps the query encoder alone
+    (:func:`dpr_service.api.resources.swap_query_encoder`). Returns the new manifest. Raises
+    JobRefused (409, ``job_id``) when the checkpoint's passage encoder did not build ``source``
+    (naming both) or states no fingerprint, ArtifactError for an artifact that is missing, fails its
+    checks or is replaced meanwhile (then nothing is changed)."""
+    identity = stated_identity(checkpoint)
+    if identity is None:
+        raise JobRefused("job_id", f"the job's checkpoint {checkpoint.name}/ states no fingerprint (dpr_config.json)", 409)
+    manifest = read_manifest(source)
+    try:
+        check_binding(manifest, identity, Path(source).name)
+    except ArtifactError as e:
+        raise JobRefused("job_id", f"the job's checkpoint cannot serve its index: {e}", 409) from None
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    new = replace(manifest, extra={**manifest.extra, "checkpoint": str(Path(checkpoint).resolve()),
+                                   "rebound": {"checkpoint_fingerprint": identity.fingerprint,
+                                               "passage_source": manifest.checkpoint_fingerprint, "at": at, "job": job_id}})
+    with atomic_directory(target) as tmp:
+        with PinnedDirectory(resolve_artifact(source)) as pinned:
+            if pinned.manifest() != manifest:
+                raise ArtifactError(f"{source}: replaced while the promotion was linking it; try again")
+            for name in manifest.files:
+                pinned.link_or_copy(name, tmp / name)
+        (tmp / MANIFEST).write_text(json.dumps(new.to_dict(), indent=2) + "\n")
+        verify_files(tmp, read_manifest(tmp))
+    return new

@@ -61,12 +61,16 @@ def served_checkpoint(request: Request) -> Path | None:
 
 @router.post("", status_code=201, response_model=Created, dependencies=[JSON_BODY],
              responses={429: {**BUSY, "description": "DPR_JOBS_MAX_QUEUED jobs wait already; retry after Retry-After"}})
-async def submit(request: Request, store: Store, js: AppJobSettings,
+async def submit(request: Request, store: Store, js: AppJobSettings, served: AppSettings,
                  settings: dict[str, Any] = Body(..., description="dpr train's settings by the YAML config's names; "
-                                                 "model, train and dev are names under DPR_DATA_ROOT")) -> Created:
+                                                 "model, train, dev and index are names under DPR_DATA_ROOT; kind "
+                                                 "full (default) or query_side")) -> Created:
     """Queue a training job; its settings are checked by the trainer's own rules (a bad one is 422
-    naming it). 429 when DPR_JOBS_MAX_QUEUED jobs wait, 503 when DPR_JOBS_MAX_VALIDATIONS checks run."""
-    job = await service.submit(store, js, settings, run=lambda fn, *args: admin(request, fn, *args))
+    naming it). ``kind: query_side`` trains the query encoder alone against ``index`` (default: the
+    served index, from the served checkpoint), to be promoted by a reload. 429 when
+    DPR_JOBS_MAX_QUEUED jobs wait, 503 when DPR_JOBS_MAX_VALIDATIONS checks run."""
+    now = service.Served(served.index if not served.milvus_uri else None, served_checkpoint(request))
+    job = await service.submit(store, js, settings, run=lambda fn, *args: admin(request, fn, *args), served=now)
     return Created(id=job.id, state=job.state)
 
 
@@ -182,13 +186,22 @@ async def _events(store: JobStore, job_id: str, run):
                 yield f"event: metrics\ndata: {json.dumps(line)}\n\n"
                 quiet = 0.0
         if job is not ... and (job is None or job.finished_state):
-            yield f"event: end\ndata: {json.dumps({'id': job_id, 'state': job.state if job else 'deleted'})}\n\n"
+            yield f"event: end\ndata: {json.dumps(end_event(job_id, job))}\n\n"
             return
         if quiet >= SSE_PING_S:
             yield ": ping\n\n"
             quiet = 0.0
         await asyncio.sleep(EVENT_POLL_S)
         quiet += EVENT_POLL_S
+
+
+def end_event(job_id: str, job: Job | None) -> dict:
+    """The data of a stream's ``end`` event: the job's id and final state; a query_side job's also
+    its kind and how it is promoted (``"reload, no index build"``)."""
+    data = {"id": job_id, "state": job.state if job else "deleted"}
+    if job is not None and service.job_kind(job.settings) == service.QUERY_SIDE:
+        data.update(kind=service.QUERY_SIDE, promotion=service.PROMOTIONS[service.QUERY_SIDE])
+    return data
 
 
 def _cancel(store: JobStore, job_id: str) -> JobOut:
@@ -210,36 +223,57 @@ async def delete(job_id: str, request: Request, store: Store, settings: AppSetti
     await admin(request, lambda: service.delete(store, found(store, job_id), served_checkpoint(request), index))
 
 
-def _promotion_checks(store: JobStore, js, job_id: str, corpus_name: str, served: Path | None, force: bool,
+def _promotion_checks(store: JobStore, js, job_id: str, corpus_name: str | None, served: Path | None, force: bool,
                       settings) -> tuple[Job, Path, Path, dict]:
+    """The job, its checkpoint, what it goes into service with (a full job: the corpus to index; a
+    query_side job: the index it trained against) and the dev metrics compared; JobRefused otherwise."""
     job = found(store, job_id)
     if not job.finished_state:
         raise service.JobRefused("job_id", f"job {job.id} is {job.state}: promote it once it has finished", 409)
+    query_side = service.job_kind(job.settings) == service.QUERY_SIDE
+    if query_side and corpus_name is not None:
+        raise service.JobRefused("corpus", f"job {job.id} is query_side: it is promoted by a reload against the index it "
+                                           "trained against, with no corpus to index; leave corpus out")
+    if not query_side and corpus_name is None:
+        raise service.JobRefused("corpus", "required: the corpus to index with the job's checkpoint (a name under the "
+                                           "data root)")
     checkpoint = service.job_checkpoint(store, job)
     if checkpoint is None:
         raise service.JobRefused("job_id", f"job {job.id} left no checkpoint (run/best or run/last)", 409)
     if settings.index is None or settings.milvus_uri:
         raise service.JobRefused("job_id", "this server serves no index artifact (DPR_INDEX) to promote into", 409)
-    corpus = resolve_name(js.data_root, corpus_name, "corpus")
+    if query_side:
+        source = service.job_index(store, job)
+        if source is None:
+            raise service.JobRefused("job_id", f"job {job.id}'s config.yaml names no index", 409)
+    else:
+        source = resolve_name(js.data_root, corpus_name, "corpus")
     comparison = service.promotion_check(checkpoint, served, job.settings.get("best_metric", "ndcg@10"), force)
-    return job, checkpoint, corpus, comparison
+    return job, checkpoint, source, comparison
 
 
 @router.post("/{job_id}/promote", response_model=Promoted, dependencies=[JSON_BODY], responses=CONFLICT)
 async def promote(job_id: str, body: PromoteRequest, request: Request, store: Store, js: AppJobSettings,
                   settings: AppSettings, reloader: AppReloader) -> Promoted:
     """Index ``corpus`` with the job's best checkpoint (else its last) by ``dpr index build`` into
-    DPR_INDEX (built beside it, renamed into place), then reload: no request fails meanwhile. 409 when
+    DPR_INDEX (built beside it, renamed into place), then reload: no request fails meanwhile. A
+    ``query_side`` job takes no corpus: DPR_INDEX becomes the index it trained against (the same
+    files, hard-linked) under a manifest naming its checkpoint (:func:`~dpr_service.api.jobs.service.rebind_index`),
+    and the reload swaps the query encoder alone: no index build. 409 when
     its dev metric is worse than the served model's (unless ``force``), or while another promotion
     runs (in any worker: a file lock). The job is claimed meanwhile (no delete), and ``promoted`` is
     recorded once the index on disk is the job's (after a crash, by the runner's start-up step)."""
-    job, checkpoint, corpus, comparison = await admin(
+    started = time.perf_counter()
+    job, checkpoint, source, comparison = await admin(
         request, _promotion_checks, store, js, job_id, body.corpus, served_checkpoint(request), body.force, settings)
+    kind = service.job_kind(job.settings)
     with service.promotion_lock(js.jobs_dir) as lock_fd:
         if lock_fd is None:
             raise service.JobRefused("job_id", "another promotion is running; try again when it has finished", 409)
         claim = {"op": "promote", "corpus": body.corpus, "checkpoint": str(checkpoint.resolve()),
                  "index": str(Path(settings.index).resolve()), "at": time.time()}
+        if kind == service.QUERY_SIDE:
+            claim.update(kind=kind, source=str(source))
         if not await admin(request, store.claim, job.id, claim):
             now = await admin(request, store.get, job.id)
             if now is None:
@@ -247,8 +281,16 @@ async def promote(job_id: str, body: PromoteRequest, request: Request, store: St
             raise service.JobRefused("job_id", service.busy_reason(now), 409)
         released = False
         try:
-            await build_index(store.job_dir(job.id), checkpoint, corpus, settings.index, lock_fd)
-            await admin(request, lambda: store.release(job.id, promoted=body.corpus))  # the index on disk is the job's
+            if kind == service.QUERY_SIDE:
+                try:
+                    await admin(request, service.rebind_index, source, Path(settings.index), checkpoint, job.id)
+                except ArtifactError as e:
+                    raise service.JobRefused("job_id", f"the index the job trained against cannot be served: {e}", 409) from None
+                promoted = source.name
+            else:
+                await build_index(store.job_dir(job.id), checkpoint, source, settings.index, lock_fd)
+                promoted = body.corpus
+            await admin(request, lambda: store.release(job.id, promoted=promoted))  # the index on disk is the job's
             released = True
             try:
                 res = await reloader.load(if_changed=True)  # a request may have had it reloaded already
@@ -258,8 +300,10 @@ async def promote(job_id: str, body: PromoteRequest, request: Request, store: St
         finally:
             if not released:
                 await admin(request, store.release, job.id)
-    return Promoted(job=job.id, checkpoint=str(checkpoint), corpus=body.corpus, index=str(settings.index),
-                    passages=res.searcher.count, comparison=comparison)
+    swapped = reloader.swapped  # what the reload that brought it in loaded (this request's, or a request's before it)
+    return Promoted(job=job.id, kind=kind, checkpoint=str(checkpoint), corpus=body.corpus, index=str(settings.index),
+                    passages=res.searcher.count, comparison=comparison, promotion=service.PROMOTIONS[kind],
+                    swapped=swapped, seconds=round(time.perf_counter() - started, 3))
 
 
 async def build_index(job_dir: Path, checkpoint: Path, corpus: Path, output: Path, lock_fd: int | None = None) -> None:
