@@ -179,8 +179,8 @@ def test_torchrun_query_side_training_matches_one_process_and_resumes(tmp_path, 
         assert mine["loss"] == pytest.approx(ref["loss"], abs=1e-5)
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     w1, w2 = weights(tmp_path / "single" / "last", "query_encoder"), weights(tmp_path / "two" / "last", "query_encoder")
-    for k in w1:  # Adam's first steps move a weight by ~lr whatever its gradient's size: float noise included
-        assert torch.allclose(w1[k], w2[k], atol=1e-4, rtol=0), (k, (w1[k] - w2[k]).abs().max())
+    for k in w1:  # measured: 6e-7 (topk) and 1.8e-6 (corpus) apart, after moves of 2.5e-3
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), (k, (w1[k] - w2[k]).abs().max())
     assert_query_side(ckpt, index, tmp_path / "two" / "last")
     torchrun("-m", "trainer", *_flags(tmp_path / "resumed", ckpt, data, index, index_loss=loss, stop_after=2))
     torchrun("-m", "trainer", *_flags(tmp_path / "resumed", ckpt, data, index, index_loss=loss, resume=True))

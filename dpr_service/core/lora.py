@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from .encoder import BiEncoder
 from .errors import first_line
 
-__all__ = ["LoraSettings", "LoraError", "default_targets", "add_adapters", "save_adapters", "load_adapters",
-           "merge", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+__all__ = ["LoraSettings", "LoraError", "default_targets", "add_adapters", "is_adapted", "is_frozen", "save_adapters",
+           "load_adapters", "merge", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -87,13 +87,29 @@ def add_adapters(encoder: BiEncoder, settings: LoraSettings) -> BiEncoder:
     encoder, one per encoder otherwise); every other parameter is frozen. ``A`` is initialised from
     torch's global RNG (seed it first for a reproducible run), ``B`` at zero, so the new encoder
     embeds exactly as ``encoder`` does. The models of ``encoder`` are modified in place. Raises
-    LoraError when a target names no module of the model."""
+    LoraError when a target names no module of the model.
+
+    A passage encoder that is frozen already (no parameter requires a gradient: query-side training,
+    ``dpr train --index``, whose passage encoder is the index's) gets no adapters and stays the plain
+    model it is, so its weights, and the index's passage fingerprint, stay exactly as they were."""
     wrap = lambda model: _peft(model, settings.to_peft())  # noqa: E731
     query = wrap(encoder.query_model)
-    passage = None if encoder.config.shared else wrap(encoder.passage_model)
+    passage = None if encoder.config.shared else (
+        encoder.passage_model if is_frozen(encoder.passage_model) else wrap(encoder.passage_model))
     out = BiEncoder(query, passage, encoder.config)
     out.length_buckets = encoder.length_buckets
     return out
+
+
+def is_frozen(model: torch.nn.Module) -> bool:
+    """True when no parameter of ``model`` requires a gradient (and it has parameters)."""
+    params = list(model.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    """True when ``model`` carries LoRA adapters (a peft model)."""
+    return isinstance(model, PeftModel)
 
 
 def _peft(model: torch.nn.Module, config: LoraConfig) -> PeftModel:
