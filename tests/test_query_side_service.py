@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_beir
+from test_web import browser  # noqa: F401  (the headless chromium fixture)
 from fastapi.testclient import TestClient
 
 from dpr_service.api.app import create_app
@@ -194,3 +195,52 @@ def test_a_query_side_job_trains_against_the_served_index_and_is_promoted_by_a_r
         assert c.delete(f"/jobs/{job_id}", headers=H).status_code == 409  # its checkpoint serves
     with jobs_client(world, tmp_path, tmp_path / "index") as c:  # a restart serves the job's checkpoint
         assert c.get("/info").json()["checkpoint"]["fingerprint"] == new_fp
+
+
+def test_the_train_tab_offers_a_query_side_job_and_promotes_it_by_a_reload(world, tmp_path, monkeypatch, browser):
+    """The Train tab: "query encoder only, against the served index (reload only)" submits a
+    query_side job (the served checkpoint as its model), its row says so, and Promote sends no corpus:
+    the header names the job's checkpoint after a reload with no index build."""
+    import functools
+
+    import httpx
+    import test_web
+    from selenium.webdriver.support.ui import Select
+
+    from dpr_service.api.jobs import JobSettings
+
+    js = JobSettings(admin_key=ADMIN, jobs_dir=tmp_path / "state", data_root=world / "data", jobs_poll_s=0.1)
+    monkeypatch.setattr(test_web, "create_app", functools.partial(create_app, jobs_settings=js))
+    shutil.copytree(world / "index", tmp_path / "index")
+    with test_web.Server(Settings(index=tmp_path / "index", device="cpu", batch_max_wait_ms=1)) as server:
+        driver, base, by_id = browser, server.base, test_web.by_id
+        test_web.open_page(driver, base)
+        by_id(driver, "tab-train").click()
+        by_id(driver, "admin-key").send_keys(ADMIN)
+        by_id(driver, "admin-save").click()
+        test_web.wait_for(driver, lambda d: "beir" in d.execute_script(
+            "return [...document.getElementById('train-data').options].map((o) => o.value)"), what="the data sets")
+        kinds = driver.execute_script("return [...document.getElementById('train-kind').options].map((o) => o.text)")
+        assert kinds == ["full fine-tune (rebuilds the index)", "query encoder only, against the served index (reload only)"]
+        Select(by_id(driver, "train-kind")).select_by_value("query_side")
+        assert by_id(driver, "train-model").find_elements("css selector", "option")[0].text == "the served checkpoint"
+        Select(by_id(driver, "train-data")).select_by_value("beir")
+        Select(by_id(driver, "train-dev")).select_by_value("beir")
+        for field, value in (("train-max-steps", 3), ("train-batch-size", 4), ("train-eval-every", 3), ("train-log-every", 1)):
+            test_web.type_into(driver, field, str(value))
+        by_id(driver, "train-submit").click()
+        test_web.wait_for(driver, lambda d: by_id(d, "chart").get_attribute("data-ended"), timeout=300, what="the job's end event")
+        job_id = by_id(driver, "chart").get_attribute("data-job")
+        job = httpx.get(f"{base}/jobs/{job_id}", headers=H).json()
+        assert (job["state"], job["kind"], job["settings"]["kind"]) == ("succeeded", "query_side", "query_side")
+        assert "model" not in job["settings"]  # the served checkpoint
+        row = f"document.querySelector('tr[data-job=\"{job_id}\"]')"
+        test_web.wait_for(driver, lambda d: d.execute_script(f"return ({row} || {{dataset: {{}}}}).dataset.kind") == "query_side",
+                          what="the job row's kind")
+        assert "query encoder only" in driver.execute_script(f"return {row}.innerText")
+        driver.execute_script(f"{row}.querySelector('button.promote').click()")
+        test_web.wait_for(driver, lambda d: job_id in by_id(d, "info-checkpoint").get_attribute("title"), timeout=120,
+                          what="the promoted checkpoint in the header")
+        assert "reload, no index build" in by_id(driver, "toast").text
+        assert httpx.get(f"{base}/jobs/{job_id}", headers=H).json()["promoted"] == "index"
+        assert not (tmp_path / "state" / job_id / "promote.log").exists()
