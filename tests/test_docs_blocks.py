@@ -181,6 +181,8 @@ def test_the_readme_runs_as_written(tmp_path, tiny_model):
     searches = [v for v in values if "results" in v and isinstance(v["results"], list)]
     assert len(searches) >= 2 and all(len(s["results"][0]) == 3 for s in searches[:2]), out[-2000:]  # FAISS, Milvus
     assert (box / "runs" / "tour" / "st" / "modules.json").is_file()
+    assert (box / "runs" / "tour-qside" / "last" / "passage_encoder").is_dir()  # query-side: two encoders, the index kept
+    assert out.count("ndcg@10") >= 2  # the tour's eval and the query-side checkpoint's, on the same index
     assert any(v.get("name") == "demo" for v in values), out[-2000:]  # the upload
     end = re.search(r"^event: end\ndata: (.*)$", out, re.M)
     assert end and json.loads(end.group(1))["state"] == "succeeded", out[-3000:]  # the job's live events, to its end
