@@ -61,13 +61,16 @@ def step_grads(model_dir: str, data_path: str, d: distributed.Dist, chunk_size: 
 
 QUERY_SIDE_BATCH = 8  # questions in the global batch of a query-side step
 QUERY_SIDE_LOSSES = ("topk", "corpus")
+QUERY_SIDE_LORA = (None, 4)  # the whole query encoder, or LoRA adapters of rank 4 on it
 
 
 def query_side_grads(checkpoint: str, index: str, data_path: str, d: distributed.Dist, mode: str,
-                     k: int = 3, ratio: float | None = 0.95) -> dict[str, torch.Tensor]:
+                     k: int = 3, ratio: float | None = 0.95, lora_r: int | None = None) -> dict[str, torch.Tensor]:
     """The query encoder's gradients (and the loss) of the first query-side step of an epoch-0
     batch of :data:`QUERY_SIDE_BATCH` questions, this rank's slice of it (the trainer's own
-    QueryBatches), against ``index``'s stored vectors; eval mode (no dropout)."""
+    QueryBatches), against ``index``'s stored vectors; eval mode (no dropout). ``lora_r``: LoRA
+    adapters of that rank (seeded, ``B`` random so that every adapter tensor gets a gradient) on
+    what trains (the query encoder; the frozen passage encoder gets none)."""
     from dpr_service.core.checkpoint import load_checkpoint
     from dpr_service.core.formats import read_train_data
     from trainer import query_side
@@ -75,6 +78,15 @@ def query_side_grads(checkpoint: str, index: str, data_path: str, d: distributed
     cpu = Runtime(torch.device("cpu"), "fp32")
     corpus = query_side.load_indexed_corpus(index)
     encoder, tokenizer = query_side.start_encoder(checkpoint, load_checkpoint(checkpoint).config, corpus)
+    if lora_r is not None:
+        from dpr_service.core import lora
+
+        torch.manual_seed(0)
+        encoder = lora.add_adapters(encoder, lora.LoraSettings(lora_r, 2.0 * lora_r, 0.0, lora.default_targets(encoder.query_model)))
+        with torch.no_grad():
+            for name, p in encoder.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2)
     encoder.eval()
     models = prepare_models(encoder, d, cpu.device)
     data = read_train_data(data_path)
@@ -91,7 +103,9 @@ def main_query_side(checkpoint: str, index: str, data_path: str, out_dir: str) -
     d = distributed.from_env()
     distributed.setup(d, torch.device("cpu"))
     for mode in QUERY_SIDE_LOSSES:
-        save_file(query_side_grads(checkpoint, index, data_path, d, mode), str(Path(out_dir) / f"query-side-{mode}-rank{d.rank}.safetensors"))
+        for lora_r in QUERY_SIDE_LORA:
+            save_file(query_side_grads(checkpoint, index, data_path, d, mode, lora_r=lora_r),
+                      str(Path(out_dir) / f"query-side-{mode}-lora{lora_r}-rank{d.rank}.safetensors"))
     distributed.teardown()
 
 

@@ -136,23 +136,28 @@ def torchrun(*args: str):
 def test_ddp_query_side_gradients_equal_one_process_on_the_global_batch(tmp_path, cosine, data):
     """2 processes (gloo), each with half the questions: the query embeddings are gathered, every rank
     retrieves the same global negatives (topk) or scores the whole corpus, and DDP's averaged
-    gradients of the query encoder are those of one process on the whole batch (to 1e-5), for both
-    --index-loss values; the masked pairs (known positives across ranks, copies) are counted alike."""
-    from ddp_worker import QUERY_SIDE_LOSSES, query_side_grads
+    gradients of the query encoder (all of it, or its LoRA adapters) are those of one process on the
+    whole batch (to 1e-5), for both --index-loss values; the masked pairs (known positives across
+    ranks, copies) are counted alike."""
+    pytest.importorskip("peft")  # the LoRA half
+    from ddp_worker import QUERY_SIDE_LORA, QUERY_SIDE_LOSSES, query_side_grads
     from trainer.distributed import Dist
 
     ckpt, index, _ = cosine
     torchrun(str(ROOT / "tests" / "ddp_worker.py"), "query-side", str(ckpt), str(index), str(data), str(tmp_path))
     for mode in QUERY_SIDE_LOSSES:
-        want = query_side_grads(str(ckpt), str(index), str(data), Dist(), mode)
-        assert want["loss"].item() > 0.1 and want["masked"].item() > 0
-        for rank in (0, 1):
-            got = load_file(str(tmp_path / f"query-side-{mode}-rank{rank}.safetensors"))
-            # DDP froze the pooler (no gradient reaches it); one process leaves its grad None too
-            assert got.keys() == want.keys(), (mode, rank, sorted(got.keys() ^ want.keys())[:3])
-            for name in want:
-                assert torch.allclose(got[name], want[name], atol=1e-5, rtol=0), \
-                    (mode, rank, name, (got[name] - want[name]).abs().max())
+        for lora_r in QUERY_SIDE_LORA:
+            want = query_side_grads(str(ckpt), str(index), str(data), Dist(), mode, lora_r=lora_r)
+            assert want["loss"].item() > 0.1 and want["masked"].item() > 0
+            if lora_r is not None:  # the adapters train, and nothing else
+                assert {n for n in want if n not in ("loss", "masked")} and all("lora_" in n for n in want if n not in ("loss", "masked"))
+            for rank in (0, 1):
+                got = load_file(str(tmp_path / f"query-side-{mode}-lora{lora_r}-rank{rank}.safetensors"))
+                # DDP froze the pooler (no gradient reaches it); one process leaves its grad None too
+                assert got.keys() == want.keys(), (mode, lora_r, rank, sorted(got.keys() ^ want.keys())[:3])
+                for name in want:
+                    assert torch.allclose(got[name], want[name], atol=1e-5, rtol=0), \
+                        (mode, lora_r, rank, name, (got[name] - want[name]).abs().max())
 
 
 def _flags(out: Path, ckpt: Path, data: Path, index: Path, **kw) -> list[str]:
@@ -194,7 +199,8 @@ def test_torchrun_query_side_training_matches_one_process_and_resumes(tmp_path, 
 def test_lora_trains_the_query_encoder_only_and_serves_the_index(tmp_path, cosine, data):
     """--index --lora-r: adapters on the query encoder alone; the checkpoint loads with the index's
     passage encoder bit for bit (its passage fingerprint is the index's), Searcher accepts it, and
-    the server answers /search with it; --resume continues it exactly."""
+    the server answers /search with it, its sentence-transformers export has both routes; --resume
+    continues it exactly."""
     pytest.importorskip("peft")
     from dpr_service.core import lora
 
@@ -213,6 +219,12 @@ def test_lora_trains_the_query_encoder_only_and_serves_the_index(tmp_path, cosin
         torch.testing.assert_close(served_vectors(client, TEXTS, "passage"),
                                    _encode(ckpt, "passage", [Passage(t) for t in TEXTS]), atol=1e-6, rtol=0)
         assert client.post("/search", json={"queries": QUERIES, "top_k": 3}).status_code == 200
+    st = pytest.importorskip("sentence_transformers")
+    assert export_main(["--checkpoint", str(out), "--format", "sentence-transformers", "--output", str(tmp_path / "st")]) == 0
+    model = st.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    torch.testing.assert_close(torch.as_tensor(model.encode_query(QUERIES)), _encode(out, "query", QUERIES), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(model.encode_document(TEXTS)),
+                               _encode(ckpt, "passage", [Passage(t) for t in TEXTS]), atol=1e-5, rtol=0)
     train(qs_cfg(ckpt, data, index, tmp_path / "resumed", stop_after=3, **cfg))
     resumed = train(qs_cfg(ckpt, data, index, tmp_path / "resumed", resume=True, **cfg))
     a, b = adapters, load_file(resumed / "query_encoder" / lora.ADAPTER_WEIGHTS)
