@@ -15,10 +15,10 @@ A row is a name and the flags it adds to the default command (``model``, ``train
     remine             --remine-every 1
     holdout            the default command on 90% of the train questions (seeded); the other 10% tune
                        the hybrid alpha (for data sets without a dev split, such as SciFact)
-    index@BASE         query-side training against row BASE's index (measured first: zeroshot, default...):
-                       dpr train --model <BASE's checkpoint> --index <BASE's index>, scored on that same
-                       index (no index build); flags as for default, e.g. index@zeroshot:seed=7,
-                       index@default:index-loss=corpus
+    index@BASE         query-side training against row BASE's index (measured first: zeroshot, default,
+                       default:epochs=3...): dpr train --model <BASE's checkpoint> --index <BASE's index>,
+                       scored on that same index (no index build); flags follow "+", e.g.
+                       index@zeroshot+seed=7, index@default:epochs=3+index-loss=corpus
 
 Every row with an index is also scored in hybrid mode (``dpr eval --mode all``): RRF, and the convex
 fusion with alpha tuned on the data set's dev split (zero-shot: on train, which it never saw;
@@ -72,7 +72,9 @@ def eval_json(stdout: str) -> dict:
 def row_flags(row: str) -> list[str]:
     if row == "remine":
         return ["--remine-every", "1"]
-    if row.startswith("default") or row.startswith("index@"):
+    if row.startswith("index@"):
+        return [flag for part in row.split("+")[1:] for flag in (f"--{part.split('=', 1)[0]}", part.split("=", 1)[1])]
+    if row.startswith("default"):
         flags = []
         for part in row.split(":")[1:]:
             name, value = part.split("=", 1)
@@ -126,7 +128,7 @@ def measure(row: str, data: Path, model: str, out: Path, log) -> dict:
         return {"metrics": eval_json(stdout), "eval_cpu_s": cpu}
     checkpoint, train_cpu, train_wall, flags, index = model, None, None, [], out / "index"
     if row.startswith("index@"):  # query-side: the base row's checkpoint and index
-        base = out.parent / row.split(":")[0].removeprefix("index@")
+        base = out.parent / row.split("+")[0].removeprefix("index@")
         if not (base / "index" / "manifest.json").exists():
             raise SystemExit(f"{row}: measure row {base.name} first (its index is the passage side)")
         model, index = (model if base.name == "zeroshot" else str(base / "run" / "last")), base / "index"
