@@ -189,7 +189,7 @@ def query_side_sources(settings: dict, js: JobSettings, served: Served) -> tuple
     if identity is not None and not binds(manifest.checkpoint_fingerprint, built_passage, identity):
         raise JobRefused("model" if settings.get("model") is not None else "index",
                          f"{binding_message(manifest.checkpoint_fingerprint, built_passage, identity)}")
-    return resolve_artifact(index).resolve(), model
+    return Path(index).resolve(), model  # the path, not a replacement's leftover: the trainer resolves that itself
 
 
 def without_root(text: str, root: Path) -> str:
