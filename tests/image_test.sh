@@ -3,19 +3,30 @@
 # services in order (train, index, api), as Compose would run them (the image's ENTRYPOINT, USER,
 # WORKDIR and ENV; the services' volumes and environment), then check from outside the container:
 #   /readyz 200 (and the cold start to it), a /search answer, a /score answer, the image's HEALTHCHECK
-#   command passing, the server running as the image's non-root user, and nothing written in any
-#   container outside its mounted volumes.
+#   command passing, the server running as the image's non-root user, nothing written in any
+#   container outside its mounted volumes, and every module the services imported having its bytecode
+#   in the image (the cpu-serve target keeps only that bytecode): each service runs with an audit hook
+#   (a sitecustomize on PYTHONPATH, in a /dpr-trace volume) that lists the .pyc files Python looks for.
+# COMPOSE_FILE=docker-compose.milvus.yml (with TARGET=cpu, the image that file builds) runs that file's
+# services built from the image instead: train, index, export, api (one replica). Its Milvus standalone
+# (etcd, MinIO, milvus: other images) is stood in for by Milvus Lite, the embedded Milvus of the
+# `milvus` extra: every `--milvus-uri http://milvus:19530` becomes a Milvus Lite file,
+# /milvus/milvus.db, on a volume that export and api mount read-write (owned by the image's user, as a
+# directory an operator prepared would be). The load balancer (nginx) is not run.
 # No Docker engine needed: buildah (Debian: apt-get install buildah) with chroot isolation and vfs
 # storage, as root; each service runs in its own working container, the api in its own network
 # namespace (unshare), so port 8000 here is left alone.
 # It tests the commit: the image is built from `git archive HEAD` (SOURCE=worktree: from this working
 # tree, uncommitted changes included), and the compose file and demo data are that commit's.
-# Settings (environment): TARGET (cpu-serve), IMAGE (dpr-service:$TARGET), SKIP_BUILD=1 (test an image
-# already built), STORAGE_DRIVER (vfs), DPR_DATA (a BEIR directory for train and index; default: the
+# Settings (environment): TARGET (cpu-serve), IMAGE (dpr-service:$TARGET), COMPOSE_FILE
+# (docker-compose.yml), SKIP_BUILD=1 (test an image already built), STORAGE_DRIVER (vfs), DPR_DATA (a BEIR directory for train and index; default: the
 # demo data with its first 32 train and 16 dev questions, which keeps training to a few steps),
 # RESULT (where the summary goes: runs/image-test/result.txt) and the build settings of
 # docker/image.sh (PYTHON_IMAGE, TORCH_WHEELS, TORCH_INDEX_URL, PIP_INDEX_URL, EXTRA_CA_CERTS).
 # Exit status: 0 when every check passed, 1 when one failed, 2 when it could not run.
+# The whole script is one { ... } block: bash reads it all before running any of it, so editing
+# (or checking out) this file while a run goes on cannot change that run.
+{
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -47,7 +58,10 @@ else
   SRC=$ROOT
   what="the working tree at $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' with uncommitted changes')"
 fi
-COMPOSE=$SRC/docker/docker-compose.yml
+COMPOSE=$SRC/docker/${COMPOSE_FILE:-docker-compose.yml}
+[ -f "$COMPOSE" ] || { echo "image_test.sh: no compose file $COMPOSE" >&2; exit 2; }
+MILVUS_LITE=/milvus/milvus.db  # the Milvus Lite file that stands in for http://milvus:19530
+export MILVUS_LITE
 
 mkdir -p "$(dirname "$RESULT")"
 : > "$RESULT"
@@ -59,7 +73,7 @@ check() {  # check NAME COMMAND...: one PASS/FAIL line
 }
 
 if [ "${SKIP_BUILD:-0}" = 1 ]; then what="an image built before (SKIP_BUILD=1); compose file and data of $what"; else what="built from $what"; fi
-say "image test: $IMAGE (target $TARGET), $what, $(date -u +%FT%TZ), $(nproc) CPUs"
+say "image test: $IMAGE (target $TARGET), $what, $(date -u +%FT%TZ), $(nproc) CPUs, services of docker/$(basename "$COMPOSE")"
 
 # ------------------------------------------------------------------ build
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
@@ -92,8 +106,28 @@ fi
 export DPR_DATA
 chmod -R a+rX "$DPR_DATA"
 # Compose's named volumes start as a copy of the image's directory there (owner included: /artifacts
-# belongs to the image's user), or empty and root's when the image has none (/jobdata)
-mkdir -p "$WORK/volumes"
+# belongs to the image's user), or empty and root's when the image has none (/jobdata); the Milvus
+# Lite stand-in's volume is the image user's
+mkdir -p "$WORK/volumes/milvus-lite"
+chown "$USER_" "$WORK/volumes/milvus-lite"
+# the audit hook every service runs with: the .pyc files Python looks for (it looks whether one is there
+# or not: a missing one means the module is compiled from source at every start), one file a process
+mkdir -p "$WORK/trace"
+chmod 1777 "$WORK/trace"
+cat > "$WORK/trace/sitecustomize.py" <<'EOF'
+import os
+import sys
+
+_log = open(f"/dpr-trace/pyc-{os.getpid()}.txt", "a", buffering=1)
+
+
+def _hook(event, args):
+    if event == "open" and isinstance(args[0], str) and args[0].endswith(".pyc"):
+        _log.write(args[0] + "\n")
+
+
+sys.addaudithook(_hook)
+EOF
 
 # service_args SERVICE KIND: the service's command, -v and --env arguments, one a line, from the
 # compose file with its ${VAR:-default}s filled in from this environment
@@ -105,9 +139,15 @@ compose, service, kind, volumes = sys.argv[1:]
 spec = yaml.safe_load(open(compose))
 svc = spec["services"][service]
 expand = lambda v: re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), str(v))
+# the Milvus standalone of docker-compose.milvus.yml, stood in for by a Milvus Lite file on its own volume
+lite = os.environ["MILVUS_LITE"]
+milvus = "--milvus-uri" in svc.get("command", [])
+standin = lambda a: lite if milvus and a == "http://milvus:19530" else a
 if kind == "command":
-    print("\n".join(expand(a) for a in svc["command"]))
+    print("\n".join(standin(expand(a)) for a in svc["command"]))
 elif kind == "volumes":
+    if milvus:
+        print(f"{os.path.join(volumes, 'milvus-lite')}:{os.path.dirname(lite)}:rw")
     for v in svc.get("volumes", []):
         parts = expand(v).split(":")
         src, dst, mode = parts[0], parts[1], (parts[2] if len(parts) > 2 else "rw")
@@ -143,6 +183,7 @@ start_service() {
   done < <(service_args "$svc" volumes)
   while IFS= read -r v; do envs+=(--env "$v"); done < <(service_args "$svc" environment)
   while IFS= read -r v; do vols+=(--mount "$v"); done < <(service_args "$svc" tmpfs)
+  vols+=(-v "$WORK/trace:/dpr-trace:rw"); envs+=(--env PYTHONPATH=/dpr-trace)
   mapfile -t CMD < <(service_args "$svc" command)
   MARK[$svc]=$WORK/mark-$svc
   touch "${MARK[$svc]}"; sleep 1
@@ -154,7 +195,7 @@ start_service() {
 # the mount points it makes for the volumes and /dev, /proc, /sys, and their parent directories)
 check_writes() {
   local svc=$1 mnt=${MNT[$1]} dst
-  local allowed=(/etc /etc/hosts /etc/resolv.conf /etc/hostname /run /run/.containerenv / /dev /proc /sys)
+  local allowed=(/etc /etc/hosts /etc/resolv.conf /etc/hostname /run /run/.containerenv / /dev /proc /sys /dpr-trace)
   while IFS= read -r spec; do dst=${spec#*:}; allowed+=("${dst%%:*}"); done < <(service_args "$svc" volumes)
   while IFS= read -r spec; do dst=${spec#*destination=}; allowed+=("$dst"); done < <(service_args "$svc" tmpfs)
   "$PY" - "$mnt" "${MARK[$svc]}" "${allowed[@]}" > "$WORK/writes-$svc" <<'EOF'
@@ -179,7 +220,9 @@ EOF
 }
 
 # ------------------------------------------------------------------ train, index (one-shot, in order)
-for svc in train index; do
+ONESHOT=(train index)
+"$PY" -c 'import sys, yaml; sys.exit(0 if "export" in yaml.safe_load(open(sys.argv[1]))["services"] else 1)' "$COMPOSE" && ONESHOT+=(export)
+for svc in "${ONESHOT[@]}"; do
   start_service "$svc"
   t0=$(date +%s)
   if "${RUN[@]}" > "$WORK/$svc.log" 2>&1; then
@@ -244,5 +287,17 @@ wait "$SERVER" 2>/dev/null || true
 SERVER=
 check "api wrote nothing outside its volumes" check_writes api
 
+# ------------------------------------------------------------------ bytecode
+check_bytecode() {
+  while IFS= read -r p; do [ -e "${MNT[api]}$p" ] || echo "$p"; done < "$WORK/pyc-looked-for" > "$WORK/pyc-missing"
+  if [ -s "$WORK/pyc-missing" ]; then
+    say "      no bytecode in the image for: $(head -n 20 "$WORK/pyc-missing" | tr '\n' ' ')"
+    return 1
+  fi
+}
+cat "$WORK"/trace/pyc-*.txt | grep -v '^/dpr-trace/' | sort -u > "$WORK/pyc-looked-for"
+check "every module the services imported has its bytecode in the image ($(wc -l < "$WORK/pyc-looked-for") .pyc files)" check_bytecode
+
 say "result: $([ "$FAILED" = 0 ] && echo 'all checks passed' || echo 'FAILED')"
 exit "$FAILED"
+}
