@@ -22,7 +22,7 @@ The passages are N random unit vectors of D float32 dimensions (seeded), each it
 group; each question's positive is a random row and its embedding lies near that row (cosine about
 0.9), its only known positive. The corpus's ``ids`` are ``range(N)``: the loss never reads them.
 
-Each N runs in a process of its own, one after the other. Time per step is the median of
+Each (N, mode) runs in a process of its own, one after the other. Time per step is the median of
 ``--steps`` timed steps after ``--warmup`` untimed ones (min and max beside it), wall-clock, and
 beside it the median CPU time of the process per step (all threads; on a shared machine the wall
 time grows with the load, the CPU time much less). Memory is read
@@ -231,7 +231,7 @@ def measure(n: int, dim: int, batch: int, temperature: float, k: int, ratio: flo
             losses.append(step(mode))
             times.append((time.perf_counter() - start) * 1e3)
             cpu.append((time.process_time() - start_cpu) * 1e3)
-        out["modes"][mode] = {"ms": times, "cpu_ms": cpu, "loss": losses[-1],
+        out["modes"][mode] = {"ms": times, "cpu_ms": cpu, "loss": losses[-1], "load": os.getloadavg()[0],
                               "peak_extra_bytes": max(0, peak_bytes() - resident)}
     return out
 
@@ -259,7 +259,7 @@ def predict_need(n: int, batch: int, dim: int, done: list[dict], mode: str) -> t
 
 
 def run_case(args, n: int, modes: list[str]) -> dict:
-    """One N in a child process (so that each case starts from a clean heap); returns its result."""
+    """N passages and ``modes`` in a child process (a clean heap); returns its result, or ``error``."""
     cmd = [sys.executable, __file__, "--child", "--ns", str(n), "--dim", str(args.dim), "--batch-size", str(args.batch_size),
            "--temperature", str(args.temperature), "--k", str(args.k), "--ratio", str(args.ratio), "--chunk", str(args.chunk),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--mode-seconds", str(args.mode_seconds),
@@ -283,16 +283,16 @@ def table(rows: list[dict], machine_: str, date: str) -> str:
     lines = []
     for r in rows:
         vec = f"{r['n'] * r['dim'] * 4 / GB:.2f}"
-        if "error" in r:
-            lines.append(f"| {r['n']:,} | {vec} | - | failed: {r['error']} | - | - | - | {machine_} | {date} |")
         for mode, m in r.get("modes", {}).items():
             ms = m["ms"]
-            where = re.sub(r"load [\d.]+", f"load {r['load']:.1f}", machine_)  # the load when this N started
+            where = re.sub(r"load [\d.]+", f"load {m['load']:.1f}", machine_)  # the load when the mode's steps ended
             lines.append(f"| {r['n']:,} | {vec} | {LABELS[mode].format(k=r['k'])} | "
                          f"{statistics.median(ms):,.1f} ({min(ms):,.1f}-{max(ms):,.1f}) | {statistics.median(m['cpu_ms']):,.1f} | "
                          f"{m['peak_extra_bytes'] / GB:.3f} | {r['corpus_rss_bytes'] / GB:.2f} | {where} | {date} |")
         for mode, why in r.get("skipped", {}).items():
             lines.append(f"| {r['n']:,} | {vec} | {LABELS[mode].format(k=r['k'])} | not run: {why} | - | - | - | {machine_} | {date} |")
+        for mode, why in r.get("errors", {}).items():
+            lines.append(f"| {r['n']:,} | {vec} | {LABELS[mode].format(k=r['k'])} | failed: {why} | - | - | - | {machine_} | {date} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -314,11 +314,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--headroom-gb", type=float, default=2.0, help="memory left to everything else on the machine")
     ap.add_argument("--available-gb", type=float, default=None, help="use this instead of MemAvailable (to plan or test)")
     ap.add_argument("--out", default="runs/corpus_loss", help="folder for result.md and result.json")
-    ap.add_argument("--rehearse", action="store_true", help="tiny sizes, in seconds: N = 2k, 8k; D = 16; B = 4; k = 4; chunks of 1k; 2 steps")
+    ap.add_argument("--rehearse", action="store_true", help="tiny sizes, in seconds: N = 2k, 8k; D = 16; B = 4; k = 4; chunks of 1k; 2 steps; --shared-process")
+    ap.add_argument("--shared-process", action="store_true",
+                    help="all modes of an N in one process (faster; later modes' peaks may be understated)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rehearse:
-        ap.set_defaults(ns=[2_000, 8_000], dim=16, batch_size=4, k=4, steps=2, chunk=1_000)
+        ap.set_defaults(ns=[2_000, 8_000], dim=16, batch_size=4, k=4, steps=2, chunk=1_000, shared_process=True)
         args = ap.parse_args(argv)
     bad = [name for name in ("dim", "batch_size", "k", "steps", "chunk") if getattr(args, name) < 1] + [f"ns {n}" for n in args.ns if n < 2]
     if bad or args.warmup < 0 or args.temperature <= 0:
@@ -346,12 +348,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"N={n:,} {mode}: {skipped[mode]}", flush=True)
             else:
                 runnable.append(mode)
-        result = {"n": n, "dim": args.dim, "batch": args.batch_size}
-        if runnable:
-            print(f"N={n:,}: running {' '.join(runnable)}", flush=True)
-            result = run_case(args, n, runnable)
-            print(json.dumps(result), flush=True)
-        result.update(k=args.k, skipped=skipped)
+        result = {"n": n, "dim": args.dim, "batch": args.batch_size, "k": args.k, "modes": {}, "skipped": skipped}
+        # each mode in a process of its own: its peak is not hidden by heap that an earlier mode left behind
+        for modes in ([runnable] if args.shared_process and runnable else [[mode] for mode in runnable]):
+            print(f"N={n:,}: running {' '.join(modes)}", flush=True)
+            done = run_case(args, n, modes)
+            print(json.dumps(done), flush=True)
+            if "error" in done:
+                result.setdefault("errors", {}).update({mode: done["error"] for mode in modes})
+                continue
+            result["modes"].update(done.pop("modes"))
+            result.update(done)
         rows.append(result)
     text = table(rows, machine_, date)
     out = Path(args.out)
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "result.md").write_text(text)
     (out / "result.json").write_text(json.dumps({"machine": machine_, "date": date, "args": vars(args), "rows": rows}, indent=2) + "\n")
     print(text)
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if any(r.get("errors") for r in rows) else 0
 
 
 if __name__ == "__main__":

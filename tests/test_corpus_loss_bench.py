@@ -46,7 +46,7 @@ def test_rehearsal_measures_every_size_and_mode_and_refuses_what_cannot_fit(tmp_
     for line in lines[:8]:
         ms = line.split("|")[4]
         assert re.fullmatch(r" [\d,.]+ \([\d,.]+-[\d,.]+\) ", ms), line
-    assert "modes" not in big and set(big["skipped"]) == {"corpus", "topk", "corpus-chunked", "topk-chunked"}
+    assert not big["modes"] and set(big["skipped"]) == {"corpus", "topk", "corpus-chunked", "topk-chunked"}
     assert "0.2 GB of vectors" in big["skipped"]["corpus"] and "measured at N=8,000 is" in big["skipped"]["corpus"]
     assert lines[8].startswith("| 3,000,000 | 0.19 | corpus (exact NLL over all N) | not run: needs about")
 
