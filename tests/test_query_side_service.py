@@ -114,6 +114,31 @@ def test_a_reload_of_a_query_encoder_trained_against_the_index_keeps_the_index_l
         assert c.app.state.resources.searcher.index is not before.searcher.index
 
 
+def test_under_onnx_the_query_encoder_swap_brings_the_new_checkpoints_export(world, tmp_path):
+    """DPR_RUNTIME=onnx: the swap makes (or reads from the cache) the new checkpoint's ONNX export and
+    encodes queries with it: /encode equals the new query encoder's torch vectors to 1e-4; the index stays loaded."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    serving = tmp_path / "serving"
+    replace_dir(world / "built", serving)
+    settings = Settings(index=world / "index", checkpoint=serving, device="cpu", runtime="onnx",
+                        onnx_cache=tmp_path / "cache", batch_max_wait_ms=1)
+    with TestClient(create_app(settings)) as c:
+        before, export = c.app.state.resources, c.get("/info").json()["runtime"]["export"]
+        replace_dir(world / "qside", serving)
+        r = c.post("/admin/reload")
+        assert r.status_code == 200 and r.json()["swapped"] == "query encoder", r.text
+        info = c.get("/info").json()
+        assert info["runtime"]["runtime"] == "onnx" and info["runtime"]["export"] != export
+        assert c.app.state.resources.searcher.index is before.searcher.index
+        r = c.post("/encode", json={"texts": [QUERY], "kind": "query"})
+        assert r.status_code == 200, r.text
+        qside = load_checkpoint(world / "qside", CPU.device)
+        want = encode_texts(qside.encoder, qside.tokenizer, [QUERY], "query", CPU)
+        torch.testing.assert_close(torch.tensor(r.json()["embeddings"]), want, atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------- the training service
 
 ADMIN = "admin-s3cret"
@@ -195,6 +220,28 @@ def test_a_query_side_job_trains_against_the_served_index_and_is_promoted_by_a_r
         assert c.delete(f"/jobs/{job_id}", headers=H).status_code == 409  # its checkpoint serves
     with jobs_client(world, tmp_path, tmp_path / "index") as c:  # a restart serves the job's checkpoint
         assert c.get("/info").json()["checkpoint"]["fingerprint"] == new_fp
+
+
+def test_a_promotion_a_killed_server_left_is_settled_by_the_rebound_time(world, tmp_path):
+    """The runner's reconciliation of a promotion claim: a query-side promotion landed when the
+    manifest names the job's checkpoint and was rebound after the claim (its ``rebound.at``; the
+    index's ``created`` is older); one rebound before the claim did not."""
+    import time
+
+    from dpr_service.api.jobs.runner import promotion_landed
+    from dpr_service.api.jobs.service import rebind_index
+
+    shutil.copytree(world / "index", tmp_path / "index")
+    rebind_index(tmp_path / "index", tmp_path / "index", world / "qside", "job1")
+    claim = {"op": "promote", "kind": "query_side", "checkpoint": str(world / "qside"), "index": str(tmp_path / "index")}
+    assert not promotion_landed({**claim, "at": time.time() + 5})  # rebound before this claim: not this promotion
+    at = time.time()
+    rebind_index(tmp_path / "index", tmp_path / "index", world / "qside", "job1")
+    assert promotion_landed({**claim, "at": at})
+    assert not promotion_landed({**claim, "checkpoint": str(world / "built"), "at": at})
+    with pytest.raises(Exception, match=r"built with checkpoint [0-9a-f]{12,}, not with the checkpoint in use"):
+        rebind_index(tmp_path / "index", tmp_path / "index", world / "other", "job2")  # nothing changed on disk
+    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["rebound"]["job"] == "job1"
 
 
 def test_the_train_tab_offers_a_query_side_job_and_promotes_it_by_a_reload(world, tmp_path, monkeypatch, browser):
