@@ -291,3 +291,32 @@ def test_the_train_tab_offers_a_query_side_job_and_promotes_it_by_a_reload(world
         assert "reload, no index build" in by_id(driver, "toast").text
         assert httpx.get(f"{base}/jobs/{job_id}", headers=H).json()["promoted"] == "index"
         assert not (tmp_path / "state" / job_id / "promote.log").exists()
+
+
+def test_a_query_side_job_may_name_an_index_under_the_data_root(world, tmp_path):
+    """index: a name under the data root; its model defaults to the checkpoint its manifest names only
+    when that lies under the data root too (else 422 naming model); a model given is checked against it."""
+    import yaml
+
+    data = tmp_path / "data"
+    shutil.copytree(world / "data", data)
+    shutil.copytree(world / "index", data / "idx")  # its manifest names world/built: outside this data root
+    shutil.copytree(world / "built", data / "built")
+    from dpr_service.api.jobs import JobSettings
+
+    js = JobSettings(admin_key=ADMIN, jobs_dir=tmp_path / "state", data_root=data, jobs_poll_s=0.1)
+    with TestClient(create_app(Settings(index=None, device="cpu"), js)) as c:  # serves no index at all
+        body = {**QS_RUN, "max_steps": 1}
+        r = c.post("/jobs", headers=H, json=body)
+        assert (r.status_code, field_of(r)) == (422, "index") and "DPR_INDEX" in r.json()["detail"], r.text
+        r = c.post("/jobs", headers=H, json={**body, "index": "idx"})
+        assert (r.status_code, field_of(r)) == (422, "model"), r.text
+        r = c.post("/jobs", headers=H, json={**body, "index": "idx", "model": "other"})
+        assert (r.status_code, field_of(r)) == (422, "model") and "passage encoder" in r.json()["detail"], r.text
+        c.app.state.job_runner.stop()  # the job is only checked and queued here, not run
+        r = c.post("/jobs", headers=H, json={**body, "index": "idx", "model": "built"})
+        assert r.status_code == 201, r.text
+        config = yaml.safe_load((tmp_path / "state" / r.json()["id"] / "config.yaml").read_text())
+        assert (Path(config["index"]), Path(config["model"])) == ((data / "idx").resolve(), (data / "built").resolve())
+        job = c.get(f"/jobs/{r.json()['id']}", headers=H).json()
+        assert (job["kind"], job["index"], job["promotion"]) == ("query_side", "idx", "reload, no index build")
