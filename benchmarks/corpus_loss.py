@@ -13,10 +13,11 @@ What one step is: :func:`trainer.query_side.query_side_loss` on B random unit qu
   the (B, N) known-positive mask and :func:`dpr_service.core.loss.in_batch_nll` over all N columns.
 * ``topk``: ``--index-loss topk`` with ``--index-negatives K``: the exact top-K search over all N
   vectors (no gradient), then the loss over the batch's positives and negatives.
-* ``corpus-chunked`` and ``topk-chunked``: PROPOSALS, measured here and not in the project: the same
-  loss and the same negatives (tests/test_corpus_loss_bench.py checks both against the project's
-  code) without any (B, N) tensor, ``--chunk`` passages at a time (:func:`chunked_corpus_nll`,
-  :func:`chunked_index_negatives`), so that the step's memory no longer grows with N.
+* ``corpus-chunked``, ``corpus-online`` and ``topk-chunked``: PROPOSALS, measured here and not in the
+  project: the same loss and the same negatives (tests/test_corpus_loss_bench.py checks them against
+  the project's code) without any (B, N) tensor, ``--chunk`` passages at a time
+  (:func:`chunked_corpus_nll`, :func:`online_corpus_nll`, :func:`chunked_index_negatives`), so that
+  the step's memory no longer grows with N.
 
 The passages are N random unit vectors of D float32 dimensions (seeded), each its own content
 group; each question's positive is a random row and its embedding lies near that row (cosine about
@@ -57,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GB = 1e9
-MODES = ("corpus", "topk", "corpus-chunked", "topk-chunked")
+MODES = ("corpus", "topk", "corpus-chunked", "corpus-online", "topk-chunked")
 GEN_ROWS = 262_144  # vectors drawn this many rows at a time, so generating them needs no second copy
 
 
@@ -138,6 +139,50 @@ def chunked_corpus_nll(q_emb, corpus, positive_rows, known_rows, temperature: fl
     return (lse - positive).mean()
 
 
+def online_corpus_nll(q_emb, corpus, positive_rows, known_rows, temperature: float, chunk: int):
+    """PROPOSAL, not the project's loss: the same value and gradient as :func:`chunked_corpus_nll`
+    with no recomputation. One pass over the vectors, ``chunk`` at a time, keeps per question a
+    running maximum m, sum l and softmax-weighted sum of passage vectors a (the online softmax of
+    FlashAttention, Dao et al. 2022); the loss is ``mean(m + log l - s_pos)`` and its gradient with
+    respect to q_i is ``(a_i / l_i - p_pos(i)) / (temperature * B)``, known in the forward pass, so the
+    backward pass is one multiplication. Two matrix products per chunk, as the unchunked loss has
+    over all N (scores forward, scores' gradient times the vectors backward). The passage vectors
+    must not require gradients (they are the index's). ``q_emb`` (B, D); returns a scalar."""
+    import torch
+
+    from trainer.query_side import known_mask
+
+    class OnlineNLL(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):  # (B, D) -> the mean loss
+            vectors, n = corpus.vectors, corpus.count
+            positives = vectors[positive_rows]  # (B, D)
+            positive = (q * positives).sum(dim=1) / temperature  # (B,) each question's own positive, kept once
+            m, total, weighted = positive.clone(), torch.ones_like(positive), positives.clone()
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                scores = q @ vectors[start:stop].T / temperature  # (B, c)
+                allowed = known_mask(torch.arange(start, stop), known_rows, corpus.content)  # (B, c)
+                scores = scores.masked_fill_(~allowed, float("-inf"))
+                m_new = torch.maximum(m, scores.amax(dim=1))  # finite: m starts at the positive's score
+                decay = torch.exp(m - m_new)  # (B,)
+                weights = torch.exp(scores.sub_(m_new.unsqueeze(1)))  # (B, c), 0 where masked
+                total = total * decay + weights.sum(dim=1)
+                weighted = weighted * decay.unsqueeze(1) + weights @ vectors[start:stop]
+                m = m_new
+            ctx.save_for_backward((weighted / total.unsqueeze(1) - positives) / (temperature * q.shape[0]))
+            return (m + torch.log(total) - positive).mean()
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (grad_q,) = ctx.saved_tensors
+            return grad_output * grad_q
+
+    if corpus.vectors.requires_grad:
+        raise ValueError("online_corpus_nll: the passage vectors must not require gradients")
+    return OnlineNLL.apply(q_emb.float())
+
+
 def chunked_index_negatives(q_emb, corpus, positive_rows, known_rows, k: int, ratio, chunk: int):
     """PROPOSAL, not the project's code: :func:`trainer.query_side.index_negatives` (the same (B, k)
     rows, the same mining rules) with the exact search taken ``chunk`` rows at a time, each chunk's
@@ -203,6 +248,8 @@ def measure(n: int, dim: int, batch: int, temperature: float, k: int, ratio: flo
         q = q0.clone().requires_grad_(True)
         if mode == "corpus-chunked":
             loss = chunked_corpus_nll(q, corpus, positive_rows, batch_.known_rows, temperature, chunk)
+        elif mode == "corpus-online":
+            loss = online_corpus_nll(q, corpus, positive_rows, batch_.known_rows, temperature, chunk)
         elif mode == "topk-chunked":  # the project's topk loss with the proposed search in place of index_negatives
             qs.index_negatives = lambda q_, c_, p_, kr_, k_, r_: chunked_index_negatives(q_, c_, p_, kr_, k_, r_, chunk)
             try:
@@ -273,7 +320,7 @@ def run_case(args, n: int, modes: list[str]) -> dict:
 
 
 LABELS = {"corpus": "corpus (exact NLL over all N)", "topk": "topk (k={k})",
-          "corpus-chunked": "corpus, chunked (proposal)", "topk-chunked": "topk (k={k}), chunked search (proposal)"}
+          "corpus-chunked": "corpus, chunked + checkpoint (proposal)", "corpus-online": "corpus, chunked online softmax (proposal)", "topk-chunked": "topk (k={k}), chunked search (proposal)"}
 
 
 def table(rows: list[dict], machine_: str, date: str) -> str:

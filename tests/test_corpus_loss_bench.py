@@ -36,19 +36,19 @@ def test_rehearsal_measures_every_size_and_mode_and_refuses_what_cannot_fit(tmp_
     *measured, big = result["rows"]
     assert [r["n"] for r in measured] == [2_000, 8_000]
     for row in measured:
-        assert set(row["modes"]) == {"corpus", "topk", "corpus-chunked", "topk-chunked"} and not row["skipped"]
+        assert set(row["modes"]) == {"corpus", "topk", "corpus-chunked", "corpus-online", "topk-chunked"} and not row["skipped"]
         assert row["corpus_rss_bytes"] >= 0 and row["vector_bytes"] == row["n"] * 16 * 4
         for m in row["modes"].values():
             assert len(m["ms"]) == len(m["cpu_ms"]) == 2 and all(t > 0 for t in m["ms"] + m["cpu_ms"])
             assert m["peak_extra_bytes"] >= 0 and m["loss"] > 0
     lines = [line for line in md.splitlines() if re.match(r"\| [\d,]+ \|", line)]
-    assert len(lines) == 12
-    for line in lines[:8]:
+    assert len(lines) == 15
+    for line in lines[:10]:
         ms = line.split("|")[4]
         assert re.fullmatch(r" [\d,.]+ \([\d,.]+-[\d,.]+\) ", ms), line
-    assert not big["modes"] and set(big["skipped"]) == {"corpus", "topk", "corpus-chunked", "topk-chunked"}
+    assert not big["modes"] and set(big["skipped"]) == {"corpus", "topk", "corpus-chunked", "corpus-online", "topk-chunked"}
     assert "0.2 GB of vectors" in big["skipped"]["corpus"] and "measured at N=8,000 is" in big["skipped"]["corpus"]
-    assert lines[8].startswith("| 3,000,000 | 0.19 | corpus (exact NLL over all N) | not run: needs about")
+    assert lines[10].startswith("| 3,000,000 | 0.19 | corpus (exact NLL over all N) | not run: needs about")
 
 
 def test_predicted_need_scales_the_measured_peak_per_pair():
@@ -78,8 +78,9 @@ def _case(n=50, dim=8, seed=0):
     return corpus, positive_rows, known_rows, q
 
 
+@pytest.mark.parametrize("proposal", ["chunked_corpus_nll", "online_corpus_nll"])
 @pytest.mark.parametrize("chunk", [1, 7, 50, 64])
-def test_the_chunked_corpus_proposal_equals_the_projects_corpus_loss(chunk):
+def test_the_chunked_corpus_proposals_equal_the_projects_corpus_loss(chunk, proposal):
     """Value and gradient equal query_side_loss(mode="corpus") (in_batch_nll over every passage), for
     chunks that divide N or not, chunks wholly masked (chunk 1), and one chunk for all."""
     from dpr_service.core.config import EncoderConfig
@@ -92,7 +93,7 @@ def test_the_chunked_corpus_proposal_equals_the_projects_corpus_loss(chunk):
     q1, q2 = q.clone().requires_grad_(True), q.clone().requires_grad_(True)
     want, _ = query_side_loss(encoder, q1, QueryBatch({}, positive_rows, known_rows), corpus, Dist(), "corpus", 4, 0.95)
     want.backward()
-    got = bench.chunked_corpus_nll(q2, corpus, positive_rows, known_rows, 0.05, chunk)
+    got = getattr(bench, proposal)(q2, corpus, positive_rows, known_rows, 0.05, chunk)
     got.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(q2.grad, q1.grad)
