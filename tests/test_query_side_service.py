@@ -114,6 +114,28 @@ def test_a_reload_of_a_query_encoder_trained_against_the_index_keeps_the_index_l
         assert c.app.state.resources.searcher.index is not before.searcher.index
 
 
+def test_every_worker_swaps_the_query_encoder_by_itself_after_a_query_side_promotion(world, tmp_path):
+    """`dpr serve --workers N`: a query-side promotion renames the same index, under a manifest naming
+    the new checkpoint, into DPR_INDEX; a worker that got no reload call notices it at its next
+    request and swaps the query encoder alone (its FAISS index object stays)."""
+    import time
+
+    from dpr_service.api.jobs.service import rebind_index
+
+    shutil.copytree(world / "index", tmp_path / "index")
+    qside = load_checkpoint(world / "qside").fingerprint
+    with TestClient(create_app(Settings(index=tmp_path / "index", device="cpu", batch_max_wait_ms=1))) as b:
+        before = b.app.state.resources
+        rebind_index(tmp_path / "index", tmp_path / "index", world / "qside", "job1")
+        deadline = time.monotonic() + 60
+        while b.get("/info").json()["checkpoint"]["fingerprint"] != qside:
+            assert time.monotonic() < deadline, "the worker still serves the old checkpoint"
+            time.sleep(0.2)
+        assert b.app.state.reloader.swapped == "query encoder"
+        assert b.app.state.resources.searcher.index is before.searcher.index
+        assert b.get("/info").json()["index"]["rebound"]["job"] == "job1"
+
+
 def test_under_onnx_the_query_encoder_swap_brings_the_new_checkpoints_export(world, tmp_path):
     """DPR_RUNTIME=onnx: the swap makes (or reads from the cache) the new checkpoint's ONNX export and
     encodes queries with it: /encode equals the new query encoder's torch vectors to 1e-4; the index stays loaded."""
