@@ -4,6 +4,7 @@ the mining rules, the checkpoint bound to the index's passage encoder, resume ex
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ def _corpus(vectors, content=None) -> query_side.IndexedCorpus:
     n = vectors.shape[0]
     ids = [f"p{i}" for i in range(n)]
     return query_side.IndexedCorpus(None, None, vectors, ids, {p: i for i, p in enumerate(ids)},
-                                    torch.tensor(content if content is not None else list(range(n))), True)
+                                    torch.tensor(content if content is not None else list(range(n))), np.arange(n))
 
 
 class _Encoder:  # what query_side_loss reads of an encoder: its config
@@ -43,6 +44,23 @@ def test_index_negatives_follow_the_mining_rules():
     q = torch.tensor([[1.0, 0.0]])
     neg = query_side.index_negatives(q, corpus, torch.tensor([0]), torch.tensor([[0, 5, 6]]), k=3, ratio=0.95)
     assert neg.tolist() == [[3, 4, -1]]  # 0.8 then 0.5; nothing else qualifies
+
+
+def test_a_dot_product_keeps_negatives_above_the_positive():
+    """As the trainer's mining: the ratio rule reads cosine scores only; with a dot product the passages
+    ranked above the positive are the negatives query-side training exists to push down."""
+    class Dot:
+        config = EncoderConfig(pooling="cls", similarity="dot", temperature=1.0)
+
+    p = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [0.5, 0.0]])
+    corpus = _corpus(p)
+    q = torch.tensor([[1.0, 0.0]])
+    batch = query_side.QueryBatch({}, torch.tensor([0]), torch.tensor([[0]]))
+    assert query_side.index_negatives(q, corpus, batch.positive_rows, batch.known_rows, k=3, ratio=None).tolist() == [[1, 2, 3]]
+    assert query_side.index_negatives(q, corpus, batch.positive_rows, batch.known_rows, k=3, ratio=0.95).tolist() == [[3, -1, -1]]
+    loss, _ = query_side.query_side_loss(Dot(), q, batch, corpus, SINGLE, "topk", k=3, ratio=0.95)
+    expected = -(1.0 - math.log(math.exp(1.0) + math.exp(3.0) + math.exp(2.0) + math.exp(0.5)))
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
 
 
 def test_corpus_loss_is_the_nll_over_every_passage_by_hand():
@@ -99,7 +117,7 @@ def setup(tmp_path_factory, tiny_model):
 
 
 def _cfg(root, ckpt, beir, index, out, **kw) -> TrainConfig:
-    base = dict(model=str(ckpt), train=str(beir), index=str(index), output=str(out), batch_size=4, lr=1e-3,
+    base = dict(model=str(ckpt), train=str(beir), index=str(index) if index else None, output=str(out), batch_size=4, lr=1e-3,
                 log_every=1, progress=False, seed=3, max_steps=6, index_negatives=3)
     base.update(kw)
     return TrainConfig.from_settings(**base)
@@ -163,6 +181,27 @@ def test_corpus_loss_run_and_dev_evaluation_on_stored_vectors(setup, tmp_path, m
     assert "passage" not in encoded and "query" in encoded
 
 
+def test_an_index_of_another_corpus_with_the_same_ids_is_refused(setup, tmp_path):
+    """Ids such as "d0" recur across corpora: the positives' texts must be the index's."""
+    root, beir, ckpt, index = setup
+    other = write_beir(tmp_path / "other", n=24, seed=5, splits=("train",))
+    with pytest.raises(ConfigError, match=r"--index .* --train .*: passage 'd\d+' has another title or text in the index"):
+        train(_cfg(root, ckpt, other, index, tmp_path / "run"))
+
+
+def test_resume_against_a_changed_index_is_refused(setup, tmp_path):
+    root, beir, ckpt, index = setup
+    import shutil
+
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    train(_cfg(root, ckpt, beir, copy, tmp_path / "run", max_steps=6, stop_after=2))
+    shutil.rmtree(copy)
+    build(ckpt, write_beir(tmp_path / "bigger", n=30, splits=("train",)), copy, factory="Flat", progress=False, bm25=False)
+    with pytest.raises(ConfigError, match="--resume --index .*: the index changed since the run started"):
+        train(_cfg(root, ckpt, beir, copy, tmp_path / "run", max_steps=6, resume=True))
+
+
 def test_flags_that_do_not_apply_are_refused(setup, tmp_path):
     root, beir, ckpt, index = setup
     with pytest.raises(ConfigError, match="--chunk-size does not apply with --index"):
@@ -171,3 +210,5 @@ def test_flags_that_do_not_apply_are_refused(setup, tmp_path):
         train(_cfg(root, ckpt, beir, index, tmp_path / "r2", index_loss="all"))
     with pytest.raises(ConfigError, match="--passage-max-length 16: with --index the passage side stays"):
         train(_cfg(root, ckpt, beir, index, tmp_path / "r3", passage_max_length=16))
+    with pytest.raises(ConfigError, match="--index-loss and --index-negatives apply with --index only"):
+        train(_cfg(root, ckpt, beir, None, tmp_path / "r4", index_loss="corpus"))

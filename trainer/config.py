@@ -140,6 +140,8 @@ class TrainConfig:
             raise ConfigError(f"--index-loss must be one of {', '.join(INDEX_LOSSES)}, got {self.index_loss!r}")
         if not isinstance(self.index_negatives, int) or self.index_negatives < 1:
             raise ConfigError(f"--index-negatives must be a positive integer, got {self.index_negatives!r}")
+        if self.index is None and (self.index_loss != "topk" or self.index_negatives != 32):
+            raise ConfigError(f"--index-loss and --index-negatives apply with --index only (query-side training)")
         if self.index is not None:
             if self.remine_every is not None:
                 raise ConfigError("--remine-every does not apply with --index: the negatives come from the index "

@@ -9,13 +9,15 @@ step, detached), so the negatives are always the ones the model now ranks highes
 
 * **The passage vectors** are those the index scores with: ``faiss`` ``reconstruct_n`` of the
   artifact's index, exact for indexes that store vectors whole (``Flat``, ``HNSW..,Flat``,
-  ``IVF..,Flat``), the decoded codes for compressed ones (PQ, SQ, ...), which are what such an index
-  serves with. Scores are inner products, the index's metric (the query encoder's embeddings are
-  normalised for cosine checkpoints, as at serving time).
+  ``IVF..,Flat``), the decoded codes for compressed ones (PQ, SQ, OPQ's rotation included), which are
+  what such an index serves with. A PCA index scores in its reduced space, which reconstructed vectors
+  cannot reproduce: it is refused. Scores are inner products, the index's metric (the query
+  encoder's embeddings are normalised for cosine checkpoints, as at serving time).
 * **Negatives** (``--index-loss topk``): the top ``--index-negatives`` passages of each question,
   with the mining rules of :mod:`dpr_service.core.mining`: never a known positive (by id), never a
   copy of one (by content, :func:`~dpr_service.core.mining.content_key`), never a passage scoring above
-  ``--mine-ratio`` of the positive (:func:`~dpr_service.core.mining.score_ceiling`). The batch's
+  ``--mine-ratio`` of the positive (:func:`~dpr_service.core.mining.score_ceiling`; cosine only, as
+  the trainer's own mining: a dot product's scale is arbitrary). The batch's
   passages are shared: each question also sees the other questions' positives and negatives, as in
   DPR's in-batch training, and a passage retrieved for several questions is one candidate.
 * **The whole corpus** (``--index-loss corpus``): the exact NLL over every passage of the index (a
@@ -60,16 +62,16 @@ from .distributed import Dist, gather_padded, gather_rows
 
 log = logging.getLogger("trainer")
 
-COMPRESSED = ("PQ", "SQ", "PCA", "OPQ", "LSH", "RQ", "LSQ", "ITQ")  # factory parts that store no exact vectors
+COMPRESSED = ("PQ", "SQ", "OPQ", "LSH", "RQ", "LSQ", "ITQ")  # factory parts that store no exact vectors
 ROWS_PER_READ = 50_000  # passages read from the store at a time when hashing their content
 
 
 @dataclass
 class IndexedCorpus:
     """An index artifact's passages as training needs them: ``vectors`` (N, D) float32, row r being
-    passage ``ids[r]``; ``row_of`` (id -> row); ``content`` (N,) int64, equal for copies (the same
-    title and text under other ids); ``exact`` says whether the vectors are the encoder's own or a
-    compressed index's decoded codes."""
+    passage ``ids[r]``; ``row_of`` (id -> row); ``content`` (N,) int64 content groups, equal for
+    copies (the same title and text under other ids); ``hashes`` (N,) the rows' own
+    :func:`~dpr_service.core.batches.content_hash` (to check that training data names the same texts)."""
 
     directory: Path
     manifest: Manifest
@@ -77,7 +79,15 @@ class IndexedCorpus:
     ids: list[str]
     row_of: dict[str, int]
     content: torch.Tensor
-    exact: bool
+    hashes: np.ndarray
+
+    def same_text(self, passages: list[Passage]) -> str | None:
+        """The id of the first passage whose id the index lacks or holds with another text; None when all match."""
+        for p in passages:
+            row = self.row_of.get(p.id)
+            if row is None or int(self.hashes[row]) != content_hash(p):
+                return p.id
+        return None
 
     @property
     def count(self) -> int:
@@ -99,6 +109,9 @@ def load_indexed_corpus(directory: str | Path, progress: bool = False) -> Indexe
         raise ConfigError(f"--index {directory}: {e}") from None
     n, factory = searcher.count, searcher.manifest.factory
     index = searcher.index
+    if "PCA" in factory.upper():
+        raise ConfigError(f"--index {directory}: a {factory} index scores in its PCA-reduced space, which its "
+                          "reconstructed vectors cannot reproduce; train against a Flat, HNSW or IVF index")
     try:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
@@ -107,7 +120,7 @@ def load_indexed_corpus(directory: str | Path, progress: bool = False) -> Indexe
     except RuntimeError as e:
         raise ConfigError(f"--index {directory}: the {factory} index cannot give its vectors back "
                           f"({str(e).strip().splitlines()[-1]}); rebuild it with --factory Flat or HNSW32") from None
-    exact = not any(part in factory.upper() for part in COMPRESSED)
+    exact = not any(part in factory.upper() for part in COMPRESSED)  # for the log
     ids, content = [], np.empty(n, dtype=np.int64)
     bar = tqdm(total=n, desc="reading the index's passages", unit="p", disable=not progress, leave=False)
     for start in range(0, n, ROWS_PER_READ):
@@ -122,7 +135,7 @@ def load_indexed_corpus(directory: str | Path, progress: bool = False) -> Indexe
     log.info("--index %s: %d passages x %d dims (%s), %s", directory, n, vectors.shape[1], factory,
              "its exact vectors" if exact else "the decoded codes of a compressed index (what it serves with)")
     return IndexedCorpus(Path(searcher.directory), searcher.manifest, vectors, ids, {pid: r for r, pid in enumerate(ids)},
-                         torch.from_numpy(groups.astype(np.int64)), exact)
+                         torch.from_numpy(groups.astype(np.int64)), content)
 
 
 def check_starting_model(corpus: IndexedCorpus, identity: EncoderIdentity, model: str) -> None:
@@ -135,11 +148,16 @@ def check_starting_model(corpus: IndexedCorpus, identity: EncoderIdentity, model
 
 
 def check_positives(corpus: IndexedCorpus, examples: list[TrainExample], source: str) -> None:
-    """Every positive (and known positive) of the training data must be a passage of the index."""
-    missing = sorted({pid for ex in examples for pid in ex.known_positive_ids | {ex.positive.id}} - corpus.row_of.keys())
+    """Every positive of the training data must be a passage of the index, with the same text (ids
+    such as "0", "1" recur across corpora). Known positives the index lacks are simply not masked."""
+    missing = sorted({ex.positive.id for ex in examples} - corpus.row_of.keys())
     if missing:
-        raise ConfigError(f"{source}: {len(missing)} positive passage ids are not in the index {corpus.directory} "
-                          f"(first: {missing[0]!r}); train against an index of the same corpus")
+        raise ConfigError(f"--index {corpus.directory} --train {source}: {len(missing)} positive passage ids are "
+                          f"not in the index (first: {missing[0]!r}); train against an index of the same corpus")
+    other = corpus.same_text([ex.positive for ex in examples])
+    if other is not None:
+        raise ConfigError(f"--index {corpus.directory} --train {source}: passage {other!r} has another title or "
+                          "text in the index; train against an index of the same corpus")
 
 
 def start_encoder(model: str, config: EncoderConfig, corpus: IndexedCorpus) -> tuple[BiEncoder, TextTokenizer]:
@@ -216,7 +234,7 @@ class QueryBatches(EpochBatches):
     def __getitem__(self, step: int) -> QueryBatch:
         chosen = [self.examples[i] for i in self.order[step * self.batch_size : (step + 1) * self.batch_size]]
         mine = chosen[self.rank * self.local : (self.rank + 1) * self.local]
-        known = [sorted(self.row_of[pid] for pid in ex.known_positive_ids | {ex.positive.id}) for ex in mine]
+        known = [sorted(self.row_of[pid] for pid in ex.known_positive_ids | {ex.positive.id} if pid in self.row_of) for ex in mine]
         known_rows = torch.full((len(mine), max(map(len, known))), -1, dtype=torch.long)
         for i, rows in enumerate(known):
             known_rows[i, : len(rows)] = torch.tensor(rows, dtype=torch.long)
@@ -244,11 +262,12 @@ def index_negatives(q_emb: torch.Tensor, corpus: IndexedCorpus, positive_rows: t
                     k: int, ratio: float | None) -> torch.Tensor:
     """(B, k) index rows of each question's top negatives by ``q_emb`` (B, D), -1 where fewer
     qualify: exact inner-product search over every stored vector, skipping known positives, their
-    copies and passages above ``ratio`` of the positive's score (the mining rules)."""
+    copies and, with ``ratio`` (None: no such rule), passages above ``ratio`` of the positive's score
+    (the mining rules)."""
     scores = q_emb.float() @ corpus.vectors.T  # (B, N)
     positive_scores = scores.gather(1, positive_rows.unsqueeze(1)).squeeze(1)  # (B,)
-    ceilings = torch.tensor([score_ceiling(float(s), 0.0, ratio) for s in positive_scores.tolist()],
-                            dtype=scores.dtype, device=scores.device)
+    ceilings = torch.tensor([score_ceiling(float(s), 0.0, ratio) if ratio is not None else float("inf")
+                             for s in positive_scores.tolist()], dtype=scores.dtype, device=scores.device)
     columns = torch.arange(corpus.count, device=scores.device)
     allowed = known_mask(columns, known_rows, corpus.content) & (scores <= ceilings.unsqueeze(1))
     top = scores.masked_fill(~allowed, float("-inf")).topk(min(k, corpus.count), dim=1)  # (B, k)
@@ -273,6 +292,7 @@ def query_side_loss(encoder: BiEncoder, q_emb: torch.Tensor, batch: QueryBatch, 
         loss = in_batch_nll(q_all, corpus.vectors, positive_rows, similarity="dot", temperature=temperature,
                             candidate_mask=mask)
         return loss, masked_pairs(mask)
+    ratio = ratio if encoder.config.similarity == "cosine" else None  # mining's rule: a dot product's scale is arbitrary
     negatives = index_negatives(q_all.detach(), corpus, positive_rows, known_rows, k, ratio)  # (B, k)
     # the batch's passages, each once: the positives, then every question's negatives not yet there
     column_of: dict[int, int] = {}

@@ -298,6 +298,12 @@ class Run:
     skipped: int = 0  # non-finite steps skipped (--on-nonfinite skip)
     model_kind: str = ""  # what the run started from (pretrained.Inferred.kind): --negatives auto depends on it
     corpus: query_side.IndexedCorpus | None = None  # --index: the fixed passage side (query-side training)
+    stored_passages: tuple | None = None  # (id -> row, vectors) the dev evaluation searches instead of encoding
+
+    def __post_init__(self) -> None:
+        # --index with --dev over the same texts: evaluate on the stored vectors (the passage side is fixed)
+        if self.corpus is not None and self.eval_data is not None and self.corpus.same_text(self.eval_data.corpus) is None:
+            self.stored_passages = (self.corpus.row_of, self.corpus.vectors)
 
     @property
     def out(self) -> Path:
@@ -325,7 +331,7 @@ class Run:
         cfg = self.cfg
         metrics = evaluate(self.encoder, self.tokenizer, self.eval_data, self.nll_data, self.runtime, cfg.batch_size,
                            cfg.eval_batch_size, cfg.hard_negatives, progress=cfg.progress,
-                           passages=(self.corpus.row_of, self.corpus.vectors) if self.corpus is not None else None)
+                           passages=self.stored_passages)
         value = metrics[cfg.best_metric]  # checked against the dev data before training started
         if self.best is None:
             better = True
@@ -343,7 +349,8 @@ class Run:
         """Write ``last/`` (model and training state); rank 0 only."""
         self.checkpointer.save_last(self.optimizer, self.scheduler, self.scaler, {
             "step": self.step, "best": self.best, "total_steps": self.plan.total_steps,
-            "world_size": self.dist.world_size, "skipped_nonfinite": self.skipped, "model_kind": self.model_kind})
+            "world_size": self.dist.world_size, "skipped_nonfinite": self.skipped, "model_kind": self.model_kind,
+            **({"index_sha256": self.corpus.manifest.files.get("index.faiss")} if self.corpus is not None else {})})
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """Clip, then step the optimiser unless the loss or gradient is not finite; returns the
@@ -395,13 +402,15 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
         base_model, base_fp = cfg.model, ""
         if cfg.lora_r is not None:
             encoder, base_fp = add_lora(cfg, encoder)
-    if corpus is not None:
-        query_side.freeze_passage_encoder(encoder)  # LoRA adapters of the passage side included
-        corpus = corpus.to(runtime.device)
+    if corpus is not None and cfg.resume:  # the run's index must still be the one it trained against
+        query_side.check_starting_model(corpus, loaded.identity, str(last_dir))
     trainable, total = count_parameters(encoder)
     log.info("parameters: %s of %s train (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total),
              ", the LoRA adapters; the base model is frozen" if cfg.lora_r is not None else "")
     encoder.to(runtime.device).train()
+    if corpus is not None:
+        query_side.freeze_passage_encoder(encoder)  # and back to eval mode: it never runs in training
+        corpus = corpus.to(runtime.device)
     encoder.length_buckets = cfg.length_buckets
     groups = group_by_question(data.examples) if cfg.pairs == "sample" else None
     plan = plan_run(cfg, len(groups) if groups is not None else len(data.examples))
@@ -416,6 +425,9 @@ def _train(cfg: TrainConfig, dist: distributed.Dist) -> Path:
     scaler = runtime.grad_scaler()
     progress = load_training_state(last_dir, optimizer, scheduler, scaler) if cfg.resume else {}
     model_kind = progress.get("model_kind", "sentence-transformers") if cfg.resume else model_kind
+    if corpus is not None and cfg.resume and progress.get("index_sha256") != corpus.manifest.files.get("index.faiss"):
+        raise ConfigError(f"--resume --index {cfg.index}: the index changed since the run started (rebuilt or "
+                          "added to); its vectors are not the ones this run trained against: start a new run")
     method = "index" if corpus is not None else negatives.choose_method(cfg.negatives, data, model_kind)
     if cfg.remine_every and method in ("given", "random", "bm25"):
         raise ConfigError(f"--remine-every mines with the model being trained, but the negatives are {method!r}"

@@ -28,6 +28,7 @@ asked not to, merges them into the weights, so every consumer gets a plain bi-en
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -208,7 +209,10 @@ def write_checkpoint(directory: Path, encoder: BiEncoder, tokenizer: TextTokeniz
         if not (base_model and base_fingerprint):
             raise ValueError("a LoRA checkpoint needs its base model's path and fingerprint")
         for sub, model in models:
-            lora.save_adapters(model, directory / sub)
+            if lora.is_adapted(model):
+                lora.save_adapters(model, directory / sub)
+            else:  # a query-side LoRA run's passage encoder (dpr train --index): the index's, stored whole
+                model.save_pretrained(directory / sub, safe_serialization=True)
         (directory / LORA_FILE).write_text(json.dumps({"base_model": base_model, "base_fingerprint": base_fingerprint},
                                                       indent=2) + "\n")
     else:
@@ -367,10 +371,17 @@ def _load_with_adapters(directory: Path, config: EncoderConfig, merge: bool):
     except ImportError:
         raise CheckpointError(f"{directory}: a LoRA checkpoint needs the peft package "
                               "(pip install 'dpr-service[lora]')") from None
-    encoder, _ = load_base_model(base, config)
+    whole = not config.shared and not (directory / PASSAGE_DIR / lora.ADAPTER_CONFIG).is_file()
+    if whole:  # query-side LoRA (dpr train --index): adapters on the query encoder, the index's passage encoder whole
+        base_shared = read_config(base)[0].shared if (Path(base) / CONFIG_FILE).is_file() else True
+        encoder, _ = load_base_model(base, dataclasses.replace(config, shared=base_shared))
+        passage = _load_model(directory / PASSAGE_DIR, safetensors_only=True).requires_grad_(False)  # it never trains
+        encoder = BiEncoder(encoder.query_model, passage, config)
+    else:
+        encoder, _ = load_base_model(base, config)
     models = []
     for sub, model in ((QUERY_DIR, encoder.query_model), (PASSAGE_DIR, None if config.shared else encoder.passage_model)):
-        if model is not None:
+        if model is not None and not (whole and sub == PASSAGE_DIR):
             try:
                 model = lora.load_adapters(model, directory / sub, trainable=not merge)
             except lora.LoraError as e:
