@@ -453,7 +453,7 @@ def test_a_bad_setting_is_422_naming_it_by_the_trainers_own_rules(world, tmp_pat
 
 JOB_ROUTES = [("GET", "/datasets"), ("POST", "/datasets"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/{job_id}"),
               ("DELETE", "/jobs/{job_id}"), ("GET", "/jobs/{job_id}/events"), ("POST", "/jobs/{job_id}/cancel"),
-              ("POST", "/jobs/{job_id}/promote")]
+              ("POST", "/jobs/{job_id}/promote"), ("DELETE", "/datasets/{name}")]
 
 
 def test_every_job_route_needs_the_admin_key_and_the_query_key_never_opens_one(world, tmp_path):
@@ -461,7 +461,7 @@ def test_every_job_route_needs_the_admin_key_and_the_query_key_never_opens_one(w
         paths = {p for p in app_routes(c.app) if p.startswith(("/jobs", "/datasets"))}
         assert paths == {p for _, p in JOB_ROUTES}  # every route of the app under these prefixes is checked
         for method, path in JOB_ROUTES:
-            url = path.replace("{job_id}", "abc")
+            url = path.replace("{job_id}", "abc").replace("{name}", "abc")
             for headers in ({"X-API-Key": QUERY_KEY}, {"Authorization": f"Bearer {QUERY_KEY}"},
                             {"X-API-Key": QUERY_KEY, "X-Admin-Key": QUERY_KEY},
                             {"X-API-Key": QUERY_KEY, "X-Admin-Key": ADMIN[:-1]},
