@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 GB = 1e9
 MODES = ("corpus", "topk", "corpus-chunked", "corpus-online", "topk-chunked")
+PROPOSALS = ("corpus-chunked", "corpus-online", "topk-chunked")  # their step's memory does not grow with N
 GEN_ROWS = 262_144  # vectors drawn this many rows at a time, so generating them needs no second copy
 
 
@@ -289,7 +290,7 @@ def measure(n: int, dim: int, batch: int, temperature: float, k: int, ratio: flo
 def predict_need(n: int, batch: int, dim: int, done: list[dict], mode: str) -> tuple[int, str]:
     """Bytes ``mode`` needs at N passages (vectors, content groups, the step's peak extra) and how the
     extra was obtained from the largest N at which ``mode`` was measured: for the project's modes its
-    peak extra per (question, passage) pair scaled to B x N; for the chunked proposals its peak extra
+    peak extra per (question, passage) pair scaled to B x N; for the proposals its peak extra
     as it was (a chunk's tensors do not grow with N), plus a quarter. Before any measurement, 24 bytes
     per pair (six float32 (B, N) tensors)."""
     stored = n * dim * 4 + n * 8
@@ -298,7 +299,7 @@ def predict_need(n: int, batch: int, dim: int, done: list[dict], mode: str) -> t
         return stored + 24 * batch * n, "estimate: 24 bytes per (question, passage) pair, nothing measured yet"
     ref = max(measured, key=lambda r: r["n"])
     extra = ref["modes"][mode]["peak_extra_bytes"]
-    if mode.endswith("-chunked"):
+    if mode in PROPOSALS:
         return stored + int(1.25 * extra), f"peak extra measured at N={ref['n']:,} is {extra / GB:.2f} GB"
     per_pair = extra / (ref["batch"] * ref["n"])
     return (stored + int(per_pair * batch * n),

@@ -57,8 +57,9 @@ def test_predicted_need_scales_the_measured_peak_per_pair():
     need, basis = bench.predict_need(10_000, 8, 16, done, "corpus")  # 20 bytes per pair -> 20 * 8 * 10k, plus vectors and groups
     assert need == 10_000 * 16 * 4 + 10_000 * 8 + 20 * 8 * 10_000
     assert "20.0 bytes per (question, passage) pair" in basis and "N=1,000" in basis
-    need, _ = bench.predict_need(10_000, 8, 16, done, "corpus-chunked")  # a chunk's tensors do not grow with N
-    assert need == 10_000 * 16 * 4 + 10_000 * 8 + 5_000
+    for proposal in ("corpus-chunked", "corpus-online", "topk-chunked"):  # a chunk's tensors do not grow with N
+        need, _ = bench.predict_need(10_000, 8, 16, [{**done[0], "modes": {proposal: {"peak_extra_bytes": 4_000}}}], proposal)
+        assert need == 10_000 * 16 * 4 + 10_000 * 8 + 5_000
 
 
 def _case(n=50, dim=8, seed=0):
