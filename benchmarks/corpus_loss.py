@@ -196,7 +196,8 @@ def chunked_index_negatives(q_emb, corpus, positive_rows, known_rows, k: int, ra
     with torch.no_grad():
         q = q_emb.float()
         positive_scores = (q * corpus.vectors[positive_rows]).sum(dim=1)  # (B,)
-        ceilings = torch.tensor([score_ceiling(float(s), 0.0, ratio) for s in positive_scores.tolist()])
+        ceilings = torch.tensor([score_ceiling(float(s), 0.0, ratio) if ratio is not None else float("inf")
+                                 for s in positive_scores.tolist()])  # (B,) no ceiling without a ratio
         best = torch.full((q.shape[0], 0), float("-inf"))
         best_rows = torch.full((q.shape[0], 0), -1, dtype=torch.long)
         for start in range(0, corpus.count, chunk):
