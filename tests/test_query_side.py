@@ -212,3 +212,16 @@ def test_flags_that_do_not_apply_are_refused(setup, tmp_path):
         train(_cfg(root, ckpt, beir, index, tmp_path / "r3", passage_max_length=16))
     with pytest.raises(ConfigError, match="--index-loss and --index-negatives apply with --index only"):
         train(_cfg(root, ckpt, beir, None, tmp_path / "r4", index_loss="corpus"))
+
+
+def test_the_search_in_chunks_equals_one_pass(monkeypatch):
+    """index_negatives scores SEARCH_CHUNK passages at a time: the same rows as all at once (a chunk
+    size that divides nothing, and one larger than the corpus)."""
+    torch.manual_seed(2)
+    corpus = _corpus(F.normalize(torch.randn(500, 8), dim=-1), content=[i // 2 for i in range(500)])  # pairs of copies
+    q = F.normalize(torch.randn(4, 8), dim=-1)
+    positive_rows, known_rows = torch.tensor([0, 10, 20, 30]), torch.tensor([[0, 5], [10, -1], [20, 21], [30, -1]])
+    whole = query_side.index_negatives(q, corpus, positive_rows, known_rows, k=12, ratio=0.95)
+    monkeypatch.setattr(query_side, "SEARCH_CHUNK", 37)
+    assert torch.equal(query_side.index_negatives(q, corpus, positive_rows, known_rows, k=12, ratio=0.95), whole)
+    assert not set(whole[0].tolist()) & {0, 1, 4, 5}  # the positive, the known one and their copies

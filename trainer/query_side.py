@@ -64,6 +64,7 @@ log = logging.getLogger("trainer")
 
 COMPRESSED = ("PQ", "SQ", "OPQ", "LSH", "RQ", "LSQ", "ITQ")  # factory parts that store no exact vectors
 ROWS_PER_READ = 50_000  # passages read from the store at a time when hashing their content
+SEARCH_CHUNK = 262_144  # passages scored at a time by index_negatives (a (B, SEARCH_CHUNK) matrix)
 
 
 @dataclass
@@ -264,14 +265,23 @@ def index_negatives(q_emb: torch.Tensor, corpus: IndexedCorpus, positive_rows: t
     qualify: exact inner-product search over every stored vector, skipping known positives, their
     copies and, with ``ratio`` (None: no such rule), passages above ``ratio`` of the positive's score
     (the mining rules)."""
-    scores = q_emb.float() @ corpus.vectors.T  # (B, N)
-    positive_scores = scores.gather(1, positive_rows.unsqueeze(1)).squeeze(1)  # (B,)
+    q = q_emb.float()
+    device = corpus.vectors.device
+    positive_scores = (q * corpus.vectors[positive_rows]).sum(dim=1)  # (B,)
     ceilings = torch.tensor([score_ceiling(float(s), 0.0, ratio) if ratio is not None else float("inf")
-                             for s in positive_scores.tolist()], dtype=scores.dtype, device=scores.device)
-    columns = torch.arange(corpus.count, device=scores.device)
-    allowed = known_mask(columns, known_rows, corpus.content) & (scores <= ceilings.unsqueeze(1))
-    top = scores.masked_fill(~allowed, float("-inf")).topk(min(k, corpus.count), dim=1)  # (B, k)
-    return torch.where(torch.isfinite(top.values), top.indices, -1)
+                             for s in positive_scores.tolist()], dtype=q.dtype, device=device)
+    # SEARCH_CHUNK passages at a time, each chunk's top k merged into the running top k: no (B, N)
+    # tensor, so the step's memory beside the vectors does not grow with N (benchmarks/corpus_loss.py)
+    best = torch.full((q.shape[0], 0), float("-inf"), device=device)
+    best_rows = torch.full((q.shape[0], 0), -1, dtype=torch.long, device=device)
+    for start in range(0, corpus.count, SEARCH_CHUNK):
+        stop = min(corpus.count, start + SEARCH_CHUNK)
+        scores = q @ corpus.vectors[start:stop].T  # (B, c)
+        allowed = known_mask(torch.arange(start, stop, device=device), known_rows, corpus.content) & (scores <= ceilings.unsqueeze(1))
+        top = scores.masked_fill(~allowed, float("-inf")).topk(min(k, stop - start), dim=1)
+        merged = torch.cat([best, top.values], dim=1).topk(min(k, best.shape[1] + top.values.shape[1]), dim=1)
+        best, best_rows = merged.values, torch.cat([best_rows, top.indices + start], dim=1).gather(1, merged.indices)
+    return torch.where(torch.isfinite(best), best_rows, -1)
 
 
 def query_side_loss(encoder: BiEncoder, q_emb: torch.Tensor, batch: QueryBatch, corpus: IndexedCorpus, d: Dist,
