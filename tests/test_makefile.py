@@ -41,7 +41,7 @@ def test_demo_trains_once_then_reuses_the_trained_demo(tmp_path):
 def test_serve_restarts_the_server_alone_and_test_says_how_long(tmp_path):
     serve = dry_run("serve", f"DEMO={tmp_path}")
     assert "dpr serve" in serve and "dpr train" not in serve
-    assert "about 40 minutes" in dry_run("test")  # 38 measured on a clean clone (issue 31)
+    assert "20 to 40 minutes" in dry_run("test")  # 38 measured on a loaded clean clone, 20.7 on CI (issue 31)
 
 
 def test_an_index_of_another_model_is_rebuilt_from_best_not_retrained(tmp_path, tiny_model):
