@@ -478,6 +478,25 @@ class PinnedDirectory:
                                     "was changed or truncated)")
 
 
+# ----------------------------------------------------------------------------- a new manifest over the same files
+
+
+def relink(source: Path | str, target: Path | str, expected: Manifest, new: Manifest, doing: str) -> None:
+    """Write at ``target`` an artifact with ``source``'s files (hard links where the file system allows
+    them, else copies) under the manifest ``new``, verified against its checksums, then swapped in
+    atomically (:func:`~dpr_service.core.fsio.atomic_directory`). Raises ArtifactError, changing
+    nothing, when ``source`` was replaced meanwhile (its manifest is no longer ``expected``; the
+    message says it happened while ``doing``) or a file fails its check."""
+    with atomic_directory(target) as tmp:
+        with PinnedDirectory(resolve_artifact(source)) as pinned:
+            if pinned.manifest() != expected:
+                raise ArtifactError(f"{source}: replaced while {doing}; try again")
+            for name in expected.files:
+                pinned.link_or_copy(name, tmp / name)
+        (tmp / MANIFEST).write_text(json.dumps(new.to_dict(), indent=2) + "\n")
+        verify_files(tmp, read_manifest(tmp))
+
+
 # ----------------------------------------------------------------------------- the served fusion
 
 
@@ -494,13 +513,6 @@ def store_served_fusion(directory: Path | str, fusion: str, alpha: float | None 
     manifest = read_manifest(directory)  # a missing or foreign directory fails here, before anything is written
     new = replace(manifest, extra={**manifest.extra, HYBRID: stored})
     served_fusion(new)  # ValueError for a bad fusion or alpha
-    with atomic_directory(directory) as tmp:
-        with PinnedDirectory(resolve_artifact(directory)) as pinned:
-            if pinned.manifest() != manifest:
-                raise ArtifactError(f"{directory}: replaced while the served fusion was being set; try again")
-            for name in manifest.files:
-                pinned.link_or_copy(name, tmp / name)
-        (tmp / MANIFEST).write_text(json.dumps(new.to_dict(), indent=2) + "\n")
-        verify_files(tmp, read_manifest(tmp))
+    relink(directory, directory, manifest, new, "the served fusion was being set")
     log.info("%s: hybrid search now uses %s by default", directory, ", ".join(f"{k} {v}" for k, v in stored.items()))
     return new

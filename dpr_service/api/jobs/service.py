@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import math
 import os
 import re
@@ -36,10 +35,10 @@ import yaml
 
 from ..resources import stated_identity
 from ..schemas import FieldError
-from dpr_service.core.artifact import (MANIFEST, ArtifactError, Manifest, PinnedDirectory, binding_message, binds,
-                                       check_binding, read_manifest, resolve_artifact, verify_files)
+from dpr_service.core.artifact import (ArtifactError, Manifest, binding_message, binds, check_binding, read_manifest,
+                                       relink)
 from dpr_service.core.formats import read_eval
-from dpr_service.core.fsio import atomic_directory, exclusive
+from dpr_service.core.fsio import exclusive
 
 from .data import check_split_name, resolve_name
 from .progress import log_tail, read_progress
@@ -457,12 +456,5 @@ def rebind_index(source: Path, target: Path, checkpoint: Path, job_id: str = "")
     new = replace(manifest, extra={**manifest.extra, "checkpoint": str(Path(checkpoint).resolve()),
                                    "rebound": {"checkpoint_fingerprint": identity.fingerprint,
                                                "passage_source": manifest.checkpoint_fingerprint, "at": at, "job": job_id}})
-    with atomic_directory(target) as tmp:
-        with PinnedDirectory(resolve_artifact(source)) as pinned:
-            if pinned.manifest() != manifest:
-                raise ArtifactError(f"{source}: replaced while the promotion was linking it; try again")
-            for name in manifest.files:
-                pinned.link_or_copy(name, tmp / name)
-        (tmp / MANIFEST).write_text(json.dumps(new.to_dict(), indent=2) + "\n")
-        verify_files(tmp, read_manifest(tmp))
+    relink(source, target, manifest, new, "the promotion was linking it")
     return new
